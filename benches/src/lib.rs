@@ -1,0 +1,2 @@
+//! Benchmark harness.
+#![forbid(unsafe_code)]

@@ -1,0 +1,29 @@
+//! thinbox's engine: a userspace thin pool whose metadata is byte-compatible with the Linux
+//! kernel's dm-thin-pool format.
+//!
+//! Layers, bottom up (each uses only the ones below it):
+//! - [`io`]: block devices (files, loop and raw devices, memory);
+//! - [`block`]: checksummed 4 KiB metadata blocks;
+//! - [`tm`]: the transaction manager (shadowing, commit order);
+//! - [`pdata`]: b-trees and space maps;
+//! - [`thin`]: superblock, details and mapping trees, the pool and thin device IO;
+//! - [`tools`]: check and dump, which read metadata without trusting it.
+//!
+//! The public entry points are [`Pool`] and [`Thin`].
+
+#![deny(unsafe_code)]
+
+pub mod block;
+pub mod error;
+pub mod io;
+pub mod pdata;
+pub mod thin;
+pub mod tm;
+pub mod tools;
+pub mod units;
+
+pub use error::{Damage, DeviceRole, Error, Result};
+pub use thin::device::Thin;
+pub use thin::metadata::{BlockTime, DeviceDetails, Superblock};
+pub use thin::pool::{Pool, PoolMode, PoolOptions, PoolStatus};
+pub use units::{DataBlockSize, ThinId};

@@ -1,0 +1,5 @@
+//! The dm-thin vocabulary: metadata, the pool, thin device IO.
+
+pub mod device;
+pub mod metadata;
+pub mod pool;

@@ -1,0 +1,501 @@
+//! The pool: lifecycle, pool messages, modes, status, and the locks the data path needs.
+//!
+//! Locking, in the order they are taken (never the other way):
+//! 1. a thin's IO gate (read for IO; write to quiesce the origin of a snapshot);
+//! 2. a block stripe (read for reads and in-place writes, write for provisioning and discard),
+//!    so that two writers never provision the same block twice and a read never sees a block
+//!    that a discard freed and someone else reused;
+//! 3. the provisioning gate (read from allocating a data block until its mapping is inserted;
+//!    write for commit), so that a commit never records a block allocated but not yet mapped;
+//! 4. the metadata mutex, held only for metadata work, never across data I/O.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
+
+use crate::error::{DeviceRole, Error, Result};
+use crate::io::BlockDevice;
+use crate::thin::device::Thin;
+use crate::thin::metadata::{Metadata, Superblock};
+use crate::units::{DataBlockSize, ThinId};
+
+/// How a pool treats writes it cannot provision and blocks it provisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// Zero-fill a newly provisioned block that a write does not cover completely (the
+    /// kernel's default; `skip_block_zeroing` turns it off).
+    pub zero_new_blocks: bool,
+    /// Give freed data blocks back to the data device (hole punching, device discard).
+    pub discard_passdown: bool,
+    /// Open without making any change (status, reads, dump).
+    pub read_only: bool,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions { zero_new_blocks: true, discard_passdown: true, read_only: false }
+    }
+}
+
+/// The pool's operating mode, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    ReadWrite,
+    /// Writes that need a new block fail; everything else works.
+    OutOfDataSpace,
+    /// No change is possible; the reason says why.
+    ReadOnly(String),
+}
+
+/// What `status` reports: the kernel's thin-pool status fields.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStatus {
+    pub transaction_id: u64,
+    pub used_metadata_blocks: u64,
+    pub total_metadata_blocks: u64,
+    pub used_data_blocks: u64,
+    pub total_data_blocks: u64,
+    /// The metadata snapshot's block, if one is held.
+    pub held_root: Option<u64>,
+    pub mode: String,
+    pub discard_passdown: bool,
+    pub error_if_no_space: bool,
+    pub needs_check: bool,
+    pub metadata_low_watermark: u64,
+    pub data_block_sectors: u32,
+    pub zero_new_blocks: bool,
+}
+
+impl PoolStatus {
+    /// The status line as `dmsetup status` prints it for a thin-pool target of
+    /// `length_sectors` (the data device).
+    pub fn kernel_line(&self) -> String {
+        format!("0 {} thin-pool {}", self.total_data_blocks * u64::from(self.data_block_sectors), self)
+    }
+}
+
+impl fmt::Display for PoolStatus {
+    /// The kernel's status fields (what follows `thin-pool` in `dmsetup status`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let held = self.held_root.map_or("-".to_string(), |h| h.to_string());
+        write!(
+            f,
+            "{} {}/{} {}/{} {} {} {} {} {} {}",
+            self.transaction_id,
+            self.used_metadata_blocks,
+            self.total_metadata_blocks,
+            self.used_data_blocks,
+            self.total_data_blocks,
+            held,
+            self.mode,
+            if self.discard_passdown { "discard_passdown" } else { "no_discard_passdown" },
+            if self.error_if_no_space { "error_if_no_space" } else { "queue_if_no_space" },
+            if self.needs_check { "needs_check" } else { "-" },
+            self.metadata_low_watermark,
+        )
+    }
+}
+
+const STRIPES: usize = 1024;
+
+pub(crate) struct ThinGate {
+    pub(crate) io: RwLock<()>,
+}
+
+pub struct Pool {
+    md: Mutex<Metadata>,
+    meta_dev: Arc<dyn BlockDevice>,
+    data_dev: Arc<dyn BlockDevice>,
+    block_size: DataBlockSize,
+    options: PoolOptions,
+    mode: Mutex<PoolMode>,
+    stripes: Vec<RwLock<()>>,
+    provisioning: RwLock<()>,
+    open_thins: Mutex<HashMap<ThinId, (Arc<ThinGate>, usize)>>,
+}
+
+impl Pool {
+    /// Formats a new pool on two devices. The data device's size sets the data blocks.
+    pub fn format(
+        meta_dev: Arc<dyn BlockDevice>,
+        data_dev: Arc<dyn BlockDevice>,
+        block_size: DataBlockSize,
+        options: PoolOptions,
+    ) -> Result<Arc<Pool>> {
+        let nr_data_blocks = data_dev.size() / block_size.bytes();
+        let md = Metadata::format(meta_dev.clone(), block_size, nr_data_blocks)?;
+        tracing::debug!(nr_data_blocks, block_size = block_size.bytes(), "format");
+        Ok(Self::assemble(md, meta_dev, data_dev, options, PoolMode::ReadWrite))
+    }
+
+    /// Opens an existing pool. A data device larger than the pool's data space map grows it
+    /// (as the kernel does on activation); a smaller one is refused.
+    pub fn open(
+        meta_dev: Arc<dyn BlockDevice>,
+        data_dev: Arc<dyn BlockDevice>,
+        options: PoolOptions,
+    ) -> Result<Arc<Pool>> {
+        let mut md = Metadata::open(meta_dev.clone())?;
+        let block_size = md.data_block_size();
+        let dev_blocks = data_dev.size() / block_size.bytes();
+        if dev_blocks < md.nr_data_blocks() {
+            return Err(Error::InvalidArgument(format!(
+                "data device {} holds {dev_blocks} blocks, the pool has {}",
+                data_dev.describe(),
+                md.nr_data_blocks()
+            )));
+        }
+        let mode = if options.read_only {
+            PoolMode::ReadOnly("opened read-only".into())
+        } else if md.superblock().needs_check() {
+            return Err(Error::NeedsCheck);
+        } else {
+            if dev_blocks > md.nr_data_blocks() {
+                md.resize_data(dev_blocks)?;
+                md.commit()?;
+            }
+            PoolMode::ReadWrite
+        };
+        Ok(Self::assemble(md, meta_dev, data_dev, options, mode))
+    }
+
+    fn assemble(
+        md: Metadata,
+        meta_dev: Arc<dyn BlockDevice>,
+        data_dev: Arc<dyn BlockDevice>,
+        options: PoolOptions,
+        mode: PoolMode,
+    ) -> Arc<Pool> {
+        let block_size = md.data_block_size();
+        let mode = if mode == PoolMode::ReadWrite && md.free_data_blocks() == 0 && md.nr_data_blocks() > 0 {
+            PoolMode::OutOfDataSpace
+        } else {
+            mode
+        };
+        Arc::new(Pool {
+            md: Mutex::new(md),
+            meta_dev,
+            data_dev,
+            block_size,
+            options,
+            mode: Mutex::new(mode),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            provisioning: RwLock::new(()),
+            open_thins: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn block_size(&self) -> DataBlockSize {
+        self.block_size
+    }
+
+    pub fn options(&self) -> PoolOptions {
+        self.options
+    }
+
+    pub(crate) fn data_dev(&self) -> &Arc<dyn BlockDevice> {
+        &self.data_dev
+    }
+
+    pub fn metadata_device(&self) -> &Arc<dyn BlockDevice> {
+        &self.meta_dev
+    }
+
+    pub(crate) fn stripe(&self, id: ThinId, vblock: u64) -> &RwLock<()> {
+        let h = (id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vblock).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        &self.stripes[(h >> 54) as usize % STRIPES]
+    }
+
+    pub(crate) fn provisioning(&self) -> &RwLock<()> {
+        &self.provisioning
+    }
+
+    pub(crate) fn metadata(&self) -> MutexGuard<'_, Metadata> {
+        self.md.lock()
+    }
+
+    pub fn mode(&self) -> PoolMode {
+        self.mode.lock().clone()
+    }
+
+    /// Refuses changes unless the pool is writable. Out of data space still allows changes
+    /// that need no new data block.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        match &*self.mode.lock() {
+            PoolMode::ReadOnly(why) => Err(Error::ReadOnly(why.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn set_mode(&self, mode: PoolMode) {
+        let mut m = self.mode.lock();
+        if matches!(*m, PoolMode::ReadOnly(_)) {
+            return;
+        }
+        if *m != mode {
+            match &mode {
+                PoolMode::ReadWrite => tracing::info!("pool back to read-write"),
+                PoolMode::OutOfDataSpace => tracing::warn!("pool is out of data space"),
+                PoolMode::ReadOnly(why) => tracing::warn!(reason = %why, "pool switched to read-only"),
+            }
+            *m = mode;
+        }
+    }
+
+    /// Handles a failed metadata operation the way the kernel does: throw the running
+    /// transaction away, and for anything but a refusal go read-only with needs_check set.
+    pub(crate) fn metadata_failed(&self, md: &mut Metadata, err: &Error) {
+        let degrade = match err {
+            Error::NoMetadataSpace => Some("out of metadata space"),
+            Error::Io { role: DeviceRole::Metadata, .. } => Some("metadata i/o error"),
+            Error::Corrupt { .. } => Some("metadata is damaged"),
+            _ => None,
+        };
+        if let Some(why) = degrade {
+            md.abort();
+            if let Err(e) = md.persist_needs_check() {
+                tracing::error!(error = %e, "could not set needs_check");
+            }
+            let mut m = self.mode.lock();
+            tracing::warn!(reason = why, error = %err, "pool switched to read-only");
+            *m = PoolMode::ReadOnly(format!("{why}: {err}"));
+        }
+    }
+
+    /// Runs a metadata operation under the metadata lock, with the failure policy above.
+    fn with_metadata<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
+        self.check_writable()?;
+        let mut md = self.md.lock();
+        let r = f(&mut md);
+        if let Err(e) = &r {
+            self.metadata_failed(&mut md, e);
+        }
+        r
+    }
+
+    // ---- pool messages -------------------------------------------------------------------
+
+    pub fn create_thin(&self, id: ThinId) -> Result<()> {
+        tracing::debug!(thin_id = %id, "create_thin");
+        self.with_metadata(|md| md.create_thin(id))
+    }
+
+    /// Snapshots `origin` as `id`. IO to the origin is held off while the snapshot is taken,
+    /// so the snapshot is a point-in-time copy.
+    pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
+        tracing::debug!(thin_id = %id, origin = %origin, "create_snap");
+        let gate = self.open_thins.lock().get(&origin).map(|(g, _)| g.clone());
+        let _quiesced = gate.as_ref().map(|g| g.io.write());
+        self.with_metadata(|md| md.create_snap(id, origin))
+    }
+
+    /// Deletes a thin. Refused while it is open.
+    pub fn delete(&self, id: ThinId) -> Result<()> {
+        tracing::debug!(thin_id = %id, "delete");
+        let open = self.open_thins.lock();
+        if open.contains_key(&id) {
+            return Err(Error::ThinBusy(id));
+        }
+        let r = self.with_metadata(|md| md.delete(id));
+        drop(open);
+        if r.is_ok() {
+            self.after_free();
+        }
+        r
+    }
+
+    pub fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
+        self.with_metadata(|md| md.set_transaction_id(old, new))
+    }
+
+    pub fn reserve_metadata_snap(&self) -> Result<()> {
+        let _gate = self.provisioning.write();
+        self.data_dev.sync().map_err(|e| self.data_io_error(0, e))?;
+        self.with_metadata(|md| md.reserve_metadata_snap())?;
+        self.pass_down_discards()
+    }
+
+    pub fn release_metadata_snap(&self) -> Result<()> {
+        let _gate = self.provisioning.write();
+        self.with_metadata(|md| md.release_metadata_snap())?;
+        self.pass_down_discards()
+    }
+
+    /// Makes everything written so far durable: data first, then metadata (superblock last).
+    /// Data blocks freed since the last commit go back to the data device afterwards.
+    pub fn commit(&self) -> Result<()> {
+        if matches!(self.mode(), PoolMode::ReadOnly(_)) {
+            // Nothing can have changed since the pool went read-only; data still syncs.
+            return self.data_dev.sync().map_err(|e| self.data_io_error(0, e));
+        }
+        let _gate = self.provisioning.write();
+        self.data_dev.sync().map_err(|e| self.data_io_error(0, e))?;
+        self.with_metadata(|md| md.commit())?;
+        self.pass_down_discards()
+    }
+
+    /// Gives freed blocks back to the data device. Called with the provisioning gate held
+    /// for writing, right after a commit, so none of them can have been reused yet.
+    fn pass_down_discards(&self) -> Result<()> {
+        let mut md = self.md.lock();
+        let mut pending = md.take_freed_data_blocks();
+        if !self.options.discard_passdown || pending.is_empty() {
+            return Ok(());
+        }
+        pending.sort_unstable();
+        pending.dedup();
+        let bs = self.block_size.bytes();
+        let mut i = 0;
+        while i < pending.len() {
+            let start = pending[i];
+            let mut end = start + 1;
+            while i + 1 < pending.len() && pending[i + 1] == end {
+                i += 1;
+                end += 1;
+            }
+            i += 1;
+            // A freed block cannot be reused before the commit that just ran, except one
+            // allocated and freed within that same transaction: punching a live block would
+            // lose data, so check.
+            if (start..end).any(|b| md.data_block_count(b) != 0) {
+                continue;
+            }
+            self.data_dev.discard(start * bs, (end - start) * bs).map_err(|e| self.data_io_error(start * bs, e))?;
+        }
+        Ok(())
+    }
+
+    /// Blocks were freed: an out-of-space pool may have room again.
+    pub(crate) fn after_free(&self) {
+        if self.mode() == PoolMode::OutOfDataSpace {
+            let md = self.md.lock();
+            if md.free_data_blocks() > 0 {
+                drop(md);
+                self.set_mode(PoolMode::ReadWrite);
+            }
+        }
+    }
+
+    pub(crate) fn data_io_error(&self, offset: u64, source: std::io::Error) -> Error {
+        Error::Io { role: DeviceRole::Data, device: self.data_dev.describe(), offset, source }
+    }
+
+    // ---- sizes ---------------------------------------------------------------------------
+
+    /// Grows the data space to the data device's size (grow the device first, or pass a
+    /// new size for a sparse file, which is extended).
+    pub fn resize_data(&self, new_size_bytes: Option<u64>) -> Result<()> {
+        if let Some(size) = new_size_bytes {
+            self.check_writable()?;
+            self.data_dev.grow(size).map_err(|e| self.data_io_error(size, e))?;
+        }
+        let nr = self.data_dev.size() / self.block_size.bytes();
+        self.with_metadata(|md| md.resize_data(nr))?;
+        self.commit()?;
+        self.after_free();
+        Ok(())
+    }
+
+    /// Grows the metadata space to the metadata device's size (extending a sparse file to
+    /// `new_size_bytes` first when given).
+    pub fn resize_metadata(&self, new_size_bytes: Option<u64>) -> Result<()> {
+        if let Some(size) = new_size_bytes {
+            self.check_writable()?;
+            self.meta_dev.grow(size).map_err(|e| Error::Io {
+                role: DeviceRole::Metadata,
+                device: self.meta_dev.describe(),
+                offset: size,
+                source: e,
+            })?;
+        }
+        let size = self.meta_dev.size();
+        self.with_metadata(|md| md.resize_metadata(size))?;
+        self.commit()
+    }
+
+    // ---- thins ---------------------------------------------------------------------------
+
+    /// Opens a thin for IO. While any handle is open the thin cannot be deleted.
+    pub fn open_thin(self: &Arc<Self>, id: ThinId) -> Result<Thin> {
+        if !self.md.lock().exists(id) {
+            return Err(Error::NoSuchThin(id));
+        }
+        let mut open = self.open_thins.lock();
+        let entry = open.entry(id).or_insert_with(|| (Arc::new(ThinGate { io: RwLock::new(()) }), 0));
+        entry.1 += 1;
+        Ok(Thin::new(self.clone(), id, entry.0.clone()))
+    }
+
+    pub(crate) fn close_thin(&self, id: ThinId) {
+        let mut open = self.open_thins.lock();
+        if let Some(e) = open.get_mut(&id) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                open.remove(&id);
+            }
+        }
+    }
+
+    /// Whether a thin has open handles.
+    pub fn is_open(&self, id: ThinId) -> bool {
+        self.open_thins.lock().contains_key(&id)
+    }
+
+    // ---- queries -------------------------------------------------------------------------
+
+    pub fn thin_ids(&self) -> Vec<ThinId> {
+        self.md.lock().devices().map(|(id, _)| id).collect()
+    }
+
+    pub fn thin_details(&self, id: ThinId) -> Result<crate::thin::metadata::DeviceDetails> {
+        self.md.lock().device(id).copied()
+    }
+
+    pub fn exists(&self, id: ThinId) -> bool {
+        self.md.lock().exists(id)
+    }
+
+    pub fn superblock(&self) -> Superblock {
+        self.md.lock().superblock().clone()
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let md = self.md.lock();
+        let sb = md.superblock();
+        let total_meta = md.nr_metadata_blocks();
+        let mode = match self.mode() {
+            PoolMode::ReadWrite => "rw",
+            PoolMode::OutOfDataSpace => "out_of_data_space",
+            PoolMode::ReadOnly(_) => "ro",
+        };
+        PoolStatus {
+            transaction_id: sb.transaction_id,
+            used_metadata_blocks: total_meta - md.free_metadata_blocks(),
+            total_metadata_blocks: total_meta,
+            used_data_blocks: md.nr_data_blocks() - md.free_data_blocks(),
+            total_data_blocks: md.nr_data_blocks(),
+            held_root: (sb.held_root != 0).then_some(sb.held_root),
+            mode: mode.to_string(),
+            discard_passdown: self.options.discard_passdown,
+            error_if_no_space: true,
+            needs_check: sb.needs_check(),
+            metadata_low_watermark: (total_meta / 4).min(1024),
+            data_block_sectors: self.block_size.sectors(),
+            zero_new_blocks: self.options.zero_new_blocks,
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if matches!(*self.mode.get_mut(), PoolMode::ReadOnly(_)) {
+            return;
+        }
+        // Closing a pool commits what was written, like deactivating a kernel pool.
+        if let Err(e) = self.commit() {
+            tracing::error!(error = %e, "commit on close failed");
+        }
+    }
+}
