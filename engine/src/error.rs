@@ -24,7 +24,11 @@ impl std::fmt::Display for DeviceRole {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Damage {
     #[error("bad checksum in {kind} (stored {stored:#010x}, computed {computed:#010x})")]
-    BadChecksum { kind: &'static str, stored: u32, computed: u32 },
+    BadChecksum {
+        kind: &'static str,
+        stored: u32,
+        computed: u32,
+    },
     #[error("{kind} says it is block {found}")]
     WrongLocation { kind: &'static str, found: u64 },
     #[error("bad superblock magic {0}")]
@@ -113,7 +117,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn corrupt(block: u64, damage: Damage) -> Error {
-        Error::Corrupt { block: MetaBlock(block), damage }
+        Error::Corrupt {
+            block: MetaBlock(block),
+            damage,
+        }
     }
 
     /// Whether this error came from a device failing (as opposed to a refusal or damage).

@@ -123,7 +123,9 @@ impl DataBlockSize {
         if bytes % SECTOR_SIZE != 0 {
             return None;
         }
-        u32::try_from(bytes / SECTOR_SIZE).ok().and_then(Self::from_sectors)
+        u32::try_from(bytes / SECTOR_SIZE)
+            .ok()
+            .and_then(Self::from_sectors)
     }
 
     pub fn sectors(self) -> u32 {

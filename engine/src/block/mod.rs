@@ -46,9 +46,14 @@ impl BlockKind {
     pub fn identify(block: &Block) -> Option<BlockKind> {
         let raw = crc_register(block);
         let stored = read_u32(block, 0);
-        [BlockKind::Superblock, BlockKind::Node, BlockKind::Bitmap, BlockKind::Index]
-            .into_iter()
-            .find(|k| raw ^ k.salt() == stored)
+        [
+            BlockKind::Superblock,
+            BlockKind::Node,
+            BlockKind::Bitmap,
+            BlockKind::Index,
+        ]
+        .into_iter()
+        .find(|k| raw ^ k.salt() == stored)
     }
 }
 
@@ -75,11 +80,18 @@ pub fn verify(block: &Block, location: u64, kind: BlockKind) -> Result<(), Damag
     let stored = read_u32(block, 0);
     let computed = checksum(block, kind);
     if stored != computed {
-        return Err(Damage::BadChecksum { kind: kind.name(), stored, computed });
+        return Err(Damage::BadChecksum {
+            kind: kind.name(),
+            stored,
+            computed,
+        });
     }
     let found = read_u64(block, 8);
     if found != location {
-        return Err(Damage::WrongLocation { kind: kind.name(), found });
+        return Err(Damage::WrongLocation {
+            kind: kind.name(),
+            found,
+        });
     }
     Ok(())
 }
@@ -115,8 +127,14 @@ mod tests {
         b[100] = 42;
         seal(&mut b, 17, BlockKind::Bitmap);
         assert_eq!(verify(&b, 17, BlockKind::Bitmap), Ok(()));
-        assert!(matches!(verify(&b, 18, BlockKind::Bitmap), Err(Damage::WrongLocation { .. })));
-        assert!(matches!(verify(&b, 17, BlockKind::Node), Err(Damage::BadChecksum { .. })));
+        assert!(matches!(
+            verify(&b, 18, BlockKind::Bitmap),
+            Err(Damage::WrongLocation { .. })
+        ));
+        assert!(matches!(
+            verify(&b, 17, BlockKind::Node),
+            Err(Damage::BadChecksum { .. })
+        ));
         assert_eq!(BlockKind::identify(&b), Some(BlockKind::Bitmap));
         b[200] = 1;
         assert_eq!(BlockKind::identify(&b), None);

@@ -31,7 +31,11 @@ nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64;
 impl FileDevice {
     /// Creates a sparse regular file of `size` bytes. Fails if the path exists.
     pub fn create(path: &Path, size: u64) -> io::Result<FileDevice> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         file.set_len(size)?;
         Self::from_file(file, path, false)
     }
@@ -62,7 +66,11 @@ impl FileDevice {
     }
 
     fn from_file(file: File, path: &Path, is_block_device: bool) -> io::Result<FileDevice> {
-        let size = if is_block_device { block_device_size(&file)? } else { file.metadata()?.len() };
+        let size = if is_block_device {
+            block_device_size(&file)?
+        } else {
+            file.metadata()?.len()
+        };
         Ok(FileDevice {
             file,
             path: path.to_path_buf(),
@@ -130,7 +138,12 @@ impl BlockDevice for FileDevice {
             };
         }
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.file), flags, offset as i64, len as i64) {
+        match fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&self.file),
+            flags,
+            offset as i64,
+            len as i64,
+        ) {
             Ok(()) => Ok(()),
             Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
             Err(e) => Err(e.into()),

@@ -17,7 +17,10 @@ pub struct MemDevice {
 
 impl MemDevice {
     pub fn new(size: u64) -> MemDevice {
-        MemDevice { size: RwLock::new(size), chunks: RwLock::new(HashMap::new()) }
+        MemDevice {
+            size: RwLock::new(size),
+            chunks: RwLock::new(HashMap::new()),
+        }
     }
 
     /// A device holding a copy of `bytes`.
@@ -74,8 +77,9 @@ impl BlockDevice for MemDevice {
         check_range(self.size(), offset, buf.len())?;
         let mut chunks = self.chunks.write();
         Self::for_each_piece(offset, buf.len(), |chunk, within, done, n| {
-            let data =
-                chunks.entry(chunk).or_insert_with(|| vec![0; CHUNK as usize].into_boxed_slice());
+            let data = chunks
+                .entry(chunk)
+                .or_insert_with(|| vec![0; CHUNK as usize].into_boxed_slice());
             data[within..within + n].copy_from_slice(&buf[done..done + n]);
         });
         Ok(())

@@ -46,7 +46,9 @@ pub(crate) fn check_range(size: u64, offset: u64, len: usize) -> io::Result<()> 
         Some(end) if end <= size => Ok(()),
         _ => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("access of {len} bytes at {offset} is past the end of the device ({size} bytes)"),
+            format!(
+                "access of {len} bytes at {offset} is past the end of the device ({size} bytes)"
+            ),
         )),
     }
 }

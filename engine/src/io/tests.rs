@@ -71,11 +71,17 @@ fn file_device_creation_is_sparse_and_discard_punches_holes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev");
     let dev = FileDevice::create(&path, 1 << 30).unwrap();
-    assert!(std::fs::metadata(&path).unwrap().blocks() < 64, "a new device takes no space");
+    assert!(
+        std::fs::metadata(&path).unwrap().blocks() < 64,
+        "a new device takes no space"
+    );
     dev.write_at(&vec![1u8; 4 << 20], 0).unwrap();
     dev.sync().unwrap();
     let before = std::fs::metadata(&path).unwrap().blocks();
     dev.discard(0, 4 << 20).unwrap();
     let after = std::fs::metadata(&path).unwrap().blocks();
-    assert!(after + 8000 <= before, "discard gave the space back: {before} -> {after} sectors");
+    assert!(
+        after + 8000 <= before,
+        "discard gave the space back: {before} -> {after} sectors"
+    );
 }

@@ -42,17 +42,21 @@ fn pieces(offset: u64, len: usize, block_size: u64) -> impl Iterator<Item = Piec
         let pos = offset + done as u64;
         let within = (pos % block_size) as usize;
         let n = (block_size as usize - within).min(len - done);
-        let p = Piece { vblock: pos / block_size, within, at: done, len: n };
+        let p = Piece {
+            vblock: pos / block_size,
+            within,
+            at: done,
+            len: n,
+        };
         done += n;
         Some(p)
     })
 }
 
 fn check_span(offset: u64, len: usize) -> Result<()> {
-    offset
-        .checked_add(len as u64)
-        .map(|_| ())
-        .ok_or_else(|| Error::InvalidArgument(format!("range of {len} bytes at {offset} overflows")))
+    offset.checked_add(len as u64).map(|_| ()).ok_or_else(|| {
+        Error::InvalidArgument(format!("range of {len} bytes at {offset} overflows"))
+    })
 }
 
 impl Thin {
@@ -80,14 +84,18 @@ impl Thin {
         for v in first..last {
             guards.push(self.pool.stripe(self.id, v).read_recursive());
         }
-        let mappings = self.pool.metadata().lookup_range(self.id, first, last, usize::MAX)?;
+        let mappings = self
+            .pool
+            .metadata()
+            .lookup_range(self.id, first, last, usize::MAX)?;
         let mut next = mappings.iter().peekable();
         // Merge runs of blocks that are consecutive on the data device into one read.
         let mut run: Option<(u64, usize, usize)> = None; // (data offset, buf start, len)
         let data = self.pool.data_dev();
         let flush = |run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]| -> Result<()> {
             if let Some((dev_off, at, len)) = run.take() {
-                data.read_at(&mut buf[at..at + len], dev_off).map_err(|e| self.pool.data_io_error(dev_off, e))?;
+                data.read_at(&mut buf[at..at + len], dev_off)
+                    .map_err(|e| self.pool.data_io_error(dev_off, e))?;
             }
             Ok(())
         };
@@ -99,7 +107,9 @@ impl Thin {
                 Some((v, bt)) if *v == p.vblock => {
                     let dev_off = bt.block * bs + p.within as u64;
                     match &mut run {
-                        Some((start, at, len)) if *start + *len as u64 == dev_off && *at + *len == p.at => {
+                        Some((start, at, len))
+                            if *start + *len as u64 == dev_off && *at + *len == p.at =>
+                        {
                             *len += p.len
                         }
                         _ => {
@@ -143,7 +153,8 @@ impl Thin {
             // Mapped after this thin's latest snapshot: nobody else sees it, write in place.
             Some(bt) if bt.time >= snapshotted_time => {
                 let off = bt.block * bs + within as u64;
-                dev.write_at(data, off).map_err(|e| pool.data_io_error(off, e))
+                dev.write_at(data, off)
+                    .map_err(|e| pool.data_io_error(off, e))
             }
             shared_or_unmapped => self.provision(vblock, within, data, shared_or_unmapped),
         }
@@ -151,7 +162,13 @@ impl Thin {
 
     /// Allocates a block for `vblock`, fills it (copying the shared block it replaces, or
     /// zeros), and maps it.
-    fn provision(&self, vblock: u64, within: usize, data: &[u8], old: Option<BlockTime>) -> Result<()> {
+    fn provision(
+        &self,
+        vblock: u64,
+        within: usize,
+        data: &[u8],
+        old: Option<BlockTime>,
+    ) -> Result<()> {
         let pool = &*self.pool;
         let bs = pool.block_size().bytes();
         let _provisioning = pool.provisioning().read();
@@ -226,8 +243,13 @@ impl Thin {
         let mut v = first_full;
         while v < last_full {
             // Walk only mapped blocks, a batch at a time.
-            let mapped = self.pool.metadata().lookup_range(self.id, v, last_full, 1024)?;
-            let Some(&(last_seen, _)) = mapped.last() else { break };
+            let mapped = self
+                .pool
+                .metadata()
+                .lookup_range(self.id, v, last_full, 1024)?;
+            let Some(&(last_seen, _)) = mapped.last() else {
+                break;
+            };
             for (vb, _) in mapped {
                 let _stripe = self.pool.stripe(self.id, vb).write();
                 let mut md = self.pool.metadata();
@@ -248,24 +270,15 @@ impl Thin {
         Ok(())
     }
 
-    /// Zeroes a partial-block range where it is provisioned (writes of zeros).
+    /// Zeroes the provisioned parts of a range that covers no whole block. Unprovisioned
+    /// blocks already read as zeros and stay unprovisioned.
     fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
         let bs = self.pool.block_size().bytes();
-        let v = offset / bs;
-        if self.pool.metadata().lookup(self.id, v)?.is_none() {
-            return Ok(());
-        }
-        self.write_unlocked_zeros(offset, len)
-    }
-
-    fn write_unlocked_zeros(&self, offset: u64, len: u64) -> Result<()> {
         let zeros = vec![0u8; len as usize];
-        let bs = self.pool.block_size().bytes();
         for p in pieces(offset, zeros.len(), bs) {
-            self.write_block(p.vblock, p.within, &zeros[p.at..p.at + p.len])?;
+            if self.pool.metadata().lookup(self.id, p.vblock)?.is_some() {
+                self.write_block(p.vblock, p.within, &zeros[p.at..p.at + p.len])?;
+            }
         }
         Ok(())
     }

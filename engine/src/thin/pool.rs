@@ -35,7 +35,11 @@ pub struct PoolOptions {
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { zero_new_blocks: true, discard_passdown: true, read_only: false }
+        PoolOptions {
+            zero_new_blocks: true,
+            discard_passdown: true,
+            read_only: false,
+        }
     }
 }
 
@@ -72,7 +76,11 @@ impl PoolStatus {
     /// The status line as `dmsetup status` prints it for a thin-pool target of
     /// `length_sectors` (the data device).
     pub fn kernel_line(&self) -> String {
-        format!("0 {} thin-pool {}", self.total_data_blocks * u64::from(self.data_block_sectors), self)
+        format!(
+            "0 {} thin-pool {}",
+            self.total_data_blocks * u64::from(self.data_block_sectors),
+            self
+        )
     }
 }
 
@@ -90,8 +98,16 @@ impl fmt::Display for PoolStatus {
             self.total_data_blocks,
             held,
             self.mode,
-            if self.discard_passdown { "discard_passdown" } else { "no_discard_passdown" },
-            if self.error_if_no_space { "error_if_no_space" } else { "queue_if_no_space" },
+            if self.discard_passdown {
+                "discard_passdown"
+            } else {
+                "no_discard_passdown"
+            },
+            if self.error_if_no_space {
+                "error_if_no_space"
+            } else {
+                "queue_if_no_space"
+            },
             if self.needs_check { "needs_check" } else { "-" },
             self.metadata_low_watermark,
         )
@@ -127,7 +143,13 @@ impl Pool {
         let nr_data_blocks = data_dev.size() / block_size.bytes();
         let md = Metadata::format(meta_dev.clone(), block_size, nr_data_blocks)?;
         tracing::debug!(nr_data_blocks, block_size = block_size.bytes(), "format");
-        Ok(Self::assemble(md, meta_dev, data_dev, options, PoolMode::ReadWrite))
+        Ok(Self::assemble(
+            md,
+            meta_dev,
+            data_dev,
+            options,
+            PoolMode::ReadWrite,
+        ))
     }
 
     /// Opens an existing pool. A data device larger than the pool's data space map grows it
@@ -169,11 +191,13 @@ impl Pool {
         mode: PoolMode,
     ) -> Arc<Pool> {
         let block_size = md.data_block_size();
-        let mode = if mode == PoolMode::ReadWrite && md.free_data_blocks() == 0 && md.nr_data_blocks() > 0 {
-            PoolMode::OutOfDataSpace
-        } else {
-            mode
-        };
+        let mode =
+            if mode == PoolMode::ReadWrite && md.free_data_blocks() == 0 && md.nr_data_blocks() > 0
+            {
+                PoolMode::OutOfDataSpace
+            } else {
+                mode
+            };
         Arc::new(Pool {
             md: Mutex::new(md),
             meta_dev,
@@ -204,7 +228,8 @@ impl Pool {
     }
 
     pub(crate) fn stripe(&self, id: ThinId, vblock: u64) -> &RwLock<()> {
-        let h = (id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vblock).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        let h = (id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vblock)
+            .wrapping_mul(0xff51_afd7_ed55_8ccd);
         &self.stripes[(h >> 54) as usize % STRIPES]
     }
 
@@ -238,7 +263,9 @@ impl Pool {
             match &mode {
                 PoolMode::ReadWrite => tracing::info!("pool back to read-write"),
                 PoolMode::OutOfDataSpace => tracing::warn!("pool is out of data space"),
-                PoolMode::ReadOnly(why) => tracing::warn!(reason = %why, "pool switched to read-only"),
+                PoolMode::ReadOnly(why) => {
+                    tracing::warn!(reason = %why, "pool switched to read-only")
+                }
             }
             *m = mode;
         }
@@ -249,7 +276,10 @@ impl Pool {
     pub(crate) fn metadata_failed(&self, md: &mut Metadata, err: &Error) {
         let degrade = match err {
             Error::NoMetadataSpace => Some("out of metadata space"),
-            Error::Io { role: DeviceRole::Metadata, .. } => Some("metadata i/o error"),
+            Error::Io {
+                role: DeviceRole::Metadata,
+                ..
+            } => Some("metadata i/o error"),
             Error::Corrupt { .. } => Some("metadata is damaged"),
             _ => None,
         };
@@ -362,7 +392,9 @@ impl Pool {
             if (start..end).any(|b| md.data_block_count(b) != 0) {
                 continue;
             }
-            self.data_dev.discard(start * bs, (end - start) * bs).map_err(|e| self.data_io_error(start * bs, e))?;
+            self.data_dev
+                .discard(start * bs, (end - start) * bs)
+                .map_err(|e| self.data_io_error(start * bs, e))?;
         }
         Ok(())
     }
@@ -379,7 +411,12 @@ impl Pool {
     }
 
     pub(crate) fn data_io_error(&self, offset: u64, source: std::io::Error) -> Error {
-        Error::Io { role: DeviceRole::Data, device: self.data_dev.describe(), offset, source }
+        Error::Io {
+            role: DeviceRole::Data,
+            device: self.data_dev.describe(),
+            offset,
+            source,
+        }
     }
 
     // ---- sizes ---------------------------------------------------------------------------
@@ -389,7 +426,9 @@ impl Pool {
     pub fn resize_data(&self, new_size_bytes: Option<u64>) -> Result<()> {
         if let Some(size) = new_size_bytes {
             self.check_writable()?;
-            self.data_dev.grow(size).map_err(|e| self.data_io_error(size, e))?;
+            self.data_dev
+                .grow(size)
+                .map_err(|e| self.data_io_error(size, e))?;
         }
         let nr = self.data_dev.size() / self.block_size.bytes();
         self.with_metadata(|md| md.resize_data(nr))?;
@@ -423,7 +462,14 @@ impl Pool {
             return Err(Error::NoSuchThin(id));
         }
         let mut open = self.open_thins.lock();
-        let entry = open.entry(id).or_insert_with(|| (Arc::new(ThinGate { io: RwLock::new(()) }), 0));
+        let entry = open.entry(id).or_insert_with(|| {
+            (
+                Arc::new(ThinGate {
+                    io: RwLock::new(()),
+                }),
+                0,
+            )
+        });
         entry.1 += 1;
         Ok(Thin::new(self.clone(), id, entry.0.clone()))
     }

@@ -79,7 +79,12 @@ impl TransactionManager {
     }
 
     pub(crate) fn io_error(&self, offset: u64, source: std::io::Error) -> Error {
-        Error::Io { role: DeviceRole::Metadata, device: self.dev.describe(), offset, source }
+        Error::Io {
+            role: DeviceRole::Metadata,
+            device: self.dev.describe(),
+            offset,
+            source,
+        }
     }
 
     /// Reads a block from the device, checking its checksum and location.
@@ -117,7 +122,12 @@ impl TransactionManager {
         if self.cache.len() >= self.cache_capacity {
             // Drop an eighth of the cache; HashMap order is effectively random, which is a
             // fair approximation of LRU for tree blocks at this size.
-            let victims: Vec<u64> = self.cache.keys().take(self.cache_capacity / 8 + 1).copied().collect();
+            let victims: Vec<u64> = self
+                .cache
+                .keys()
+                .take(self.cache_capacity / 8 + 1)
+                .copied()
+                .collect();
             for v in victims {
                 self.cache.remove(&v);
             }
@@ -128,16 +138,25 @@ impl TransactionManager {
     fn sm_error(&self, e: CountError) -> Error {
         match e {
             CountError::OutOfRange(b) => Error::corrupt(b, Damage::PointerPastEnd(b)),
-            CountError::Underflow(b) => {
-                Error::corrupt(b, Damage::SpaceMap(format!("reference count of free block {b} dropped below zero")))
-            }
+            CountError::Underflow(b) => Error::corrupt(
+                b,
+                Damage::SpaceMap(format!(
+                    "reference count of free block {b} dropped below zero"
+                )),
+            ),
         }
     }
 
     /// Allocates a zeroed metadata block of `kind`, writable in this transaction.
     pub fn new_block(&mut self, kind: BlockKind) -> Result<u64> {
         let location = self.meta_sm.alloc().ok_or(Error::NoMetadataSpace)?;
-        self.dirty.insert(location, Dirty { data: Arc::from(block::zeroed()), kind });
+        self.dirty.insert(
+            location,
+            Dirty {
+                data: Arc::from(block::zeroed()),
+                kind,
+            },
+        );
         self.cache.remove(&location);
         self.spill_if_needed()?;
         Ok(location)
@@ -154,7 +173,13 @@ impl TransactionManager {
             if !self.dirty.contains_key(&location) {
                 // Written out early by a spill: bring it back.
                 let data = self.read_node(location)?;
-                self.dirty.insert(location, Dirty { data, kind: BlockKind::Node });
+                self.dirty.insert(
+                    location,
+                    Dirty {
+                        data,
+                        kind: BlockKind::Node,
+                    },
+                );
             }
             return Ok(location);
         }
@@ -195,7 +220,10 @@ impl TransactionManager {
 
     /// The writable bytes of a block made writable by `new_block` or `shadow`.
     pub fn write(&mut self, location: u64) -> &mut Block {
-        let d = self.dirty.get_mut(&location).expect("only shadowed or new blocks are written");
+        let d = self
+            .dirty
+            .get_mut(&location)
+            .expect("only shadowed or new blocks are written");
         Arc::make_mut(&mut d.data)
     }
 
@@ -238,7 +266,13 @@ impl TransactionManager {
     /// Writes a non-node block built at commit time (bitmap, index).
     pub fn put_block(&mut self, location: u64, data: Box<Block>, kind: BlockKind) {
         self.cache.remove(&location);
-        self.dirty.insert(location, Dirty { data: Arc::from(data), kind });
+        self.dirty.insert(
+            location,
+            Dirty {
+                data: Arc::from(data),
+                kind,
+            },
+        );
     }
 
     fn spill_if_needed(&mut self) -> Result<()> {
@@ -253,8 +287,10 @@ impl TransactionManager {
             .map(|(l, _)| *l)
             .take(MAX_DIRTY_BLOCKS / 2)
             .collect();
-        let mut blocks: Vec<(u64, Dirty)> =
-            victims.into_iter().map(|l| (l, self.dirty.remove(&l).expect("listed"))).collect();
+        let mut blocks: Vec<(u64, Dirty)> = victims
+            .into_iter()
+            .map(|l| (l, self.dirty.remove(&l).expect("listed")))
+            .collect();
         self.write_out(&mut blocks)?;
         for (l, d) in blocks {
             self.cache_insert(l, d.data);
@@ -287,7 +323,9 @@ impl TransactionManager {
             return Ok(());
         }
         let offset = start * BLOCK_SIZE as u64;
-        self.dev.write_at(run, offset).map_err(|e| self.io_error(offset, e))
+        self.dev
+            .write_at(run, offset)
+            .map_err(|e| self.io_error(offset, e))
     }
 
     /// Writes every dirty block, flushes, writes the superblock, flushes (see the module doc).
@@ -299,7 +337,9 @@ impl TransactionManager {
         self.dev.sync().map_err(|e| self.io_error(0, e))?;
         // Step 3 and 4: the superblock flips the pool to the new transaction.
         block::seal(superblock, 0, BlockKind::Superblock);
-        self.dev.write_at(&superblock[..], 0).map_err(|e| self.io_error(0, e))?;
+        self.dev
+            .write_at(&superblock[..], 0)
+            .map_err(|e| self.io_error(0, e))?;
         self.dev.sync().map_err(|e| self.io_error(0, e))?;
         for (l, d) in blocks {
             if d.kind == BlockKind::Node {
@@ -325,7 +365,9 @@ impl TransactionManager {
     /// after a failure, when nothing else may be trusted).
     pub fn write_superblock_only(&self, superblock: &mut Block) -> Result<()> {
         block::seal(superblock, 0, BlockKind::Superblock);
-        self.dev.write_at(&superblock[..], 0).map_err(|e| self.io_error(0, e))?;
+        self.dev
+            .write_at(&superblock[..], 0)
+            .map_err(|e| self.io_error(0, e))?;
         self.dev.sync().map_err(|e| self.io_error(0, e))
     }
 }
@@ -335,7 +377,9 @@ fn data_sm_error(e: CountError) -> Error {
         CountError::OutOfRange(b) => Error::corrupt(0, Damage::DataBlockPastEnd(b)),
         CountError::Underflow(b) => Error::corrupt(
             0,
-            Damage::SpaceMap(format!("reference count of free data block {b} dropped below zero")),
+            Damage::SpaceMap(format!(
+                "reference count of free data block {b} dropped below zero"
+            )),
         ),
     }
 }

@@ -23,7 +23,9 @@ mod tests;
 use crate::block::{Block, BlockKind};
 use crate::error::{Damage, Error, Result};
 use crate::tm::{TransactionManager, ValueRefs};
-use node::{max_entries, min_entries, Node, NodeMut, INTERNAL_NODE, INTERNAL_VALUE_SIZE, LEAF_NODE};
+use node::{
+    max_entries, min_entries, Node, NodeMut, INTERNAL_NODE, INTERNAL_VALUE_SIZE, LEAF_NODE,
+};
 
 /// No real tree is deeper than this (a 4 KiB-node tree of depth 12 holds more than 2^64 keys).
 pub const MAX_DEPTH: usize = 12;
@@ -49,7 +51,10 @@ impl Value {
     pub fn new(v: &[u8]) -> Value {
         let mut bytes = [0; MAX_VALUE_SIZE];
         bytes[..v.len()].copy_from_slice(v);
-        Value { bytes, len: v.len() as u8 }
+        Value {
+            bytes,
+            len: v.len() as u8,
+        }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -72,14 +77,22 @@ fn check_leaf_value_size(location: u64, n: &Node<'_>, tt: TreeType) -> Result<()
     if n.is_leaf() && n.value_size() != tt.value_size as usize {
         return Err(Error::corrupt(
             location,
-            Damage::ValueSizeMismatch { expected: tt.value_size, found: n.value_size() as u32 },
+            Damage::ValueSizeMismatch {
+                expected: tt.value_size,
+                found: n.value_size() as u32,
+            },
         ));
     }
     Ok(())
 }
 
 /// Looks up `key`; returns its value.
-pub fn lookup(tm: &mut TransactionManager, root: u64, key: u64, tt: TreeType) -> Result<Option<Value>> {
+pub fn lookup(
+    tm: &mut TransactionManager,
+    root: u64,
+    key: u64,
+    tt: TreeType,
+) -> Result<Option<Value>> {
     let mut location = root;
     for _ in 0..MAX_DEPTH {
         let b = tm.read_node(location)?;
@@ -227,7 +240,9 @@ pub fn remove(
         rebalance_child(tm, location, i, tt)?;
         let b = tm.read_node(location)?;
         let n = Node::new(&b);
-        let i = n.lower_bound(key).expect("key is still within this node's range");
+        let i = n
+            .lower_bound(key)
+            .expect("key is still within this node's range");
         let child = n.value_u64(i);
         let child_new = tm.shadow(child, tt.refs)?;
         if child_new != child {
@@ -260,7 +275,11 @@ fn rebalance_child(tm: &mut TransactionManager, parent: u64, i: usize, tt: TreeT
     if cn.nr_entries() > min_entries(cn.max_entries() as u32) as usize || nr_children < 2 {
         return Ok(());
     }
-    let (left_i, right_i) = if i + 1 < nr_children { (i, i + 1) } else { (i - 1, i) };
+    let (left_i, right_i) = if i + 1 < nr_children {
+        (i, i + 1)
+    } else {
+        (i - 1, i)
+    };
     let left = shadow_child(tm, parent, left_i, tt)?;
     let right = shadow_child(tm, parent, right_i, tt)?;
     let lb: Block = *tm.read_node(left)?;
@@ -366,9 +385,15 @@ pub fn drop_value(tm: &mut TransactionManager, refs: ValueRefs, value: u64) -> R
 }
 
 /// A device's mapping tree: virtual block → block_time.
-pub const MAPPING_TREE: TreeType = TreeType { value_size: 8, refs: ValueRefs::DataBlock };
+pub const MAPPING_TREE: TreeType = TreeType {
+    value_size: 8,
+    refs: ValueRefs::DataBlock,
+};
 /// The top level of the mapping tree: device id → mapping tree root.
-pub const TOP_TREE: TreeType = TreeType { value_size: 8, refs: ValueRefs::Subtree };
+pub const TOP_TREE: TreeType = TreeType {
+    value_size: 8,
+    refs: ValueRefs::Subtree,
+};
 
 /// Calls `f(key, value)` for every entry in key order. Stops at the first error.
 pub fn for_each(

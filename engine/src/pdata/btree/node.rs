@@ -41,12 +41,19 @@ pub fn validate_header(b: &Block) -> Result<(), Damage> {
     let nr = read_u32(b, 16);
     let max = read_u32(b, 20);
     let value_size = read_u32(b, 24);
-    if value_size == 0 || value_size > 1024 || max == 0 || max % 3 != 0 || max != max_entries(value_size)
+    if value_size == 0
+        || value_size > 1024
+        || max == 0
+        || max % 3 != 0
+        || max != max_entries(value_size)
     {
         return Err(Damage::BadMaxEntries(max));
     }
     if flags == INTERNAL_NODE && value_size != INTERNAL_VALUE_SIZE {
-        return Err(Damage::ValueSizeMismatch { expected: INTERNAL_VALUE_SIZE, found: value_size });
+        return Err(Damage::ValueSizeMismatch {
+            expected: INTERNAL_VALUE_SIZE,
+            found: value_size,
+        });
     }
     if nr > max {
         return Err(Damage::TooManyEntries { nr, max });
@@ -197,9 +204,11 @@ impl<'a> NodeMut<'a> {
         debug_assert!(n < self.view().max_entries());
         let vs = self.view().value_size();
         let keys = HEADER_SIZE;
-        self.b.copy_within(keys + 8 * i..keys + 8 * n, keys + 8 * (i + 1));
+        self.b
+            .copy_within(keys + 8 * i..keys + 8 * n, keys + 8 * (i + 1));
         let vals = self.view().value_offset(0);
-        self.b.copy_within(vals + vs * i..vals + vs * n, vals + vs * (i + 1));
+        self.b
+            .copy_within(vals + vs * i..vals + vs * n, vals + vs * (i + 1));
         self.set_nr_entries(n + 1);
         self.set_key(i, k);
         self.set_value(i, v);
@@ -210,9 +219,11 @@ impl<'a> NodeMut<'a> {
         let n = self.view().nr_entries();
         let vs = self.view().value_size();
         let keys = HEADER_SIZE;
-        self.b.copy_within(keys + 8 * (i + 1)..keys + 8 * n, keys + 8 * i);
+        self.b
+            .copy_within(keys + 8 * (i + 1)..keys + 8 * n, keys + 8 * i);
         let vals = self.view().value_offset(0);
-        self.b.copy_within(vals + vs * (i + 1)..vals + vs * n, vals + vs * i);
+        self.b
+            .copy_within(vals + vs * (i + 1)..vals + vs * n, vals + vs * i);
         self.b[keys + 8 * (n - 1)..keys + 8 * n].fill(0);
         self.b[vals + vs * (n - 1)..vals + vs * n].fill(0);
         self.set_nr_entries(n - 1);
@@ -237,8 +248,10 @@ impl<'a> NodeMut<'a> {
         let keys = HEADER_SIZE;
         let vals = self.view().value_offset(0);
         let len = range.len();
-        self.b.copy_within(keys + 8 * range.start..keys + 8 * range.end, keys);
-        self.b.copy_within(vals + vs * range.start..vals + vs * range.end, vals);
+        self.b
+            .copy_within(keys + 8 * range.start..keys + 8 * range.end, keys);
+        self.b
+            .copy_within(vals + vs * range.start..vals + vs * range.end, vals);
         self.b[keys + 8 * len..keys + 8 * n].fill(0);
         self.b[vals + vs * len..vals + vs * n].fill(0);
         self.set_nr_entries(len);

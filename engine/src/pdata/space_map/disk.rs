@@ -24,8 +24,14 @@ pub const MAX_METADATA_BITMAPS: usize = 255;
 /// The most metadata blocks a pool can use: 255 bitmaps' worth.
 pub const MAX_METADATA_BLOCKS: u64 = MAX_METADATA_BITMAPS as u64 * ENTRIES_PER_BITMAP;
 
-pub const REF_COUNT_TREE: TreeType = TreeType { value_size: 4, refs: ValueRefs::None };
-pub const INDEX_TREE: TreeType = TreeType { value_size: 16, refs: ValueRefs::None };
+pub const REF_COUNT_TREE: TreeType = TreeType {
+    value_size: 4,
+    refs: ValueRefs::None,
+};
+pub const INDEX_TREE: TreeType = TreeType {
+    value_size: 16,
+    refs: ValueRefs::None,
+};
 
 /// The 32 bytes of a space map root kept in the superblock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -130,7 +136,8 @@ fn load_bitmaps(tm: &TransactionManager, entries: &[IndexEntry]) -> Result<Vec<B
             if e.blocknr == 0 {
                 return Err(Error::corrupt(0, Damage::PointerToSuperblock));
             }
-            tm.read_raw(e.blocknr, BlockKind::Bitmap).map(|b| decode_bitmap(&b))
+            tm.read_raw(e.blocknr, BlockKind::Bitmap)
+                .map(|b| decode_bitmap(&b))
         })
         .collect()
 }
@@ -152,16 +159,24 @@ fn check_overflow(sm_name: &str, bitmaps: &[Bitmap], overflow: &BTreeMap<u64, u3
 }
 
 /// Reads the metadata space map. `tm` must already bound reads by `root.nr_blocks`.
-pub fn load_metadata(tm: &mut TransactionManager, root: &SmRoot) -> Result<(SpaceMap, SmLocations)> {
+pub fn load_metadata(
+    tm: &mut TransactionManager,
+    root: &SmRoot,
+) -> Result<(SpaceMap, SmLocations)> {
     let n = nr_bitmaps(root.nr_blocks);
     if n > MAX_METADATA_BITMAPS {
-        return Err(Error::corrupt(0, Damage::BadSuperblock(format!(
-            "metadata space map of {} blocks needs more than 255 bitmaps",
-            root.nr_blocks
-        ))));
+        return Err(Error::corrupt(
+            0,
+            Damage::BadSuperblock(format!(
+                "metadata space map of {} blocks needs more than 255 bitmaps",
+                root.nr_blocks
+            )),
+        ));
     }
     let index = tm.read_raw(root.bitmap_root, BlockKind::Index)?;
-    let entries: Vec<IndexEntry> = (0..n).map(|i| IndexEntry::decode(&index[16 + 16 * i..])).collect();
+    let entries: Vec<IndexEntry> = (0..n)
+        .map(|i| IndexEntry::decode(&index[16 + 16 * i..]))
+        .collect();
     let bitmaps = load_bitmaps(tm, &entries)?;
     let overflow = load_overflow(tm, root.ref_count_root)?;
     check_overflow("metadata", &bitmaps, &overflow)?;
@@ -170,7 +185,10 @@ pub fn load_metadata(tm: &mut TransactionManager, root: &SmRoot) -> Result<(Spac
         bitmap_root: root.bitmap_root,
         ref_count_root: root.ref_count_root,
     };
-    Ok((SpaceMap::from_parts(root.nr_blocks, bitmaps, overflow), locations))
+    Ok((
+        SpaceMap::from_parts(root.nr_blocks, bitmaps, overflow),
+        locations,
+    ))
 }
 
 /// Reads the data space map.
@@ -181,7 +199,9 @@ pub fn load_data(tm: &mut TransactionManager, root: &SmRoot) -> Result<(SpaceMap
         if k != entries.len() as u64 {
             return Err(Error::corrupt(
                 root.bitmap_root,
-                Damage::SpaceMap(format!("data space map index has bitmap {k} out of sequence")),
+                Damage::SpaceMap(format!(
+                    "data space map index has bitmap {k} out of sequence"
+                )),
             ));
         }
         entries.push(IndexEntry::decode(v));
@@ -205,7 +225,10 @@ pub fn load_data(tm: &mut TransactionManager, root: &SmRoot) -> Result<(SpaceMap
         bitmap_root: root.bitmap_root,
         ref_count_root: root.ref_count_root,
     };
-    Ok((SpaceMap::from_parts(root.nr_blocks, bitmaps, overflow), locations))
+    Ok((
+        SpaceMap::from_parts(root.nr_blocks, bitmaps, overflow),
+        locations,
+    ))
 }
 
 /// Brings an overflow tree in line with the in-memory overflow map.
@@ -248,7 +271,8 @@ pub fn persist_data(tm: &mut TransactionManager, loc: &mut SmLocations) -> Resul
         let entry = IndexEntry::for_bitmap(new, bm);
         let data = encode_bitmap(bm);
         tm.put_block(new, data, BlockKind::Bitmap);
-        loc.bitmap_root = btree::insert(tm, loc.bitmap_root, i as u64, &entry.encode(), INDEX_TREE)?.0;
+        loc.bitmap_root =
+            btree::insert(tm, loc.bitmap_root, i as u64, &entry.encode(), INDEX_TREE)?.0;
     }
     Ok(SmRoot {
         nr_blocks: tm.data_sm.nr_blocks(),

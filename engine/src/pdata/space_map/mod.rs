@@ -33,7 +33,10 @@ pub struct Bitmap {
 
 impl Bitmap {
     fn empty() -> Bitmap {
-        Bitmap { words: Box::new([0; WORDS_PER_BITMAP]), used: 0 }
+        Bitmap {
+            words: Box::new([0; WORDS_PER_BITMAP]),
+            used: 0,
+        }
     }
 
     pub(crate) fn from_words(words: Box<[u64; WORDS_PER_BITMAP]>) -> Bitmap {
@@ -248,7 +251,11 @@ impl SpaceMap {
                 continue;
             }
             let base = i as u64 * ENTRIES_PER_BITMAP;
-            let first_word = if i == first_bitmap { (start - base) as usize / 32 } else { 0 };
+            let first_word = if i == first_bitmap {
+                (start - base) as usize / 32
+            } else {
+                0
+            };
             for w in first_word..WORDS_PER_BITMAP {
                 let busy = nonzero_mask(self.bitmaps[i].words[w])
                     | nonzero_mask(self.committed.get(i).map_or(0, |b| b.words[w]));
@@ -304,7 +311,9 @@ impl SpaceMap {
 
     /// Whether bitmap `i` changed since the last commit (or is new).
     pub(crate) fn bitmap_dirty(&self, i: usize) -> bool {
-        self.committed.get(i).is_none_or(|c| !Arc::ptr_eq(c, &self.bitmaps[i]) && **c != *self.bitmaps[i])
+        self.committed
+            .get(i)
+            .is_none_or(|c| !Arc::ptr_eq(c, &self.bitmaps[i]) && **c != *self.bitmaps[i])
     }
 
     pub(crate) fn overflow(&self) -> &BTreeMap<u64, u32> {
@@ -340,7 +349,10 @@ pub fn nr_bitmaps(nr_blocks: u64) -> usize {
 }
 
 fn split(block: u64) -> (usize, usize) {
-    ((block / ENTRIES_PER_BITMAP) as usize, (block % ENTRIES_PER_BITMAP) as usize)
+    (
+        (block / ENTRIES_PER_BITMAP) as usize,
+        (block % ENTRIES_PER_BITMAP) as usize,
+    )
 }
 
 #[cfg(test)]

@@ -89,7 +89,10 @@ fn iter_counts_lists_every_nonzero_count() {
     sm.set(0, 1).unwrap();
     sm.set(16_320, 2).unwrap();
     sm.set(49_999, 7).unwrap();
-    assert_eq!(sm.iter_counts().collect::<Vec<_>>(), vec![(0, 1), (16_320, 2), (49_999, 7)]);
+    assert_eq!(
+        sm.iter_counts().collect::<Vec<_>>(),
+        vec![(0, 1), (16_320, 2), (49_999, 7)]
+    );
 }
 
 #[test]

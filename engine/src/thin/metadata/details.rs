@@ -4,7 +4,10 @@ use crate::block::{read_u32, read_u64, write_u32, write_u64};
 use crate::pdata::btree::TreeType;
 use crate::tm::ValueRefs;
 
-pub const DETAILS_TREE: TreeType = TreeType { value_size: 24, refs: ValueRefs::None };
+pub const DETAILS_TREE: TreeType = TreeType {
+    value_size: 24,
+    refs: ValueRefs::None,
+};
 
 /// What the details tree records of one thin device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
@@ -48,7 +51,10 @@ pub struct BlockTime {
 
 impl BlockTime {
     pub fn decode(v: u64) -> BlockTime {
-        BlockTime { block: v >> 24, time: (v & 0xFF_FFFF) as u32 }
+        BlockTime {
+            block: v >> 24,
+            time: (v & 0xFF_FFFF) as u32,
+        }
     }
 
     pub fn encode(self) -> u64 {

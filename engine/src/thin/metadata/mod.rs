@@ -64,7 +64,12 @@ impl Metadata {
         let zero = block::zeroed();
         dev.write_at(&zero[..], 0)
             .and_then(|_| dev.sync())
-            .map_err(|e| Error::Io { role: crate::error::DeviceRole::Metadata, device: dev.describe(), offset: 0, source: e })?;
+            .map_err(|e| Error::Io {
+                role: crate::error::DeviceRole::Metadata,
+                device: dev.describe(),
+                offset: 0,
+                source: e,
+            })?;
         let mut meta_sm = SpaceMap::new(nr_meta);
         meta_sm.set(0, 1).expect("block 0 exists");
         let mut tm = TransactionManager::new(dev, meta_sm, SpaceMap::new(nr_data_blocks));
@@ -75,8 +80,11 @@ impl Metadata {
             bitmap_root: btree::empty(&mut tm, 16)?,
             ref_count_root: btree::empty(&mut tm, 4)?,
         };
-        let meta_loc =
-            SmLocations { bitmaps: vec![], bitmap_root: 0, ref_count_root: btree::empty(&mut tm, 4)? };
+        let meta_loc = SmLocations {
+            bitmaps: vec![],
+            bitmap_root: 0,
+            ref_count_root: btree::empty(&mut tm, 4)?,
+        };
         let sb = Superblock {
             flags: 0,
             uuid: [0; 16],
@@ -126,10 +134,13 @@ impl Metadata {
         let sb = Superblock::read(&b, 0)?;
         let dev_blocks = dev.size() / BLOCK_SIZE as u64;
         if sb.metadata_sm_root.nr_blocks > dev_blocks {
-            return Err(Error::corrupt(0, Damage::BadSuperblock(format!(
-                "metadata space map has {} blocks but the device only {dev_blocks}",
-                sb.metadata_sm_root.nr_blocks
-            ))));
+            return Err(Error::corrupt(
+                0,
+                Damage::BadSuperblock(format!(
+                    "metadata space map has {} blocks but the device only {dev_blocks}",
+                    sb.metadata_sm_root.nr_blocks
+                )),
+            ));
         }
         let mut tm = TransactionManager::new(
             dev,
@@ -141,13 +152,19 @@ impl Metadata {
         let (data_sm, data_loc) = disk::load_data(&mut tm, &sb.data_sm_root)?;
         tm.data_sm = data_sm;
         let mut details = BTreeMap::new();
-        btree::for_each(&mut tm, sb.device_details_root, DETAILS_TREE, &mut |k, v| {
-            let id = ThinId::new(k).ok_or(Error::corrupt(sb.device_details_root, Damage::Other(format!(
-                "device id {k} is beyond 24 bits"
-            ))))?;
-            details.insert(id, DeviceDetails::decode(v));
-            Ok(())
-        })?;
+        btree::for_each(
+            &mut tm,
+            sb.device_details_root,
+            DETAILS_TREE,
+            &mut |k, v| {
+                let id = ThinId::new(k).ok_or(Error::corrupt(
+                    sb.device_details_root,
+                    Damage::Other(format!("device id {k} is beyond 24 bits")),
+                ))?;
+                details.insert(id, DeviceDetails::decode(v));
+                Ok(())
+            },
+        )?;
         let committed = Committed {
             sb: sb.clone(),
             meta_loc: meta_loc.clone(),
@@ -199,9 +216,12 @@ impl Metadata {
         btree::lookup(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?
             .map(|v| v.as_u64())
             .ok_or_else(|| {
-                Error::corrupt(self.sb.data_mapping_root, Damage::Other(format!(
-                    "device {id} is in the details tree but has no mapping tree"
-                )))
+                Error::corrupt(
+                    self.sb.data_mapping_root,
+                    Damage::Other(format!(
+                        "device {id} is in the details tree but has no mapping tree"
+                    )),
+                )
             })
     }
 
@@ -212,8 +232,14 @@ impl Metadata {
             return Err(Error::ThinExists(id));
         }
         let root = btree::empty(&mut self.tm, 8)?;
-        self.sb.data_mapping_root =
-            btree::insert(&mut self.tm, self.sb.data_mapping_root, id.get(), &root.to_le_bytes(), TOP_TREE)?.0;
+        self.sb.data_mapping_root = btree::insert(
+            &mut self.tm,
+            self.sb.data_mapping_root,
+            id.get(),
+            &root.to_le_bytes(),
+            TOP_TREE,
+        )?
+        .0;
         let d = DeviceDetails {
             mapped_blocks: 0,
             transaction_id: self.sb.transaction_id,
@@ -238,8 +264,14 @@ impl Metadata {
         }
         let root = self.device_root(origin)?;
         self.tm.inc(root)?;
-        self.sb.data_mapping_root =
-            btree::insert(&mut self.tm, self.sb.data_mapping_root, id.get(), &root.to_le_bytes(), TOP_TREE)?.0;
+        self.sb.data_mapping_root = btree::insert(
+            &mut self.tm,
+            self.sb.data_mapping_root,
+            id.get(),
+            &root.to_le_bytes(),
+            TOP_TREE,
+        )?
+        .0;
         self.sb.time += 1;
         let time = self.sb.time;
         self.details.insert(
@@ -251,7 +283,10 @@ impl Metadata {
                 snapshotted_time: time,
             },
         );
-        self.details.get_mut(&origin).expect("checked").snapshotted_time = time;
+        self.details
+            .get_mut(&origin)
+            .expect("checked")
+            .snapshotted_time = time;
         self.dirty_details.insert(id);
         self.dirty_details.insert(origin);
         self.changed = true;
@@ -263,13 +298,19 @@ impl Metadata {
         if !self.exists(id) {
             return Err(Error::NoSuchThin(id));
         }
-        let (root, old) = btree::remove(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?;
+        let (root, old) =
+            btree::remove(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?;
         self.sb.data_mapping_root = root;
         if let Some(subtree) = old {
             btree::del(&mut self.tm, subtree.as_u64(), MAPPING_TREE)?;
         }
-        self.sb.device_details_root =
-            btree::remove(&mut self.tm, self.sb.device_details_root, id.get(), DETAILS_TREE)?.0;
+        self.sb.device_details_root = btree::remove(
+            &mut self.tm,
+            self.sb.device_details_root,
+            id.get(),
+            DETAILS_TREE,
+        )?
+        .0;
         self.details.remove(&id);
         self.dirty_details.remove(&id);
         self.changed = true;
@@ -278,7 +319,10 @@ impl Metadata {
 
     pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
         if self.sb.transaction_id != old {
-            return Err(Error::TransactionIdMismatch { expected: old, actual: self.sb.transaction_id });
+            return Err(Error::TransactionIdMismatch {
+                expected: old,
+                actual: self.sb.transaction_id,
+            });
         }
         self.sb.transaction_id = new;
         self.changed = true;
@@ -297,7 +341,8 @@ impl Metadata {
         copy.data_sm_root = SmRoot::default();
         copy.metadata_sm_root = SmRoot::default();
         copy.held_root = 0;
-        self.tm.put_block(copy_at, copy.encode(), BlockKind::Superblock);
+        self.tm
+            .put_block(copy_at, copy.encode(), BlockKind::Superblock);
         self.tm.inc(self.sb.data_mapping_root)?;
         self.tm.inc(self.sb.device_details_root)?;
         self.sb.held_root = copy_at;
@@ -326,16 +371,25 @@ impl Metadata {
     /// The mapping of virtual block `v` of device `id`.
     pub fn lookup(&mut self, id: ThinId, v: u64) -> Result<Option<BlockTime>> {
         let root = self.device_root(id)?;
-        Ok(btree::lookup(&mut self.tm, root, v, MAPPING_TREE)?.map(|x| BlockTime::decode(x.as_u64())))
+        Ok(btree::lookup(&mut self.tm, root, v, MAPPING_TREE)?
+            .map(|x| BlockTime::decode(x.as_u64())))
     }
 
     /// Mappings of device `id` in `[begin, end)`, at most `limit`.
-    pub fn lookup_range(&mut self, id: ThinId, begin: u64, end: u64, limit: usize) -> Result<Vec<(u64, BlockTime)>> {
+    pub fn lookup_range(
+        &mut self,
+        id: ThinId,
+        begin: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, BlockTime)>> {
         let root = self.device_root(id)?;
-        Ok(btree::range(&mut self.tm, root, begin, end, limit, MAPPING_TREE)?
-            .into_iter()
-            .map(|(k, v)| (k, BlockTime::decode(v.as_u64())))
-            .collect())
+        Ok(
+            btree::range(&mut self.tm, root, begin, end, limit, MAPPING_TREE)?
+                .into_iter()
+                .map(|(k, v)| (k, BlockTime::decode(v.as_u64())))
+                .collect(),
+        )
     }
 
     /// Rewrites the top-level entry of `id` after its mapping tree's root moved. The top-level
@@ -346,10 +400,14 @@ impl Metadata {
         id: ThinId,
         f: impl FnOnce(&mut TransactionManager, u64) -> Result<(u64, T)>,
     ) -> Result<T> {
-        let (top, leaf) = btree::shadow_path(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?;
+        let (top, leaf) =
+            btree::shadow_path(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?;
         self.sb.data_mapping_root = top;
         let (leaf, i) = leaf.ok_or_else(|| {
-            Error::corrupt(top, Damage::Other(format!("device {id} has no mapping tree")))
+            Error::corrupt(
+                top,
+                Damage::Other(format!("device {id} has no mapping tree")),
+            )
         })?;
         let root = Node::new(&*self.tm.read_node(leaf)?).value_u64(i);
         let (new_root, out) = f(&mut self.tm, root)?;
@@ -366,7 +424,9 @@ impl Metadata {
             return Err(Error::NoSuchThin(id));
         }
         let value = bt.encode().to_le_bytes();
-        let old = self.with_device_tree(id, |tm, root| btree::insert(tm, root, v, &value, MAPPING_TREE))?;
+        let old = self.with_device_tree(id, |tm, root| {
+            btree::insert(tm, root, v, &value, MAPPING_TREE)
+        })?;
         match old {
             None => self.details.get_mut(&id).expect("exists").mapped_blocks += 1,
             Some(old) => {
@@ -492,8 +552,14 @@ impl Metadata {
         }
         for id in std::mem::take(&mut self.dirty_details) {
             let d = self.details[&id].encode();
-            self.sb.device_details_root =
-                btree::insert(&mut self.tm, self.sb.device_details_root, id.get(), &d, DETAILS_TREE)?.0;
+            self.sb.device_details_root = btree::insert(
+                &mut self.tm,
+                self.sb.device_details_root,
+                id.get(),
+                &d,
+                DETAILS_TREE,
+            )?
+            .0;
         }
         self.sb.data_sm_root = disk::persist_data(&mut self.tm, &mut self.data_loc)?;
         self.sb.metadata_sm_root = disk::persist_metadata(&mut self.tm, &mut self.meta_loc)?;

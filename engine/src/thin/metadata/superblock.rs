@@ -59,7 +59,8 @@ impl Superblock {
 
     /// Reads and checks a superblock (or a held copy at `location`).
     pub fn read(b: &Block, location: u64) -> Result<Superblock> {
-        block::verify(b, location, BlockKind::Superblock).map_err(|d| Error::corrupt(location, d))?;
+        block::verify(b, location, BlockKind::Superblock)
+            .map_err(|d| Error::corrupt(location, d))?;
         let magic = read_u64(b, 32);
         if magic != MAGIC {
             return Err(Error::corrupt(location, Damage::BadMagic(magic)));
@@ -69,18 +70,27 @@ impl Superblock {
         if sb.incompat_flags != 0 || sb.compat_ro_flags != 0 {
             return Err(Error::corrupt(
                 location,
-                Damage::UnsupportedFeatures { incompat: sb.incompat_flags, compat_ro: sb.compat_ro_flags },
+                Damage::UnsupportedFeatures {
+                    incompat: sb.incompat_flags,
+                    compat_ro: sb.compat_ro_flags,
+                },
             ));
         }
         if read_u32(b, 340) != METADATA_BLOCK_SECTORS {
-            return bad(format!("metadata block size {} sectors (must be 8)", read_u32(b, 340)));
+            return bad(format!(
+                "metadata block size {} sectors (must be 8)",
+                read_u32(b, 340)
+            ));
         }
         if location == 0 {
             if crate::units::DataBlockSize::from_sectors(sb.data_block_size).is_none() {
                 return bad(format!("data block size {} sectors", sb.data_block_size));
             }
             if sb.metadata_sm_root.nr_blocks > MAX_METADATA_BLOCKS {
-                return bad(format!("metadata space map of {} blocks", sb.metadata_sm_root.nr_blocks));
+                return bad(format!(
+                    "metadata space map of {} blocks",
+                    sb.metadata_sm_root.nr_blocks
+                ));
             }
             if sb.time > crate::units::MAX_TIME {
                 return bad(format!("time {} beyond 24 bits", sb.time));
