@@ -24,6 +24,7 @@ pub mod units;
 
 pub use error::{Damage, DeviceRole, Error, Result};
 pub use thin::device::Thin;
+pub use thin::files::{NewPool, PoolPaths};
 pub use thin::metadata::{BlockTime, DeviceDetails, Superblock};
 pub use thin::pool::{Pool, PoolMode, PoolOptions, PoolStatus};
 pub use units::{DataBlockSize, ThinId};

@@ -5,6 +5,7 @@
 //! blocks, never past [`BlockDevice::size`].
 
 mod file;
+pub mod lock;
 mod mem;
 
 use std::io;
