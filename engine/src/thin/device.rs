@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+use parking_lot::RwLockReadGuard;
+
 use crate::error::{Error, Result};
 use crate::thin::metadata::BlockTime;
 use crate::thin::pool::{Pool, PoolMode, ThinGate};
@@ -171,8 +173,7 @@ impl Thin {
     ) -> Result<()> {
         let pool = &*self.pool;
         let bs = pool.block_size().bytes();
-        let _provisioning = pool.provisioning().read();
-        let (new, time) = self.alloc_data_block()?;
+        let (_provisioning, new, time) = self.alloc_data_block()?;
         let dev = pool.data_dev();
         let off = new * bs;
         let filled = if data.len() as u64 == bs {
@@ -203,23 +204,29 @@ impl Thin {
         r
     }
 
-    fn alloc_data_block(&self) -> Result<(u64, u32)> {
+    /// Allocates a data block and returns it with the mapping time and the provisioning
+    /// gate, which the caller holds until the block is mapped.
+    fn alloc_data_block(&self) -> Result<(RwLockReadGuard<'_, ()>, u64, u32)> {
         let pool = &*self.pool;
-        {
+        for attempt in 0..2 {
+            let gate = pool.provisioning().read();
             let mut md = pool.metadata();
+            // Checked before allocating: running out commits, and must not record a block
+            // allocated but unmapped.
+            pool.check_metadata_space(&mut md)?;
             if let Some(b) = md.alloc_data_block() {
-                return Ok((b, md.time()));
+                let time = md.time();
+                return Ok((gate, b, time));
             }
-            if md.free_data_blocks() == 0 {
-                pool.set_mode(PoolMode::OutOfDataSpace);
-                return Err(Error::NoDataSpace);
+            if md.free_data_blocks() == 0 || attempt == 1 {
+                break;
             }
+            // Every free block was freed in the running transaction, and may only be reused
+            // once it commits: commit, as the kernel does, and try again.
+            drop(md);
+            drop(gate);
+            pool.commit()?;
         }
-        // Blocks freed in this transaction become reusable once it commits; the kernel
-        // commits here too before declaring the pool full. Committing needs the
-        // provisioning gate, which the caller holds for reading, so this thread cannot
-        // commit itself: report no space, which callers see only when every free block
-        // was freed in the running transaction.
         pool.set_mode(PoolMode::OutOfDataSpace);
         Err(Error::NoDataSpace)
     }

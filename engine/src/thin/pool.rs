@@ -294,7 +294,46 @@ impl Pool {
         }
     }
 
+    /// Metadata blocks kept back, as the kernel does (a tenth of the device, at most 16 MiB):
+    /// the pool turns read-only when only the reserve is left, so the commit that records
+    /// everything so far still has room. Status lines count the reserve as used, like the
+    /// kernel's.
+    pub fn metadata_reserve(nr_metadata_blocks: u64) -> u64 {
+        (nr_metadata_blocks / 10).min(4096)
+    }
+
+    /// Before a metadata change: with only the reserve left, commit what we have, set
+    /// needs_check and go read-only (the kernel's "no free metadata space").
+    pub(crate) fn check_metadata_space(&self, md: &mut Metadata) -> Result<()> {
+        // A commit itself needs a few blocks (space map bitmaps and indexes move), which the
+        // kernel's reserve does not guarantee on tiny devices.
+        const COMMIT_HEADROOM: u64 = 32;
+        let threshold = Self::metadata_reserve(md.nr_metadata_blocks()).max(COMMIT_HEADROOM);
+        if md.free_metadata_blocks() >= threshold {
+            return Ok(());
+        }
+        md.set_needs_check();
+        let committed = md.commit();
+        if let Err(e) = &committed {
+            self.metadata_failed(md, e);
+        }
+        let mut m = self.mode.lock();
+        tracing::warn!("out of metadata space: pool switched to read-only, needs_check set");
+        *m = PoolMode::ReadOnly("out of metadata space".into());
+        Err(Error::NoMetadataSpace)
+    }
+
+    /// Runs a metadata operation that needs metadata space (creating devices), refusing it
+    /// when only the reserve is left.
+    fn with_metadata_space<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
+        self.with_metadata(|md| {
+            self.check_metadata_space(md)?;
+            f(md)
+        })
+    }
+
     /// Runs a metadata operation under the metadata lock, with the failure policy above.
+    /// Operations that free space or grow it run even when metadata space is short.
     fn with_metadata<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
         self.check_writable()?;
         let mut md = self.md.lock();
@@ -309,7 +348,7 @@ impl Pool {
 
     pub fn create_thin(&self, id: ThinId) -> Result<()> {
         tracing::debug!(thin_id = %id, "create_thin");
-        self.with_metadata(|md| md.create_thin(id))
+        self.with_metadata_space(|md| md.create_thin(id))
     }
 
     /// Snapshots `origin` as `id`. IO to the origin is held off while the snapshot is taken,
@@ -318,7 +357,7 @@ impl Pool {
         tracing::debug!(thin_id = %id, origin = %origin, "create_snap");
         let gate = self.open_thins.lock().get(&origin).map(|(g, _)| g.clone());
         let _quiesced = gate.as_ref().map(|g| g.io.write());
-        self.with_metadata(|md| md.create_snap(id, origin))
+        self.with_metadata_space(|md| md.create_snap(id, origin))
     }
 
     /// Deletes a thin. Refused while it is open.
@@ -343,7 +382,7 @@ impl Pool {
     pub fn reserve_metadata_snap(&self) -> Result<()> {
         let _gate = self.provisioning.write();
         self.data_dev.sync().map_err(|e| self.data_io_error(0, e))?;
-        self.with_metadata(|md| md.reserve_metadata_snap())?;
+        self.with_metadata_space(|md| md.reserve_metadata_snap())?;
         self.pass_down_discards()
     }
 
@@ -518,7 +557,9 @@ impl Pool {
         };
         PoolStatus {
             transaction_id: sb.transaction_id,
-            used_metadata_blocks: total_meta - md.free_metadata_blocks(),
+            used_metadata_blocks: (total_meta - md.free_metadata_blocks()
+                + Self::metadata_reserve(total_meta))
+            .min(total_meta),
             total_metadata_blocks: total_meta,
             used_data_blocks: md.nr_data_blocks() - md.free_data_blocks(),
             total_data_blocks: md.nr_data_blocks(),

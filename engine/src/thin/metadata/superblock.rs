@@ -122,3 +122,24 @@ impl Superblock {
         b
     }
 }
+
+/// Clears NEEDS_CHECK on an offline metadata device (after a check found it clean), changing
+/// only the flags and the checksum, as `thin_check --clear-needs-check-flag` does.
+pub fn clear_needs_check(dev: &dyn crate::io::BlockDevice) -> Result<()> {
+    let io = |e| Error::Io {
+        role: crate::error::DeviceRole::Metadata,
+        device: dev.describe(),
+        offset: 0,
+        source: e,
+    };
+    let mut b = block::zeroed();
+    dev.read_at(&mut b[..], 0).map_err(io)?;
+    let sb = Superblock::read(&b, 0)?;
+    if !sb.needs_check() {
+        return Ok(());
+    }
+    write_u32(&mut b[..], 4, sb.flags & !FLAG_NEEDS_CHECK);
+    block::seal(&mut b, 0, BlockKind::Superblock);
+    dev.write_at(&b[..], 0).map_err(io)?;
+    dev.sync().map_err(io)
+}
