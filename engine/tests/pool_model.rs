@@ -7,6 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use engine::io::{BlockDevice, FileDevice, OpenMode};
+use engine::tools::check::{check, CheckOptions};
+use engine::tools::dump::{dump, DumpOptions};
 use engine::{DataBlockSize, Error, Pool, PoolOptions, ThinId};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -127,22 +129,37 @@ impl Harness {
     /// The real thin_check passes and the real thin_dump maps exactly the model's blocks.
     fn verify_with_real_tools(&self) {
         let meta = self.dir.path().join("metadata");
-        let check = std::process::Command::new("thin_check")
+        let real_check = std::process::Command::new("thin_check")
             .arg(&meta)
             .output()
             .expect("thin_check runs");
         assert!(
-            check.status.success(),
+            real_check.status.success(),
             "thin_check failed:\n{}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
+            String::from_utf8_lossy(&real_check.stdout),
+            String::from_utf8_lossy(&real_check.stderr)
         );
-        let dump = std::process::Command::new("thin_dump")
+        let real_dump = std::process::Command::new("thin_dump")
             .arg(&meta)
             .output()
             .expect("thin_dump runs");
-        assert!(dump.status.success());
-        let mapped = parse_dump_mappings(&String::from_utf8_lossy(&dump.stdout));
+        assert!(real_dump.status.success());
+        let theirs = String::from_utf8_lossy(&real_dump.stdout);
+        // Our dump says exactly what theirs says, and our checker (which also checks data
+        // reference counts and leaks) is clean.
+        let dev = FileDevice::open(&meta, OpenMode::ReadOnly).unwrap();
+        let mut ours = Vec::new();
+        dump(&dev, &DumpOptions::default(), &mut ours).unwrap();
+        assert_eq!(String::from_utf8_lossy(&ours), theirs, "our dump differs from thin_dump");
+        let report = check(&dev, &CheckOptions::default());
+        assert!(report.is_clean(), "our check: {:?}", report.findings);
+        if self.pool().superblock().held_root != 0 {
+            let snap = std::process::Command::new("thin_dump").arg("-m").arg(&meta).output().unwrap();
+            let mut ours = Vec::new();
+            dump(&dev, &DumpOptions { use_metadata_snap: true, ..Default::default() }, &mut ours).unwrap();
+            assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&snap.stdout), "dump -m");
+        }
+        let mapped = parse_dump_mappings(&theirs);
         let want: BTreeMap<u64, BTreeSet<u64>> = self
             .committed
             .iter()
@@ -277,6 +294,21 @@ fn run(seed: u64, steps: usize) {
                     thin.write(&data, off).unwrap();
                     h.model.get_mut(&id).unwrap().write(off, &data);
                 }
+            }
+            87..=88 => {
+                // The metadata snapshot: reserve one if none is held, else release it.
+                if h.pool().superblock().held_root == 0 {
+                    h.pool().reserve_metadata_snap().unwrap();
+                    h.committed = h.model.clone();
+                } else {
+                    h.pool().release_metadata_snap().unwrap();
+                    h.committed = h.model.clone();
+                }
+            }
+            89 => {
+                let total = h.pool().status().total_data_blocks;
+                h.pool().resize_data(Some((total + 1000) * BS)).unwrap();
+                h.committed = h.model.clone();
             }
             73..=76 => {
                 h.reopen();
