@@ -19,8 +19,9 @@ const SPAN: u64 = 4000;
 
 #[derive(Default, Clone)]
 struct ThinModel {
-    /// Block contents of mapped blocks (unmapped blocks read as zeros).
-    blocks: BTreeMap<u64, Vec<u8>>,
+    /// Block contents of mapped blocks (unmapped blocks read as zeros), shared between a
+    /// thin and its snapshots until one of them changes the block, like the pool itself.
+    blocks: BTreeMap<u64, Arc<Vec<u8>>>,
 }
 
 impl ThinModel {
@@ -30,8 +31,8 @@ impl ThinModel {
             let pos = offset + done as u64;
             let (v, within) = (pos / BS, (pos % BS) as usize);
             let n = (BS as usize - within).min(data.len() - done);
-            let block = self.blocks.entry(v).or_insert_with(|| vec![0; BS as usize]);
-            block[within..within + n].copy_from_slice(&data[done..done + n]);
+            let block = self.blocks.entry(v).or_insert_with(|| Arc::new(vec![0; BS as usize]));
+            Arc::make_mut(block)[within..within + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
     }
@@ -45,7 +46,7 @@ impl ThinModel {
             if n == BS {
                 self.blocks.remove(&v);
             } else if let Some(block) = self.blocks.get_mut(&v) {
-                block[within as usize..(within + n) as usize].fill(0);
+                Arc::make_mut(block)[within as usize..(within + n) as usize].fill(0);
             }
             pos += n;
         }
@@ -102,7 +103,7 @@ impl Harness {
             let mut buf = vec![0u8; BS as usize];
             for (&v, want) in &m.blocks {
                 thin.read(&mut buf, v * BS).unwrap();
-                assert!(buf == *want, "thin {id} block {v} differs");
+                assert!(buf == **want, "thin {id} block {v} differs");
             }
             // Unmapped blocks read as zeros; an unaligned read spanning several blocks agrees.
             for _ in 0..8 {
