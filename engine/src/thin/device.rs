@@ -86,10 +86,11 @@ impl Thin {
         for v in first..last {
             guards.push(self.pool.stripe(self.id, v).read_recursive());
         }
-        let mappings = self
-            .pool
-            .metadata()
-            .lookup_range(self.id, first, last, usize::MAX)?;
+        let mappings = {
+            let mut md = self.pool.metadata();
+            md.lookup_range(self.id, first, last, usize::MAX)
+                .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
+        };
         let mut next = mappings.iter().peekable();
         // Merge runs of blocks that are consecutive on the data device into one read.
         let mut run: Option<(u64, usize, usize)> = None; // (data offset, buf start, len)
@@ -148,7 +149,10 @@ impl Thin {
         let (mapping, snapshotted_time) = {
             let mut md = pool.metadata();
             let snap_time = md.device(self.id)?.snapshotted_time;
-            (md.lookup(self.id, vblock)?, snap_time)
+            let mapping = md
+                .lookup(self.id, vblock)
+                .inspect_err(|e| pool.metadata_failed(&mut md, e))?;
+            (mapping, snap_time)
         };
         let dev = pool.data_dev();
         match mapping {

@@ -284,6 +284,10 @@ impl Pool {
             _ => None,
         };
         if let Some(why) = degrade {
+            if self.options.read_only {
+                // Nothing to protect: no change is made through this pool.
+                return;
+            }
             md.abort();
             if let Err(e) = md.persist_needs_check() {
                 tracing::error!(error = %e, "could not set needs_check");

@@ -1,0 +1,258 @@
+//! The data path's promises: zeroing (on and off), discard giving space back to the host,
+//! data block sizes other than 64 KiB, damaged metadata reported by block, and pools on
+//! loop devices (root_).
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use engine::block::{self, BlockKind};
+use engine::io::{BlockDevice, FileDevice, MemDevice};
+use engine::thin::files;
+use engine::{DataBlockSize, Error, NewPool, Pool, PoolMode, PoolOptions, PoolPaths, ThinId};
+
+fn id(n: u64) -> ThinId {
+    ThinId::new(n).unwrap()
+}
+
+fn mem_pool(
+    block: DataBlockSize,
+    data_blocks: u64,
+    options: PoolOptions,
+) -> (Arc<MemDevice>, Arc<MemDevice>, Arc<Pool>) {
+    let meta = Arc::new(MemDevice::new(8 << 20));
+    let data = Arc::new(MemDevice::new(data_blocks * block.bytes()));
+    let m: Arc<dyn BlockDevice> = meta.clone();
+    let d: Arc<dyn BlockDevice> = data.clone();
+    let pool = Pool::format(m, d, block, options).unwrap();
+    (meta, data, pool)
+}
+
+#[test]
+fn new_blocks_are_zero_filled_unless_zeroing_is_off() {
+    for zero in [true, false] {
+        let options = PoolOptions {
+            zero_new_blocks: zero,
+            ..Default::default()
+        };
+        let (_, data, pool) = mem_pool(DataBlockSize::DEFAULT, 64, options);
+        // Stale bytes on the data device, as a freed block would hold.
+        data.write_at(&vec![0xEE; 64 * 65536], 0).unwrap();
+        pool.create_thin(id(1)).unwrap();
+        let thin = pool.open_thin(id(1)).unwrap();
+        thin.write(&[1u8; 100], 1000).unwrap();
+        let mut buf = vec![0u8; 65536];
+        thin.read(&mut buf, 0).unwrap();
+        assert_eq!(&buf[1000..1100], &[1u8; 100][..]);
+        let rest_is_zero = buf[..1000].iter().chain(&buf[1100..]).all(|&b| b == 0);
+        // With zeroing off the untouched rest of the block is whatever the device held, as
+        // with the kernel's skip_block_zeroing.
+        assert_eq!(rest_is_zero, zero, "zeroing {zero}");
+    }
+}
+
+#[test]
+fn discard_frees_blocks_and_punches_holes_in_the_data_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = PoolPaths::in_dir(dir.path());
+    let new = NewPool {
+        data_size: 256 << 20,
+        metadata_size: 4 << 20,
+        block_size: DataBlockSize::DEFAULT,
+    };
+    let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
+    pool.create_thin(id(1)).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    thin.write(&vec![7u8; 64 << 20], 0).unwrap();
+    thin.flush().unwrap();
+    let used = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let before = used(&paths.data);
+    assert!(before >= 64 << 20, "{before}");
+    assert_eq!(pool.status().used_data_blocks, 1024);
+    thin.discard(0, 48 << 20).unwrap();
+    assert_eq!(pool.status().used_data_blocks, 256);
+    thin.flush().unwrap();
+    let after = used(&paths.data);
+    assert!(
+        after <= before - (47 << 20),
+        "the host got the space back: {before} -> {after}"
+    );
+    let mut buf = vec![1u8; 1 << 20];
+    thin.read(&mut buf, 10 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    thin.read(&mut buf, 50 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+}
+
+#[test]
+fn snapshot_blocks_are_not_punched_while_the_snapshot_maps_them() {
+    let (_, data, pool) = mem_pool(DataBlockSize::DEFAULT, 64, PoolOptions::default());
+    pool.create_thin(id(1)).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    thin.write(&vec![3u8; 4 * 65536], 0).unwrap();
+    pool.create_snap(id(2), id(1)).unwrap();
+    thin.discard(0, 4 * 65536).unwrap();
+    thin.flush().unwrap();
+    assert_eq!(
+        data.allocated(),
+        4 * 65536,
+        "the snapshot's blocks stay on the device"
+    );
+    let snap = pool.open_thin(id(2)).unwrap();
+    let mut buf = vec![0u8; 4 * 65536];
+    snap.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 3));
+}
+
+#[test]
+fn data_block_sizes_other_than_64k_work() {
+    for kib in [192u64, 1024] {
+        let block = DataBlockSize::from_bytes(kib << 10).unwrap();
+        let (_, _, pool) = mem_pool(block, 200, PoolOptions::default());
+        pool.create_thin(id(1)).unwrap();
+        let thin = pool.open_thin(id(1)).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        thin.write(&data, 77_777).unwrap();
+        pool.create_snap(id(2), id(1)).unwrap();
+        thin.write(&[9u8; 10], 77_777 + 1000).unwrap();
+        let mut back = vec![0u8; data.len()];
+        pool.open_thin(id(2))
+            .unwrap()
+            .read(&mut back, 77_777)
+            .unwrap();
+        assert!(back == data, "{kib} KiB blocks: snapshot");
+        thin.read(&mut back, 77_777).unwrap();
+        assert_eq!(&back[1000..1010], &[9u8; 10]);
+        assert_eq!(pool.status().data_block_sectors as u64, kib * 2);
+    }
+    assert!(DataBlockSize::from_bytes(100 << 10).is_none());
+}
+
+#[test]
+fn a_damaged_node_is_an_error_naming_the_block_and_the_pool_degrades() {
+    let (meta, data, pool) = mem_pool(DataBlockSize::DEFAULT, 4096, PoolOptions::default());
+    pool.create_thin(id(1)).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    for v in 0..600u64 {
+        thin.write(&[1u8; 512], v * 65536).unwrap();
+    }
+    drop(thin);
+    drop(pool);
+    // Find a mapping leaf (a node holding 8-byte values, not the top level) and damage it.
+    let bytes = meta.to_bytes();
+    let leaf = (1..bytes.len() / 4096)
+        .find(|&b| {
+            let blk: &[u8; 4096] = bytes[b * 4096..(b + 1) * 4096].try_into().unwrap();
+            BlockKind::identify(blk) == Some(BlockKind::Node)
+                && block::read_u32(blk, 4) == 2
+                && block::read_u32(blk, 16) > 100
+        })
+        .expect("a full mapping leaf");
+    meta.write_at(&[0xFF; 4], leaf as u64 * 4096 + 100).unwrap();
+    let m: Arc<dyn BlockDevice> = meta.clone();
+    let d: Arc<dyn BlockDevice> = data.clone();
+    let pool = Pool::open(m, d, PoolOptions::default()).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    let mut buf = vec![0u8; 512];
+    let mut seen = None;
+    for v in 0..600u64 {
+        if let Err(e) = thin.read(&mut buf, v * 65536) {
+            seen = Some(e);
+            break;
+        }
+    }
+    let err = seen.expect("some read crosses the damaged leaf");
+    assert!(
+        matches!(err, Error::Corrupt { block, .. } if block.0 == leaf as u64),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("block {leaf}")) && err.to_string().contains("checksum"),
+        "{err}"
+    );
+    // A write that runs into it turns the pool read-only with needs_check.
+    let mut failed = false;
+    for v in 0..600u64 {
+        if thin.write(&[2u8; 512], v * 65536).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed);
+    assert!(matches!(pool.mode(), PoolMode::ReadOnly(_)));
+    assert!(pool.status().needs_check);
+}
+
+/// A loop device attached for the length of a test, detached even if the test fails.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn root_pool_on_loop_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mf, df) = (dir.path().join("m.img"), dir.path().join("d.img"));
+    std::fs::File::create(&mf)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    std::fs::File::create(&df)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let (ml, dl) = (Loop::attach(&mf), Loop::attach(&df));
+    let paths = PoolPaths {
+        metadata: ml.0.clone().into(),
+        data: dl.0.clone().into(),
+    };
+    let new = NewPool {
+        data_size: 0,
+        metadata_size: 0,
+        block_size: DataBlockSize::DEFAULT,
+    };
+    {
+        let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
+        // Sizes come from the kernel, not from arguments.
+        assert_eq!(pool.status().total_data_blocks, 2048);
+        // The data device is opened exclusively: nobody else can open it for writing now.
+        let again = FileDevice::open(&paths.data, engine::io::OpenMode::ReadWrite);
+        assert!(
+            again.is_err(),
+            "a second exclusive open of the loop device succeeded"
+        );
+        pool.create_thin(id(1)).unwrap();
+        let thin = pool.open_thin(id(1)).unwrap();
+        thin.write(&vec![0x42; 5 << 20], 12_345).unwrap();
+        thin.discard(0, 1 << 20).unwrap();
+        thin.flush().unwrap();
+    }
+    let real = fixtures::tools::thin_check(&paths.metadata, &[]);
+    assert_eq!(real.rc, 0, "{}{}", real.stdout, real.stderr);
+    let pool = files::open(&paths, PoolOptions::default()).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    thin.read(&mut buf, 2 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x42));
+}
