@@ -230,6 +230,7 @@ pub fn remove(
         let b = tm.read_node(location)?;
         let n = Node::new(&b);
         if n.is_leaf() {
+            check_leaf_value_size(location, &n, tt)?;
             if let Ok(i) = n.search(key) {
                 removed = Some(Value::new(n.value(i)));
                 NodeMut::new(tm.write(location)).remove_at(i);
@@ -288,6 +289,7 @@ fn rebalance_child(tm: &mut TransactionManager, parent: u64, i: usize, tt: TreeT
     if l.flags() != r.flags() || l.value_size() != r.value_size() {
         return Err(Error::corrupt(right, Damage::UnevenDepth));
     }
+    check_leaf_value_size(left, &l, tt)?;
     let total = l.nr_entries() + r.nr_entries();
     if total <= l.max_entries() {
         NodeMut::new(tm.write(left)).append_from(&r, 0..r.nr_entries());
@@ -337,6 +339,7 @@ pub fn shadow_path(
         let b = tm.read_node(location)?;
         let n = Node::new(&b);
         if n.is_leaf() {
+            check_leaf_value_size(location, &n, tt)?;
             return Ok((root, n.search(key).ok().map(|i| (location, i))));
         }
         let i = n.lower_bound(key).expect("key is present");
@@ -402,7 +405,10 @@ pub fn for_each(
     tt: TreeType,
     f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    walk_at(tm, root, tt, 0, f)
+    // A tree has at most as many nodes as the device has blocks: a walk that visits more is
+    // going round a damaged structure (a node listed many times), however shallow.
+    let mut budget = tm.meta_sm.nr_blocks();
+    walk_at(tm, root, tt, 0, &mut budget, f)
 }
 
 fn walk_at(
@@ -410,16 +416,21 @@ fn walk_at(
     location: u64,
     tt: TreeType,
     depth: usize,
+    budget: &mut u64,
     f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     if depth > MAX_DEPTH {
         return Err(Error::corrupt(location, Damage::TooDeep));
     }
+    if *budget == 0 {
+        return Err(Error::corrupt(location, Damage::UnexpectedSharing));
+    }
+    *budget -= 1;
     let b = tm.read_node(location)?;
     let n = Node::new(&b);
     if n.is_internal() {
         for i in 0..n.nr_entries() {
-            walk_at(tm, n.value_u64(i), tt, depth + 1, f)?;
+            walk_at(tm, n.value_u64(i), tt, depth + 1, budget, f)?;
         }
         return Ok(());
     }

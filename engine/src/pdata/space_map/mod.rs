@@ -162,7 +162,8 @@ impl SpaceMap {
     }
 
     pub fn nr_free(&self) -> u64 {
-        self.nr_blocks - self.nr_allocated
+        // Saturating: damaged bitmaps may mark blocks past the end.
+        self.nr_blocks.saturating_sub(self.nr_allocated)
     }
 
     pub fn count(&self, block: u64) -> Result<u32, CountError> {

@@ -371,8 +371,20 @@ impl Metadata {
     /// The mapping of virtual block `v` of device `id`.
     pub fn lookup(&mut self, id: ThinId, v: u64) -> Result<Option<BlockTime>> {
         let root = self.device_root(id)?;
-        Ok(btree::lookup(&mut self.tm, root, v, MAPPING_TREE)?
-            .map(|x| BlockTime::decode(x.as_u64())))
+        let found = btree::lookup(&mut self.tm, root, v, MAPPING_TREE)?;
+        found
+            .map(|x| self.checked_mapping(root, x.as_u64()))
+            .transpose()
+    }
+
+    /// Decodes a mapping, refusing one that names a block past the data device: the data
+    /// path would read or write someone else's bytes (or nothing at all) there.
+    fn checked_mapping(&self, root: u64, value: u64) -> Result<BlockTime> {
+        let bt = BlockTime::decode(value);
+        if bt.block >= self.nr_data_blocks() {
+            return Err(Error::corrupt(root, Damage::DataBlockPastEnd(bt.block)));
+        }
+        Ok(bt)
     }
 
     /// Mappings of device `id` in `[begin, end)`, at most `limit`.
@@ -384,12 +396,10 @@ impl Metadata {
         limit: usize,
     ) -> Result<Vec<(u64, BlockTime)>> {
         let root = self.device_root(id)?;
-        Ok(
-            btree::range(&mut self.tm, root, begin, end, limit, MAPPING_TREE)?
-                .into_iter()
-                .map(|(k, v)| (k, BlockTime::decode(v.as_u64())))
-                .collect(),
-        )
+        btree::range(&mut self.tm, root, begin, end, limit, MAPPING_TREE)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, self.checked_mapping(root, v.as_u64())?)))
+            .collect::<Result<Vec<_>>>()
     }
 
     /// Rewrites the top-level entry of `id` after its mapping tree's root moved. The top-level
@@ -450,7 +460,8 @@ impl Metadata {
         let Some(old) = old else { return Ok(None) };
         let old = BlockTime::decode(old.as_u64());
         let count = self.tm.data_dec(old.block)?;
-        self.details.get_mut(&id).expect("exists").mapped_blocks -= 1;
+        let d = self.details.get_mut(&id).expect("exists");
+        d.mapped_blocks = d.mapped_blocks.saturating_sub(1);
         self.dirty_details.insert(id);
         self.changed = true;
         Ok(Some((old.block, count == 0)))
