@@ -17,12 +17,14 @@ pub mod block;
 pub mod error;
 pub mod io;
 pub mod pdata;
+pub mod store;
 pub mod thin;
 pub mod tm;
 pub mod tools;
 pub mod units;
 
 pub use error::{Damage, DeviceRole, Error, Result};
+pub use store::{Volume, VolumeStore, Volumes};
 pub use thin::device::Thin;
 pub use thin::files::{NewPool, PoolPaths};
 pub use thin::metadata::{BlockTime, DeviceDetails, Superblock};

@@ -54,11 +54,7 @@ fn new_blocks_are_zero_filled_unless_zeroing_is_off() {
 fn discard_frees_blocks_and_punches_holes_in_the_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let paths = PoolPaths::in_dir(dir.path());
-    let new = NewPool {
-        data_size: 256 << 20,
-        metadata_size: 4 << 20,
-        block_size: DataBlockSize::DEFAULT,
-    };
+    let new = NewPool::new(256 << 20, 4 << 20, DataBlockSize::DEFAULT);
     let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
     pool.create_thin(id(1)).unwrap();
     let thin = pool.open_thin(id(1)).unwrap();
@@ -227,11 +223,7 @@ fn root_pool_on_loop_devices() {
         metadata: ml.0.clone().into(),
         data: dl.0.clone().into(),
     };
-    let new = NewPool {
-        data_size: 0,
-        metadata_size: 0,
-        block_size: DataBlockSize::DEFAULT,
-    };
+    let new = NewPool::new(0, 0, DataBlockSize::DEFAULT);
     {
         let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
         // Sizes come from the kernel, not from arguments.

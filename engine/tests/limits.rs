@@ -130,11 +130,7 @@ fn out_of_metadata_space_goes_read_only_with_needs_check_and_loses_nothing() {
 fn a_second_owner_is_refused_and_told_who_holds_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let paths = PoolPaths::in_dir(dir.path());
-    let new = NewPool {
-        data_size: 64 << 20,
-        metadata_size: 4 << 20,
-        block_size: DataBlockSize::DEFAULT,
-    };
+    let new = NewPool::new(64 << 20, 4 << 20, DataBlockSize::DEFAULT);
     let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
     let err = match files::open(&paths, PoolOptions::default()) {
         Err(e) => e,

@@ -31,7 +31,10 @@ impl ThinModel {
             let pos = offset + done as u64;
             let (v, within) = (pos / BS, (pos % BS) as usize);
             let n = (BS as usize - within).min(data.len() - done);
-            let block = self.blocks.entry(v).or_insert_with(|| Arc::new(vec![0; BS as usize]));
+            let block = self
+                .blocks
+                .entry(v)
+                .or_insert_with(|| Arc::new(vec![0; BS as usize]));
             Arc::make_mut(block)[within..within + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
@@ -151,14 +154,34 @@ impl Harness {
         let dev = FileDevice::open(&meta, OpenMode::ReadOnly).unwrap();
         let mut ours = Vec::new();
         dump(&dev, &DumpOptions::default(), &mut ours).unwrap();
-        assert_eq!(String::from_utf8_lossy(&ours), theirs, "our dump differs from thin_dump");
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            theirs,
+            "our dump differs from thin_dump"
+        );
         let report = check(&dev, &CheckOptions::default());
         assert!(report.is_clean(), "our check: {:?}", report.findings);
         if self.pool().superblock().held_root != 0 {
-            let snap = std::process::Command::new("thin_dump").arg("-m").arg(&meta).output().unwrap();
+            let snap = std::process::Command::new("thin_dump")
+                .arg("-m")
+                .arg(&meta)
+                .output()
+                .unwrap();
             let mut ours = Vec::new();
-            dump(&dev, &DumpOptions { use_metadata_snap: true, ..Default::default() }, &mut ours).unwrap();
-            assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&snap.stdout), "dump -m");
+            dump(
+                &dev,
+                &DumpOptions {
+                    use_metadata_snap: true,
+                    ..Default::default()
+                },
+                &mut ours,
+            )
+            .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&snap.stdout),
+                "dump -m"
+            );
         }
         let mapped = parse_dump_mappings(&theirs);
         let want: BTreeMap<u64, BTreeSet<u64>> = self

@@ -66,11 +66,7 @@ fn root_kernel_reads_our_pool_and_we_read_its_changes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let paths = PoolPaths::in_dir(dir.path());
-    let new = NewPool {
-        data_size: 64 * MIB,
-        metadata_size: 4 * MIB,
-        block_size: DataBlockSize::DEFAULT,
-    };
+    let new = NewPool::new(64 * MIB, 4 * MIB, DataBlockSize::DEFAULT);
 
     // Our side: origin 1, snapshot 2 of it with one CoW write, thin 3 with a discard.
     let mut want = std::collections::BTreeMap::new();

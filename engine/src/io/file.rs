@@ -87,6 +87,20 @@ impl FileDevice {
         self.is_block_device
     }
 
+    /// Empties a regular file and gives it a new size (sparse); a block device is left as it
+    /// is. For formatting over an old pool.
+    pub fn reset_file(&self, size: u64) -> io::Result<()> {
+        if self.is_block_device {
+            return Ok(());
+        }
+        let mut current = self.size.write();
+        self.file.set_len(0)?;
+        self.file.set_len(size)?;
+        self.file.sync_all()?;
+        *current = size;
+        Ok(())
+    }
+
     /// The open file, for locking.
     pub fn file(&self) -> &File {
         &self.file

@@ -34,6 +34,31 @@ pub struct NewPool {
     pub data_size: u64,
     pub metadata_size: u64,
     pub block_size: DataBlockSize,
+    /// Format over an existing pool (its thins are lost). Without it, a metadata device that
+    /// holds a pool is refused.
+    pub overwrite: bool,
+}
+
+impl NewPool {
+    pub fn new(data_size: u64, metadata_size: u64, block_size: DataBlockSize) -> NewPool {
+        NewPool {
+            data_size,
+            metadata_size,
+            block_size,
+            overwrite: false,
+        }
+    }
+}
+
+/// Whether a device starts with a dm-thin superblock (its magic, whatever else is damaged).
+fn holds_pool(dev: &FileDevice) -> Result<bool> {
+    let mut head = [0u8; 40];
+    if dev.size() < head.len() as u64 {
+        return Ok(false);
+    }
+    dev.read_at(&mut head, 0)
+        .map_err(|e| io_err(DeviceRole::Metadata, dev.path(), e))?;
+    Ok(head[32..40] == crate::thin::metadata::superblock::MAGIC.to_le_bytes())
 }
 
 fn io_err(role: DeviceRole, path: &Path, e: std::io::Error) -> Error {
@@ -84,6 +109,21 @@ fn take_ownership(meta: &FileDevice) -> Result<()> {
 pub fn create(paths: &PoolPaths, new: NewPool, options: PoolOptions) -> Result<Arc<Pool>> {
     let meta = open_or_create(DeviceRole::Metadata, &paths.metadata, new.metadata_size)?;
     take_ownership(&meta)?;
+    if holds_pool(&meta)? {
+        if !new.overwrite {
+            return Err(Error::InvalidArgument(format!(
+                "{} already holds a pool (overwrite it to lose its thins)",
+                paths.metadata.display()
+            )));
+        }
+        // Regular files start over at the sizes asked for, so nothing old survives in them.
+        meta.reset_file(new.metadata_size)
+            .map_err(|e| io_err(DeviceRole::Metadata, &paths.metadata, e))?;
+        if let Ok(data) = open_device(DeviceRole::Data, &paths.data, OpenMode::ReadWrite) {
+            data.reset_file(new.data_size)
+                .map_err(|e| io_err(DeviceRole::Data, &paths.data, e))?;
+        }
+    }
     let data = open_or_create(DeviceRole::Data, &paths.data, new.data_size)?;
     let meta: Arc<dyn BlockDevice> = meta;
     let data: Arc<dyn BlockDevice> = data;

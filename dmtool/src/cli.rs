@@ -1,0 +1,192 @@
+//! The command line: top-level parser, the pool location every pool verb takes, and the
+//! value parsers for sizes and ids.
+
+use std::path::{Path, PathBuf};
+
+use clap::{ArgAction, Parser, Subcommand};
+use engine::store::{VolumeStore, STORE_FILE_NAME};
+use engine::units::{parse_size, MAX_THIN_ID};
+use engine::{DataBlockSize, PoolPaths, ThinId};
+
+use crate::commands::{check, dump, pool, thin, thin_io};
+
+/// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
+/// dump metadata like thin-provisioning-tools.
+#[derive(Debug, Parser)]
+#[command(name = "dmtool", version, propagate_version = true)]
+#[command(after_help = "Example: dmtool pool create --pool /srv/pool --data-size 10G")]
+pub struct Cli {
+    /// More diagnostics on stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides)
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a pool or show its status
+    #[command(subcommand)]
+    #[command(after_help = "Example: dmtool pool status --pool /srv/pool")]
+    Pool(PoolCommand),
+    /// Create, snapshot, delete, list, read and write thin devices
+    #[command(subcommand)]
+    #[command(after_help = "Example: dmtool thin ls --pool /srv/pool")]
+    Thin(ThinCommand),
+    /// Check pool metadata offline, like thin_check
+    #[command(after_help = "Example: dmtool check /srv/pool/metadata")]
+    Check(check::Args),
+    /// Print pool metadata as XML or human-readable text, like thin_dump
+    #[command(after_help = "Example: dmtool dump --format human_readable /srv/pool/metadata")]
+    Dump(dump::Args),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Format a new pool (sparse files are created as needed)
+    #[command(
+        after_help = "Example: dmtool pool create --pool /srv/pool --data-size 10G \
+                            --metadata-size 256M --block-size 64k"
+    )]
+    Create(pool::CreateArgs),
+    /// Show the kernel status line and space usage
+    #[command(after_help = "Example: dmtool pool status --pool /srv/pool --json")]
+    Status(pool::StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ThinCommand {
+    /// Create a thin device
+    #[command(
+        after_help = "Example: dmtool thin create --pool /srv/pool 1 --size 10G --name base"
+    )]
+    Create(thin::CreateArgs),
+    /// Snapshot a thin device (the snapshot has the origin's size)
+    #[command(after_help = "Example: dmtool thin snap --pool /srv/pool 2 1 --name base-snap")]
+    Snap(thin::SnapArgs),
+    /// Delete a thin device
+    #[command(after_help = "Example: dmtool thin delete --pool /srv/pool 2")]
+    Delete(thin::DeleteArgs),
+    /// Copy stdin (or --input FILE) into a thin device
+    ///
+    /// Input that would go past the thin's end is refused; with a file this is known before
+    /// anything is written, with a stream what came before that point stays written.
+    #[command(after_help = "Example: dmtool thin write --pool /srv/pool 1 --offset 1M < disk.img")]
+    Write(thin_io::WriteArgs),
+    /// Copy a thin device (or part of it) to stdout
+    #[command(after_help = "Example: dmtool thin read --pool /srv/pool 1 --length 4k | xxd")]
+    Read(thin_io::ReadArgs),
+    /// List thin devices: id, name, size, mapped space, origin
+    #[command(after_help = "Example: dmtool thin ls --pool /srv/pool --json")]
+    Ls(thin::LsArgs),
+}
+
+/// Where a pool is: a directory, or two named devices plus a state directory for the
+/// volume store (thin sizes and names, which dm-thin metadata does not hold).
+#[derive(Clone, Debug, clap::Args)]
+pub struct PoolLocation {
+    /// Pool directory holding `metadata`, `data` and `volumes.json`
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "metadata",
+        conflicts_with_all = ["metadata", "data"]
+    )]
+    pub pool: Option<PathBuf>,
+
+    /// Metadata device or file (with --data, instead of --pool)
+    #[arg(long, value_name = "DEV", requires = "data")]
+    pub metadata: Option<PathBuf>,
+
+    /// Data device or file (with --metadata)
+    #[arg(long, value_name = "DEV", requires = "metadata")]
+    pub data: Option<PathBuf>,
+
+    /// Directory for the volume store (volumes.json) [default: the --pool directory, or
+    /// /var/lib/dmtool/<metadata path with / replaced by _> for --metadata/--data]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Where the volume store of a pool on named devices lives when `--state-dir` is not given.
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/dmtool";
+
+impl PoolLocation {
+    pub fn paths(&self) -> PoolPaths {
+        match (&self.pool, &self.metadata, &self.data) {
+            (Some(dir), _, _) => PoolPaths::in_dir(dir),
+            (None, Some(metadata), Some(data)) => PoolPaths {
+                metadata: metadata.clone(),
+                data: data.clone(),
+            },
+            // clap's required_unless_present / requires rule this out.
+            _ => unreachable!("clap requires --pool or both --metadata and --data"),
+        }
+    }
+
+    /// The volume store's file.
+    pub fn store_path(&self) -> PathBuf {
+        if let Some(dir) = &self.state_dir {
+            return dir.join(STORE_FILE_NAME);
+        }
+        match &self.pool {
+            Some(dir) => VolumeStore::path_in(dir),
+            None => default_state_dir(&self.paths().metadata).join(STORE_FILE_NAME),
+        }
+    }
+
+    /// The name errors use for the pool: its metadata path.
+    pub fn name(&self) -> String {
+        self.paths().metadata.display().to_string()
+    }
+}
+
+/// `/var/lib/dmtool/<absolute metadata path with / replaced by _>`. Symlinks are not
+/// resolved: `/dev/vg/meta` keeps its name across reboots, the `/dev/dm-N` behind it may not.
+pub fn default_state_dir(metadata: &Path) -> PathBuf {
+    let abs = std::path::absolute(metadata).unwrap_or_else(|_| metadata.to_path_buf());
+    let flat = abs.to_string_lossy().replace('/', "_");
+    Path::new(DEFAULT_STATE_ROOT).join(flat)
+}
+
+/// A byte count with an optional k, M, G, T (binary) suffix.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_size(text).ok_or_else(|| {
+        format!("{text:?} is not a size (a number with an optional k, M, G or T suffix)")
+    })
+}
+
+/// A data block size: 64k to 1G, a multiple of 64k.
+pub fn parse_block_size(text: &str) -> Result<DataBlockSize, String> {
+    let bytes = parse_bytes(text)?;
+    DataBlockSize::from_bytes(bytes)
+        .ok_or_else(|| format!("{text:?} is not a data block size (64k to 1G, a multiple of 64k)"))
+}
+
+/// A thin id: 0 to 16777215.
+pub fn parse_thin_id(text: &str) -> Result<ThinId, String> {
+    text.parse::<u64>()
+        .ok()
+        .and_then(ThinId::new)
+        .ok_or_else(|| format!("{text:?} is not a thin id (0 to {MAX_THIN_ID})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn state_dir_flattens_the_metadata_path() {
+        assert_eq!(
+            default_state_dir(Path::new("/dev/vg/meta")),
+            Path::new("/var/lib/dmtool/_dev_vg_meta")
+        );
+    }
+}

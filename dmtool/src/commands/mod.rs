@@ -1,0 +1,143 @@
+//! One module per subcommand, plus what they share: opening a pool with its volume store.
+
+pub mod check;
+pub mod dump;
+pub mod pool;
+pub mod thin;
+pub mod thin_io;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use engine::store::{ReconcileReport, Volumes};
+use engine::{Error, PoolOptions};
+
+use crate::cli::{Command, PoolCommand, PoolLocation, ThinCommand};
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Pool(PoolCommand::Create(args)) => pool::create(args),
+        Command::Pool(PoolCommand::Status(args)) => pool::status(args),
+        Command::Thin(ThinCommand::Create(args)) => thin::create(args),
+        Command::Thin(ThinCommand::Snap(args)) => thin::snap(args),
+        Command::Thin(ThinCommand::Delete(args)) => thin::delete(args),
+        Command::Thin(ThinCommand::Ls(args)) => thin::ls(args),
+        Command::Thin(ThinCommand::Write(args)) => thin_io::write(args),
+        Command::Thin(ThinCommand::Read(args)) => thin_io::read(args),
+        Command::Check(args) => check::run(args),
+        Command::Dump(args) => dump::run(args),
+    }
+}
+
+/// What a command means to do with the pool.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Change it: fails if the metadata needs checking.
+    Change,
+    /// Only look: a pool whose metadata needs checking is opened read-only instead.
+    Look,
+}
+
+/// Opens the pool at `loc` as its one owner, with its volume store reconciled, and says on
+/// stderr what reconciling found.
+pub fn open_volumes(loc: &PoolLocation, access: Access) -> anyhow::Result<Volumes> {
+    let paths = loc.paths();
+    let store = loc.store_path();
+    let opened = match Volumes::open(&paths, &store, PoolOptions::default()) {
+        Err(Error::NeedsCheck) if access == Access::Look => {
+            tracing::warn!("pool metadata needs checking (run dmtool check); opened read-only");
+            let options = PoolOptions {
+                read_only: true,
+                ..PoolOptions::default()
+            };
+            Volumes::open(&paths, &store, options)
+        }
+        other => other,
+    };
+    let volumes = opened.with_context(|| format!("failed to open pool {}", loc.name()))?;
+    note_reconcile(volumes.reconcile_report());
+    Ok(volumes)
+}
+
+/// Commits what a command did (the kernel commits after every pool message; so do we).
+pub fn commit(volumes: &Volumes, loc: &PoolLocation) -> anyhow::Result<()> {
+    volumes
+        .pool()
+        .commit()
+        .with_context(|| format!("failed to commit pool {}", loc.name()))
+}
+
+fn note_reconcile(report: &ReconcileReport) {
+    if let Some(p) = &report.pending {
+        let fate = if p.applied {
+            "completed"
+        } else {
+            "rolled back"
+        };
+        eprintln!(
+            "dmtool: warning: found an unfinished change ({}): {fate}, since {}",
+            p.intent, p.reason
+        );
+    }
+    if let Some((store, pool)) = report.transaction_id_moved {
+        eprintln!(
+            "dmtool: warning: the pool's transaction id moved from {store} to {pool} outside \
+             dmtool"
+        );
+    }
+    for v in &report.dropped {
+        let name = v
+            .name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        eprintln!(
+            "dmtool: warning: thin {}{name} is no longer in the pool; its record was dropped",
+            v.id
+        );
+    }
+    // Orphans persist until deleted, so they are not repeated on every command; `thin ls`
+    // lists them.
+    for id in &report.orphans {
+        tracing::info!(thin_id = %id, "thin has no size record (orphan)");
+    }
+}
+
+/// Opens metadata for the offline tools, read-only. A directory means `DIR/metadata`. With
+/// `exclusive`, the pool's ownership lock is taken (and returned, to hold) so that a pool
+/// some owner is changing is refused rather than misread.
+pub fn open_metadata(
+    path: &std::path::Path,
+    exclusive: bool,
+) -> anyhow::Result<(engine::io::FileDevice, Option<std::fs::File>)> {
+    use engine::io::lock::{lock_exclusive, LockError};
+    use engine::io::{FileDevice, OpenMode};
+
+    let path = if path.is_dir() {
+        path.join("metadata")
+    } else {
+        path.to_path_buf()
+    };
+    let dev = FileDevice::open(&path, OpenMode::ReadOnly)
+        .with_context(|| format!("failed to open metadata {}", path.display()))?;
+    if !exclusive {
+        return Ok((dev, None));
+    }
+    let lock = dev
+        .file()
+        .try_clone()
+        .with_context(|| format!("failed to open metadata {}", path.display()))?;
+    // A duplicated descriptor shares the open file description, and with it the flock.
+    match lock_exclusive(&lock) {
+        Ok(()) => Ok((dev, Some(lock))),
+        Err(LockError::Held(holder)) => anyhow::bail!(
+            "metadata {} is in use by its pool's owner ({holder}); stop the owner first, or \
+             use --metadata-snap",
+            path.display()
+        ),
+        Err(LockError::Io(e)) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("failed to lock metadata {}", path.display())))
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! `pool create` and `pool status`.
+
+use std::fs;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use engine::store::Volumes;
+use engine::units::{format_size, METADATA_BLOCK_SIZE};
+use engine::{DataBlockSize, NewPool, PoolOptions, PoolStatus};
+use serde::Serialize;
+
+use super::{commit, open_volumes, Access};
+use crate::cli::{parse_block_size, parse_bytes, PoolLocation};
+use crate::output;
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Size of a new data file (an existing device keeps its own size)
+    #[arg(long, value_name = "SIZE", default_value = "100G", value_parser = parse_bytes)]
+    pub data_size: u64,
+
+    /// Size of a new metadata file (an existing device keeps its own size)
+    #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = parse_bytes)]
+    pub metadata_size: u64,
+
+    /// Data block size: the unit of allocation and copy-on-write (64k to 1G)
+    #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = parse_block_size)]
+    pub block_size: DataBlockSize,
+
+    /// Do not zero the rest of a newly provisioned block (the kernel's skip_block_zeroing)
+    #[arg(long)]
+    pub no_zero: bool,
+
+    /// Overwrite an existing pool (its thins are lost)
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Print JSON instead of the status line and table
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
+    let paths = args.loc.paths();
+    if let Some(dir) = &args.loc.pool {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create pool directory {}", dir.display()))?;
+    }
+    let new = NewPool {
+        overwrite: args.force,
+        ..NewPool::new(args.data_size, args.metadata_size, args.block_size)
+    };
+    let options = PoolOptions {
+        zero_new_blocks: !args.no_zero,
+        ..PoolOptions::default()
+    };
+    let volumes = Volumes::create(&paths, &args.loc.store_path(), new, options)
+        .with_context(|| format!("failed to create pool {}", args.loc.name()))?;
+    let status = volumes.pool().status();
+    tracing::info!(
+        data_blocks = status.total_data_blocks,
+        metadata_blocks = status.total_metadata_blocks,
+        "pool created"
+    );
+    commit(&volumes, &args.loc)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Bytes used, total and available in one of the pool's two spaces.
+#[derive(Serialize)]
+struct Space {
+    used_bytes: u64,
+    total_bytes: u64,
+    available_bytes: u64,
+}
+
+impl Space {
+    fn new(used_blocks: u64, total_blocks: u64, block_bytes: u64) -> Space {
+        Space {
+            used_bytes: used_blocks * block_bytes,
+            total_bytes: total_blocks * block_bytes,
+            available_bytes: total_blocks.saturating_sub(used_blocks) * block_bytes,
+        }
+    }
+}
+
+/// What `pool status --json` prints.
+#[derive(Serialize)]
+struct StatusReport {
+    kernel_line: String,
+    status: PoolStatus,
+    data_space: Space,
+    metadata_space: Space,
+    thin_count: usize,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let volumes = open_volumes(&args.loc, Access::Look)?;
+    let pool = volumes.pool();
+    let status = pool.status();
+    let data_block = u64::from(status.data_block_sectors) * 512;
+    let report = StatusReport {
+        kernel_line: status.kernel_line(),
+        data_space: Space::new(
+            status.used_data_blocks,
+            status.total_data_blocks,
+            data_block,
+        ),
+        metadata_space: Space::new(
+            status.used_metadata_blocks,
+            status.total_metadata_blocks,
+            METADATA_BLOCK_SIZE,
+        ),
+        thin_count: pool.thin_ids().len(),
+        status,
+    };
+    if args.json {
+        output::json(&report)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}", report.kernel_line);
+    let row = |label: &str, bytes: u64| vec![label.to_string(), format_size(bytes)];
+    let rows = vec![
+        row("Data Space Used:", report.data_space.used_bytes),
+        row("Data Space Total:", report.data_space.total_bytes),
+        row("Data Space Available:", report.data_space.available_bytes),
+        row("Metadata Space Used:", report.metadata_space.used_bytes),
+        row("Metadata Space Total:", report.metadata_space.total_bytes),
+        row(
+            "Metadata Space Available:",
+            report.metadata_space.available_bytes,
+        ),
+        vec!["Data Block Size:".into(), format_size(data_block)],
+        vec!["Thin Devices:".into(), report.thin_count.to_string()],
+        vec!["Mode:".into(), report.status.mode.clone()],
+        vec!["Needs Check:".into(), report.status.needs_check.to_string()],
+    ];
+    output::table(&["", ""], &[], &rows[..])?;
+    Ok(ExitCode::SUCCESS)
+}

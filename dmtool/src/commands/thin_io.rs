@@ -1,0 +1,176 @@
+//! `thin write` and `thin read`: stream bytes into and out of a thin, 1 MiB at a time,
+//! never past the thin's size (from the volume store).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use engine::units::format_size;
+use engine::ThinId;
+
+use super::{commit, open_volumes, Access};
+use crate::cli::{parse_bytes, parse_thin_id, PoolLocation};
+
+/// Bytes moved per read or write.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, clap::Args)]
+pub struct WriteArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Thin id
+    #[arg(value_parser = parse_thin_id)]
+    pub id: ThinId,
+
+    /// Byte offset in the thin to start at (k, M, G, T suffixes)
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
+    pub offset: u64,
+
+    /// Read from FILE instead of stdin
+    #[arg(short, long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Thin id
+    #[arg(value_parser = parse_thin_id)]
+    pub id: ThinId,
+
+    /// Byte offset in the thin to start at (k, M, G, T suffixes)
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
+    pub offset: u64,
+
+    /// Bytes to read [default: up to the end of the thin]
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub length: Option<u64>,
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn fill(input: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+pub fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
+    let (mut input, input_name, input_len): (Box<dyn Read>, String, Option<u64>) = match &args.input
+    {
+        Some(path) => {
+            let file = File::open(path)
+                .with_context(|| format!("failed to open input {}", path.display()))?;
+            let len = file
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            (Box::new(file), path.display().to_string(), len)
+        }
+        None => (Box::new(io::stdin().lock()), "stdin".into(), None),
+    };
+    let volumes = open_volumes(&args.loc, Access::Change)?;
+    let what = format!("thin {} in pool {}", args.id, args.loc.name());
+    let size = volumes
+        .size_of(args.id)
+        .with_context(|| format!("failed to write {what}"))?;
+    let room = size.checked_sub(args.offset).with_context(|| {
+        format!(
+            "offset {} is past the end of {what} ({})",
+            args.offset,
+            format_size(size)
+        )
+    })?;
+    if let Some(len) = input_len.filter(|&len| len > room) {
+        bail!(
+            "{input_name} ({len} bytes) does not fit in {what} ({}) from offset {}",
+            format_size(size),
+            args.offset
+        );
+    }
+    let thin = volumes
+        .pool()
+        .open_thin(args.id)
+        .with_context(|| format!("failed to open {what}"))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = args.offset;
+    loop {
+        let n =
+            fill(&mut input, &mut buf).with_context(|| format!("failed to read {input_name}"))?;
+        if n == 0 {
+            break;
+        }
+        if n as u64 > size - pos {
+            // What came before stays written (and is committed below, on drop).
+            bail!(
+                "{input_name} does not fit in {what} ({}) from offset {}: stopped at byte {pos} \
+                 after writing {} bytes",
+                format_size(size),
+                args.offset,
+                pos - args.offset
+            );
+        }
+        thin.write(&buf[..n], pos)
+            .with_context(|| format!("failed to write {what} at byte {pos}"))?;
+        pos += n as u64;
+    }
+    thin.flush()
+        .with_context(|| format!("failed to flush {what}"))?;
+    drop(thin);
+    commit(&volumes, &args.loc)?;
+    tracing::info!(bytes = pos - args.offset, thin_id = %args.id, "written");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
+    let volumes = open_volumes(&args.loc, Access::Look)?;
+    let what = format!("thin {} in pool {}", args.id, args.loc.name());
+    let size = volumes
+        .size_of(args.id)
+        .with_context(|| format!("failed to read {what}"))?;
+    let room = size.checked_sub(args.offset).with_context(|| {
+        format!(
+            "offset {} is past the end of {what} ({})",
+            args.offset,
+            format_size(size)
+        )
+    })?;
+    let length = args.length.unwrap_or(room);
+    if length > room {
+        bail!(
+            "{length} bytes from offset {} go past the end of {what} ({})",
+            args.offset,
+            format_size(size)
+        );
+    }
+    let thin = volumes
+        .pool()
+        .open_thin(args.id)
+        .with_context(|| format!("failed to open {what}"))?;
+    let mut out = io::stdout().lock();
+    let mut buf = vec![0u8; CHUNK];
+    let end = args.offset + length;
+    let mut pos = args.offset;
+    while pos < end {
+        let n = CHUNK.min((end - pos) as usize);
+        thin.read(&mut buf[..n], pos)
+            .with_context(|| format!("failed to read {what} at byte {pos}"))?;
+        out.write_all(&buf[..n])
+            .context("failed to write to stdout")?;
+        pos += n as u64;
+    }
+    out.flush().context("failed to write to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything the build and the tests need on a fresh Debian 12 machine (as root).
+# Idempotent: a second run installs nothing and downloads nothing.
+#
+#   thin-provisioning-tools  the real thin_check/thin_dump/thin_restore our metadata is tested against
+#   fio                      IO workloads (benchmarks)
+#   qemu-system-x86, busybox-static, cpio, dmsetup
+#                            a real Linux kernel with dm-thin under qemu (fixtures/kernel/)
+#
+# qemu-utils is deliberately not named: it comes preinstalled from backports and apt refuses
+# to touch it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup)
+missing=()
+for p in "${packages[@]}"; do
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found (install Rust with rustup)" >&2; exit 1; }
+
+# The kernel used by the root_kernel_* tests: downloaded once into /var/cache/thinbox-kernel.
+bash fixtures/kernel/prepare.sh
+echo "setup: ready" >&2
