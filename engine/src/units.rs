@@ -115,12 +115,12 @@ impl DataBlockSize {
 
     pub fn from_sectors(sectors: u32) -> Option<DataBlockSize> {
         let ok = (MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&sectors)
-            && sectors % MIN_DATA_BLOCK_SECTORS == 0;
+            && sectors.is_multiple_of(MIN_DATA_BLOCK_SECTORS);
         ok.then_some(DataBlockSize(sectors))
     }
 
     pub fn from_bytes(bytes: u64) -> Option<DataBlockSize> {
-        if bytes % SECTOR_SIZE != 0 {
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         u32::try_from(bytes / SECTOR_SIZE)

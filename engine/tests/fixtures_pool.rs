@@ -122,7 +122,7 @@ fn the_kernels_thins_read_back_with_the_kernels_checksums() {
     let pool = pool.unwrap();
     let txt = std::fs::read_to_string(fixtures::thin::dir().join("kernel-scenario.txt")).unwrap();
     let shas = fixtures::kernel::parse_sha_lines(&txt).unwrap();
-    let mut read_sha = |id: u64| {
+    let read_sha = |id: u64| {
         let thin = pool.open_thin(ThinId::new(id).unwrap()).unwrap();
         let mut all = vec![0u8; KERNEL_THIN_BYTES as usize];
         thin.read(&mut all, 0).unwrap();

@@ -255,11 +255,11 @@ fn run(seed: u64, steps: usize) {
             0..=4 => {
                 let id = rng.gen_range(0..40);
                 let r = h.pool().create_thin(ThinId::new(id).unwrap());
-                if h.model.contains_key(&id) {
-                    assert!(matches!(r, Err(Error::ThinExists(_))));
-                } else {
+                if let std::collections::btree_map::Entry::Vacant(e) = h.model.entry(id) {
                     r.unwrap();
-                    h.model.insert(id, ThinModel::default());
+                    e.insert(ThinModel::default());
+                } else {
+                    assert!(matches!(r, Err(Error::ThinExists(_))));
                 }
             }
             5..=9 if !ids.is_empty() => {

@@ -12,6 +12,7 @@
 //! 2. flush;
 //! 3. write the superblock;
 //! 4. flush.
+//!
 //! Until step 4 returns, the previous superblock and everything it reaches are intact.
 
 use std::collections::HashMap;

@@ -44,7 +44,7 @@ pub fn validate_header(b: &Block) -> Result<(), Damage> {
     if value_size == 0
         || value_size > 1024
         || max == 0
-        || max % 3 != 0
+        || !max.is_multiple_of(3)
         || max != max_entries(value_size)
     {
         return Err(Damage::BadMaxEntries(max));

@@ -23,6 +23,7 @@ fn new_tm(blocks: u64) -> TransactionManager {
     TransactionManager::new(dev, meta, SpaceMap::new(1 << 20))
 }
 
+#[allow(clippy::too_many_arguments)] // a recursive walk's state, kept explicit
 /// Walks a tree checking the format rules; adds one to `counts` for each node reference.
 fn validate(
     tm: &mut TransactionManager,

@@ -298,9 +298,9 @@ pub fn persist_metadata(tm: &mut TransactionManager, loc: &mut SmLocations) -> R
     let mut moved = vec![false; tm.meta_sm.nr_bitmaps()];
     loop {
         let mut changed = false;
-        for i in 0..tm.meta_sm.nr_bitmaps() {
+        for (i, moved) in moved.iter_mut().enumerate() {
             let is_new = i >= loc.bitmaps.len();
-            if moved[i] || !(is_new || tm.meta_sm.bitmap_dirty(i)) {
+            if *moved || !(is_new || tm.meta_sm.bitmap_dirty(i)) {
                 continue;
             }
             let new = tm.new_block(BlockKind::Bitmap)?;
@@ -310,7 +310,7 @@ pub fn persist_metadata(tm: &mut TransactionManager, loc: &mut SmLocations) -> R
                 tm.dec(loc.bitmaps[i])?;
                 loc.bitmaps[i] = new;
             }
-            moved[i] = true;
+            *moved = true;
             changed = true;
         }
         if !changed {
