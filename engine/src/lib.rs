@@ -28,5 +28,5 @@ pub use store::{Volume, VolumeStore, Volumes};
 pub use thin::device::Thin;
 pub use thin::files::{NewPool, PoolPaths};
 pub use thin::metadata::{BlockTime, DeviceDetails, Superblock};
-pub use thin::pool::{Pool, PoolMode, PoolOptions, PoolStatus};
+pub use thin::pool::{NoSpacePolicy, Pool, PoolEvent, PoolMode, PoolOptions, PoolStatus};
 pub use units::{DataBlockSize, ThinId};

@@ -10,12 +10,13 @@
 //!   provisioned (reads of a discarded range return zeros either way).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::RwLockReadGuard;
 
 use crate::error::{Error, Result};
 use crate::thin::metadata::BlockTime;
-use crate::thin::pool::{Pool, PoolMode, ThinGate};
+use crate::thin::pool::{NoSpacePolicy, Pool, PoolMode, ThinGate};
 use crate::units::ThinId;
 
 /// An open thin device. Dropping it closes it.
@@ -212,27 +213,43 @@ impl Thin {
     /// gate, which the caller holds until the block is mapped.
     fn alloc_data_block(&self) -> Result<(RwLockReadGuard<'_, ()>, u64, u32)> {
         let pool = &*self.pool;
-        for attempt in 0..2 {
+        let deadline = match pool.options().no_space {
+            NoSpacePolicy::Error => None,
+            NoSpacePolicy::Queue { timeout } => Some(Instant::now() + timeout),
+        };
+        let mut committed_for_space = false;
+        loop {
             let gate = pool.provisioning().read();
             let mut md = pool.metadata();
             // Checked before allocating: running out commits, and must not record a block
             // allocated but unmapped.
             pool.check_metadata_space(&mut md)?;
             if let Some(b) = md.alloc_data_block() {
-                let time = md.time();
+                let (time, free) = (md.time(), md.free_data_blocks());
+                drop(md);
+                pool.after_alloc(free);
                 return Ok((gate, b, time));
             }
-            if md.free_data_blocks() == 0 || attempt == 1 {
-                break;
-            }
-            // Every free block was freed in the running transaction, and may only be reused
-            // once it commits: commit, as the kernel does, and try again.
+            let freed_in_transaction = md.free_data_blocks() > 0;
             drop(md);
             drop(gate);
-            pool.commit()?;
+            if freed_in_transaction && !committed_for_space {
+                // Every free block was freed in the running transaction, and may only be
+                // reused once it commits: commit, as the kernel does, and try again.
+                committed_for_space = true;
+                pool.commit()?;
+                continue;
+            }
+            pool.set_mode(PoolMode::OutOfDataSpace);
+            match deadline {
+                // queue_if_no_space: wait for the pool to grow or blocks to be freed.
+                Some(deadline) if pool.wait_for_space(deadline) => {
+                    committed_for_space = false;
+                    pool.check_writable()?;
+                }
+                _ => return Err(Error::NoDataSpace),
+            }
         }
-        pool.set_mode(PoolMode::OutOfDataSpace);
-        Err(Error::NoDataSpace)
     }
 
     /// Discards `len` bytes at `offset`: whole blocks are unmapped (and freed when nobody

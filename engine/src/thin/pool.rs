@@ -31,6 +31,11 @@ pub struct PoolOptions {
     pub discard_passdown: bool,
     /// Open without making any change (status, reads, dump).
     pub read_only: bool,
+    /// What a write that needs a new block does when the data device is full.
+    pub no_space: NoSpacePolicy,
+    /// Free data blocks at or below which a [`PoolEvent::LowWater`] is raised (once per
+    /// crossing, like the kernel's dm event); 0 for none.
+    pub low_water_blocks: u64,
 }
 
 impl Default for PoolOptions {
@@ -39,8 +44,38 @@ impl Default for PoolOptions {
             zero_new_blocks: true,
             discard_passdown: true,
             read_only: false,
+            no_space: NoSpacePolicy::Error,
+            low_water_blocks: 0,
         }
     }
+}
+
+/// The kernel's `error_if_no_space` and `queue_if_no_space`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoSpacePolicy {
+    /// Fail the write at once (ENOSPC). The default.
+    Error,
+    /// Hold the write until space appears (the pool grows, blocks are freed), failing it
+    /// after `timeout` (the kernel's default is 60 s).
+    Queue { timeout: std::time::Duration },
+}
+
+impl NoSpacePolicy {
+    pub const DEFAULT_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+}
+
+/// What a pool tells its subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// Free data blocks fell to the low-water mark.
+    LowWater {
+        free_blocks: u64,
+        low_water_blocks: u64,
+    },
+    /// A write found no free data block.
+    OutOfDataSpace,
+    /// The pool turned read-only.
+    ReadOnly { reason: String },
 }
 
 /// The pool's operating mode, as the kernel reports it.
@@ -121,6 +156,12 @@ pub(crate) struct ThinGate {
 }
 
 pub struct Pool {
+    /// Woken whenever free data space may have appeared (resize, frees, commit).
+    space: parking_lot::Condvar,
+    space_lock: Mutex<()>,
+    subscribers: Mutex<Vec<std::sync::mpsc::Sender<PoolEvent>>>,
+    /// Whether free space is at or below the low-water mark (raised once per crossing).
+    below_low_water: std::sync::atomic::AtomicBool,
     md: Mutex<Metadata>,
     meta_dev: Arc<dyn BlockDevice>,
     data_dev: Arc<dyn BlockDevice>,
@@ -199,6 +240,10 @@ impl Pool {
                 mode
             };
         Arc::new(Pool {
+            space: parking_lot::Condvar::new(),
+            space_lock: Mutex::new(()),
+            subscribers: Mutex::new(Vec::new()),
+            below_low_water: std::sync::atomic::AtomicBool::new(false),
             md: Mutex::new(md),
             meta_dev,
             data_dev,
@@ -267,7 +312,18 @@ impl Pool {
                     tracing::warn!(reason = %why, "pool switched to read-only")
                 }
             }
+            let event = match &mode {
+                PoolMode::ReadWrite => None,
+                PoolMode::OutOfDataSpace => Some(PoolEvent::OutOfDataSpace),
+                PoolMode::ReadOnly(why) => Some(PoolEvent::ReadOnly {
+                    reason: why.clone(),
+                }),
+            };
             *m = mode;
+            drop(m);
+            if let Some(event) = event {
+                self.emit(event);
+            }
         }
     }
 
@@ -292,10 +348,16 @@ impl Pool {
             if let Err(e) = md.persist_needs_check() {
                 tracing::error!(error = %e, "could not set needs_check");
             }
-            let mut m = self.mode.lock();
             tracing::warn!(reason = why, error = %err, "pool switched to read-only");
-            *m = PoolMode::ReadOnly(format!("{why}: {err}"));
+            self.enter_read_only(format!("{why}: {err}"));
         }
+    }
+
+    /// Latches read-only mode (it never goes back while the pool is open) and tells
+    /// subscribers.
+    fn enter_read_only(&self, reason: String) {
+        *self.mode.lock() = PoolMode::ReadOnly(reason.clone());
+        self.emit(PoolEvent::ReadOnly { reason });
     }
 
     /// Metadata blocks kept back, as the kernel does (a tenth of the device, at most 16 MiB):
@@ -321,9 +383,8 @@ impl Pool {
         if let Err(e) = &committed {
             self.metadata_failed(md, e);
         }
-        let mut m = self.mode.lock();
         tracing::warn!("out of metadata space: pool switched to read-only, needs_check set");
-        *m = PoolMode::ReadOnly("out of metadata space".into());
+        self.enter_read_only("out of metadata space".into());
         Err(Error::NoMetadataSpace)
     }
 
@@ -406,7 +467,10 @@ impl Pool {
         let _gate = self.provisioning.write();
         self.data_dev.sync().map_err(|e| self.data_io_error(0, e))?;
         self.with_metadata(|md| md.commit())?;
-        self.pass_down_discards()
+        self.pass_down_discards()?;
+        // Blocks freed by the transaction are allocatable now: wake queued writers.
+        self.after_free();
+        Ok(())
     }
 
     /// Gives freed blocks back to the data device. Called with the provisioning gate held
@@ -444,13 +508,60 @@ impl Pool {
 
     /// Blocks were freed: an out-of-space pool may have room again.
     pub(crate) fn after_free(&self) {
-        if self.mode() == PoolMode::OutOfDataSpace {
-            let md = self.md.lock();
-            if md.free_data_blocks() > 0 {
-                drop(md);
-                self.set_mode(PoolMode::ReadWrite);
-            }
+        let free = self.md.lock().free_data_blocks();
+        if free > 0 && self.mode() == PoolMode::OutOfDataSpace {
+            self.set_mode(PoolMode::ReadWrite);
         }
+        if free > self.options.low_water_blocks {
+            self.below_low_water
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        let _guard = self.space_lock.lock();
+        self.space.notify_all();
+    }
+
+    /// Called after each data block allocation with the free count left.
+    pub(crate) fn after_alloc(&self, free: u64) {
+        let lwm = self.options.low_water_blocks;
+        if lwm > 0
+            && free <= lwm
+            && !self
+                .below_low_water
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                free_blocks = free,
+                low_water_blocks = lwm,
+                "data space below the low-water mark"
+            );
+            self.emit(PoolEvent::LowWater {
+                free_blocks: free,
+                low_water_blocks: lwm,
+            });
+        }
+    }
+
+    /// Waits (queue_if_no_space) until free data space may have appeared or `deadline`
+    /// passes; returns false on timeout.
+    pub(crate) fn wait_for_space(&self, deadline: std::time::Instant) -> bool {
+        let mut guard = self.space_lock.lock();
+        if self.md.lock().free_data_blocks() > 0 {
+            return true;
+        }
+        !self.space.wait_until(&mut guard, deadline).timed_out()
+    }
+
+    /// Events (low-water crossings, out of space, read-only) from now on.
+    pub fn subscribe(&self) -> std::sync::mpsc::Receiver<PoolEvent> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.subscribers.lock().push(tx);
+        rx
+    }
+
+    pub(crate) fn emit(&self, event: PoolEvent) {
+        self.subscribers
+            .lock()
+            .retain(|tx| tx.send(event.clone()).is_ok());
     }
 
     pub(crate) fn data_io_error(&self, offset: u64, source: std::io::Error) -> Error {
@@ -570,7 +681,7 @@ impl Pool {
             held_root: (sb.held_root != 0).then_some(sb.held_root),
             mode: mode.to_string(),
             discard_passdown: self.options.discard_passdown,
-            error_if_no_space: true,
+            error_if_no_space: self.options.no_space == NoSpacePolicy::Error,
             needs_check: sb.needs_check(),
             metadata_low_watermark: (total_meta / 4).min(1024),
             data_block_sectors: self.block_size.sectors(),
