@@ -12,3 +12,5 @@ cargo build --workspace --all-targets
 cargo test --workspace -- --skip root_
 # Privileged tests (named root_*): real kernels, mounts, loop devices; one at a time.
 cargo test --workspace -- --test-threads=1 root_
+# Fuzz targets (superblock and node decoders, whole damaged metadata images), briefly.
+bash scripts/fuzz.sh

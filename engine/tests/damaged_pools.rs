@@ -81,3 +81,19 @@ fn two_devs_every_header_and_sampled_bytes() {
 fn kernel_scenario_sampled_bytes() {
     sweep("kernel-scenario", 37);
 }
+
+/// Found by the `metadata` fuzz target: a data space map root claiming 2^64 blocks made the
+/// open allocate for all of them.
+#[test]
+fn an_absurd_data_space_map_size_is_an_error_not_an_allocation() {
+    let mut image = fixtures::thin::metadata_image("two-devs");
+    let sb: &mut [u8; 4096] = (&mut image[..4096]).try_into().unwrap();
+    sb[64..72].copy_from_slice(&u64::MAX.to_le_bytes());
+    block::seal(sb, 0, BlockKind::Superblock);
+    let meta: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(&image));
+    let data: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let err = Pool::open(meta, data, PoolOptions::default())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, engine::Error::Corrupt { .. }), "{err}");
+}

@@ -193,7 +193,15 @@ pub fn load_metadata(
 
 /// Reads the data space map.
 pub fn load_data(tm: &mut TransactionManager, root: &SmRoot) -> Result<(SpaceMap, SmLocations)> {
+    // Every data bitmap is a metadata block, and data block numbers have 40 bits: a root
+    // claiming more is damaged (and must not make us allocate for it).
     let n = nr_bitmaps(root.nr_blocks);
+    if root.nr_blocks > crate::units::MAX_DATA_BLOCKS || n as u64 > tm.meta_sm.nr_blocks() {
+        return Err(Error::corrupt(
+            0,
+            Damage::SpaceMap(format!("data space map claims {} blocks", root.nr_blocks)),
+        ));
+    }
     let mut entries = Vec::with_capacity(n);
     btree::for_each(tm, root.bitmap_root, INDEX_TREE, &mut |k, v| {
         if k != entries.len() as u64 {
