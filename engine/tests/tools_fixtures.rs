@@ -910,3 +910,39 @@ fn sampled_byte_changes_in_shared_trees_are_survived() {
     // fifth byte keeps the run short and still hits every 8-byte key, value and root.
     sweep("metadata-snap", 5, None);
 }
+
+#[test]
+fn too_many_entries_is_reported() {
+    // Leaf 10 of kernel-snap-base holds 8-byte values (max 252): claim 253.
+    let mut image = Image::new("kernel-snap-base");
+    image.put_u32(10, 16, 253);
+    image.reseal(10, BlockKind::Node);
+    assert_error(&image.check(), 10, |d| {
+        matches!(d, Damage::TooManyEntries { nr: 253, max: 252 })
+    });
+    assert!(image.dump().is_err());
+}
+
+#[test]
+fn a_bad_held_root_is_reported() {
+    // metadata-snap holds its snapshot at block 17: point the superblock at a b-tree node.
+    let mut image = Image::new("metadata-snap");
+    assert_eq!(held_root("metadata-snap"), 17);
+    image.put_u64(0, 56, 10);
+    image.reseal(0, BlockKind::Superblock);
+    let report = image.check();
+    assert!(
+        !report.is_clean(),
+        "a held root at a b-tree node went unnoticed"
+    );
+    assert!(
+        report.errors().any(|f| f.block == Some(10)),
+        "the finding names the bad held root: {}",
+        describe(&report)
+    );
+    // And one past the end of the device.
+    let mut image = Image::new("metadata-snap");
+    image.put_u64(0, 56, 1 << 30);
+    image.reseal(0, BlockKind::Superblock);
+    assert!(!image.check().is_clean());
+}
