@@ -23,9 +23,7 @@ mod tests;
 use crate::block::{Block, BlockKind};
 use crate::error::{Damage, Error, Result};
 use crate::tm::{TransactionManager, ValueRefs};
-use node::{
-    max_entries, min_entries, Node, NodeMut, INTERNAL_NODE, INTERNAL_VALUE_SIZE, LEAF_NODE,
-};
+use node::{min_entries, Node, NodeMut, INTERNAL_NODE, INTERNAL_VALUE_SIZE, LEAF_NODE};
 
 /// No real tree is deeper than this (a 4 KiB-node tree of depth 12 holds more than 2^64 keys).
 pub const MAX_DEPTH: usize = 12;
@@ -441,16 +439,19 @@ fn walk_at(
     Ok(())
 }
 
-/// Entries with keys in `[begin, end)`, in order, at most `limit` of them.
-pub fn range(
+/// Entries with keys in `[begin, end)`, in order, at most `limit` of them, for a tree of
+/// 8-byte values (mapping trees: the read path's hot loop, so no per-value copies).
+pub fn range_u64(
     tm: &mut TransactionManager,
     root: u64,
     begin: u64,
     end: u64,
     limit: usize,
     tt: TreeType,
-) -> Result<Vec<(u64, Value)>> {
-    let mut out = Vec::new();
+) -> Result<Vec<(u64, u64)>> {
+    debug_assert_eq!(tt.value_size, 8);
+    let expected = end.saturating_sub(begin).min(limit as u64).min(1024) as usize;
+    let mut out = Vec::with_capacity(expected);
     range_at(tm, root, begin, end, limit, tt, 0, &mut out)?;
     Ok(out)
 }
@@ -464,7 +465,7 @@ fn range_at(
     limit: usize,
     tt: TreeType,
     depth: usize,
-    out: &mut Vec<(u64, Value)>,
+    out: &mut Vec<(u64, u64)>,
 ) -> Result<()> {
     if depth > MAX_DEPTH {
         return Err(Error::corrupt(location, Damage::TooDeep));
@@ -480,7 +481,7 @@ fn range_at(
             if n.key(i) >= end || out.len() >= limit {
                 break;
             }
-            out.push((n.key(i), Value::new(n.value(i))));
+            out.push((n.key(i), n.value_u64(i)));
         }
         return Ok(());
     }
@@ -492,9 +493,4 @@ fn range_at(
         range_at(tm, n.value_u64(i), begin, end, limit, tt, depth + 1, out)?;
     }
     Ok(())
-}
-
-/// Leaf capacity for a value size (for sizing estimates).
-pub fn leaf_capacity(value_size: u32) -> u32 {
-    max_entries(value_size)
 }

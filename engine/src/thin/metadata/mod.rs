@@ -27,6 +27,11 @@ pub struct Metadata {
     data_loc: SmLocations,
     details: BTreeMap<ThinId, DeviceDetails>,
     dirty_details: BTreeSet<ThinId>,
+    /// The committed details of each device changed in this transaction (`None`: it did not
+    /// exist), to put back on abort: commits then cost the changes, not the number of thins.
+    details_undo: BTreeMap<ThinId, Option<DeviceDetails>>,
+    /// Each device's mapping tree root, as the top-level tree holds it (see `device_root`).
+    roots: std::collections::HashMap<ThinId, u64>,
     /// What the last commit wrote, to return to on abort.
     committed: Committed,
     changed: bool,
@@ -37,7 +42,6 @@ struct Committed {
     sb: Superblock,
     meta_loc: SmLocations,
     data_loc: SmLocations,
-    details: BTreeMap<ThinId, DeviceDetails>,
 }
 
 /// Metadata blocks a device of `bytes` can hold, clamped to what the format can address.
@@ -106,7 +110,6 @@ impl Metadata {
             sb: sb.clone(),
             meta_loc: meta_loc.clone(),
             data_loc: data_loc.clone(),
-            details: BTreeMap::new(),
         };
         let mut md = Metadata {
             tm,
@@ -115,6 +118,8 @@ impl Metadata {
             data_loc,
             details: BTreeMap::new(),
             dirty_details: BTreeSet::new(),
+            details_undo: BTreeMap::new(),
+            roots: Default::default(),
             committed,
             changed: true,
         };
@@ -169,7 +174,6 @@ impl Metadata {
             sb: sb.clone(),
             meta_loc: meta_loc.clone(),
             data_loc: data_loc.clone(),
-            details: details.clone(),
         };
         Ok(Metadata {
             tm,
@@ -178,6 +182,8 @@ impl Metadata {
             data_loc,
             details,
             dirty_details: BTreeSet::new(),
+            details_undo: BTreeMap::new(),
+            roots: Default::default(),
             committed,
             changed: false,
         })
@@ -200,6 +206,14 @@ impl Metadata {
         self.changed
     }
 
+    /// Records a device's committed details before its first change in this transaction.
+    fn remember(&mut self, id: ThinId) {
+        if !self.details_undo.contains_key(&id) {
+            let old = self.details.get(&id).copied();
+            self.details_undo.insert(id, old);
+        }
+    }
+
     pub fn devices(&self) -> impl Iterator<Item = (ThinId, &DeviceDetails)> {
         self.details.iter().map(|(k, v)| (*k, v))
     }
@@ -212,8 +226,13 @@ impl Metadata {
         self.details.contains_key(&id)
     }
 
+    /// The root of a device's mapping tree. Cached: every IO needs it, and it changes only
+    /// through this type (`with_device_tree`, create, snapshot, delete, abort).
     fn device_root(&mut self, id: ThinId) -> Result<u64> {
-        btree::lookup(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?
+        if let Some(&root) = self.roots.get(&id) {
+            return Ok(root);
+        }
+        let root = btree::lookup(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?
             .map(|v| v.as_u64())
             .ok_or_else(|| {
                 Error::corrupt(
@@ -222,7 +241,9 @@ impl Metadata {
                         "device {id} is in the details tree but has no mapping tree"
                     )),
                 )
-            })
+            })?;
+        self.roots.insert(id, root);
+        Ok(root)
     }
 
     // ---- pool messages -------------------------------------------------------------------
@@ -246,6 +267,7 @@ impl Metadata {
             creation_time: self.sb.time,
             snapshotted_time: self.sb.time,
         };
+        self.remember(id);
         self.details.insert(id, d);
         self.dirty_details.insert(id);
         self.changed = true;
@@ -274,6 +296,8 @@ impl Metadata {
         .0;
         self.sb.time += 1;
         let time = self.sb.time;
+        self.remember(id);
+        self.remember(origin);
         self.details.insert(
             id,
             DeviceDetails {
@@ -298,6 +322,7 @@ impl Metadata {
         if !self.exists(id) {
             return Err(Error::NoSuchThin(id));
         }
+        self.roots.remove(&id);
         let (root, old) =
             btree::remove(&mut self.tm, self.sb.data_mapping_root, id.get(), TOP_TREE)?;
         self.sb.data_mapping_root = root;
@@ -311,6 +336,7 @@ impl Metadata {
             DETAILS_TREE,
         )?
         .0;
+        self.remember(id);
         self.details.remove(&id);
         self.dirty_details.remove(&id);
         self.changed = true;
@@ -396,9 +422,9 @@ impl Metadata {
         limit: usize,
     ) -> Result<Vec<(u64, BlockTime)>> {
         let root = self.device_root(id)?;
-        btree::range(&mut self.tm, root, begin, end, limit, MAPPING_TREE)?
+        btree::range_u64(&mut self.tm, root, begin, end, limit, MAPPING_TREE)?
             .into_iter()
-            .map(|(k, v)| Ok((k, self.checked_mapping(root, v.as_u64())?)))
+            .map(|(k, v)| Ok((k, self.checked_mapping(root, v)?)))
             .collect::<Result<Vec<_>>>()
     }
 
@@ -423,6 +449,7 @@ impl Metadata {
         let (new_root, out) = f(&mut self.tm, root)?;
         if new_root != root {
             btree::node::NodeMut::new(self.tm.write(leaf)).set_value_u64(i, new_root);
+            self.roots.insert(id, new_root);
         }
         Ok(out)
     }
@@ -438,7 +465,10 @@ impl Metadata {
             btree::insert(tm, root, v, &value, MAPPING_TREE)
         })?;
         match old {
-            None => self.details.get_mut(&id).expect("exists").mapped_blocks += 1,
+            None => {
+                self.remember(id);
+                self.details.get_mut(&id).expect("exists").mapped_blocks += 1
+            }
             Some(old) => {
                 let old = BlockTime::decode(old.as_u64());
                 if old.block != bt.block {
@@ -460,6 +490,7 @@ impl Metadata {
         let Some(old) = old else { return Ok(None) };
         let old = BlockTime::decode(old.as_u64());
         let count = self.tm.data_dec(old.block)?;
+        self.remember(id);
         let d = self.details.get_mut(&id).expect("exists");
         d.mapped_blocks = d.mapped_blocks.saturating_sub(1);
         self.dirty_details.insert(id);
@@ -587,8 +618,8 @@ impl Metadata {
             sb: self.sb.clone(),
             meta_loc: self.meta_loc.clone(),
             data_loc: self.data_loc.clone(),
-            details: self.details.clone(),
         };
+        self.details_undo.clear();
         self.changed = false;
         Ok(())
     }
@@ -599,19 +630,24 @@ impl Metadata {
         self.sb = self.committed.sb.clone();
         self.meta_loc = self.committed.meta_loc.clone();
         self.data_loc = self.committed.data_loc.clone();
-        self.details = self.committed.details.clone();
+        for (id, old) in std::mem::take(&mut self.details_undo) {
+            match old {
+                Some(d) => self.details.insert(id, d),
+                None => self.details.remove(&id),
+            };
+        }
         self.dirty_details.clear();
+        self.roots.clear();
         self.changed = false;
     }
 
-    /// Sets NEEDS_CHECK in the committed superblock, touching nothing else on disk.
+    /// Sets NEEDS_CHECK in the committed superblock, touching nothing else on disk. The flag
+    /// is set in memory first, so the pool reports it even when the write fails (as the
+    /// kernel's `dm_pool_metadata_set_needs_check` does).
     pub fn persist_needs_check(&mut self) -> Result<()> {
-        let mut sb = self.committed.sb.clone();
-        sb.flags |= superblock::FLAG_NEEDS_CHECK;
-        let mut b = sb.encode();
-        self.tm.write_superblock_only(&mut b)?;
-        self.committed.sb.flags = sb.flags;
+        self.committed.sb.flags |= superblock::FLAG_NEEDS_CHECK;
         self.sb.flags |= superblock::FLAG_NEEDS_CHECK;
-        Ok(())
+        let mut b = self.committed.sb.encode();
+        self.tm.write_superblock_only(&mut b)
     }
 }
