@@ -35,7 +35,12 @@ fn exercise(image: &[u8], data_bytes: u64) {
     let _ = pool.release_metadata_snap();
 }
 
+/// `DAMAGE_STEP=1` sweeps every byte (slow; the default samples).
 fn sweep(name: &str, step: usize) {
+    let step = std::env::var("DAMAGE_STEP")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(step);
     let image = fixtures::thin::metadata_image(name);
     let expect = fixtures::thin::expect(name);
     let data_bytes = expect["data_sm_root"]["nr_blocks"].as_u64().unwrap() * 65536;

@@ -107,7 +107,11 @@ fn the_low_water_mark_raises_one_event_per_crossing() {
         events.try_recv().is_err(),
         "11 free blocks are above the mark"
     );
-    thin.write(&vec![1u8; 5 * BS as usize], 29 * BS).unwrap();
+    // One block at a time, so the event reports exactly where the mark was crossed (a
+    // multi-block write reports what is left after it).
+    for v in 29..34 {
+        thin.write(&[1u8; 100], v * BS).unwrap();
+    }
     let got: Vec<PoolEvent> = events.try_iter().collect();
     assert_eq!(
         got,
@@ -119,7 +123,9 @@ fn the_low_water_mark_raises_one_event_per_crossing() {
     // Back above the mark (blocks freed and committed), then below again: a second event.
     thin.discard(0, 20 * BS).unwrap();
     pool.commit().unwrap();
-    thin.write(&vec![1u8; 16 * BS as usize], 100 * BS).unwrap();
+    for v in 100..116 {
+        thin.write(&[1u8; 100], v * BS).unwrap();
+    }
     let got: Vec<PoolEvent> = events.try_iter().collect();
     assert_eq!(
         got,

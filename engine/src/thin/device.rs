@@ -56,6 +56,49 @@ fn pieces(offset: u64, len: usize, block_size: u64) -> impl Iterator<Item = Piec
     })
 }
 
+/// Blocks written under one set of stripe locks: 16 MiB of 64 KiB blocks.
+const WRITE_BATCH_BLOCKS: usize = 256;
+
+thread_local! {
+    /// A block-sized buffer for copies and zero-fills, reused instead of allocated per write.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Gathers pieces that are contiguous both on the data device and in the caller's buffer, so
+/// each run is one read or write.
+#[derive(Default)]
+struct Runs {
+    /// (device offset, buffer offset, length)
+    current: Option<(u64, usize, usize)>,
+}
+
+impl Runs {
+    fn push(
+        &mut self,
+        dev_off: u64,
+        at: usize,
+        len: usize,
+        io: impl FnMut(u64, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        if let Some((start, run_at, run_len)) = &mut self.current {
+            if *start + *run_len as u64 == dev_off && *run_at + *run_len == at {
+                *run_len += len;
+                return Ok(());
+            }
+        }
+        self.flush(io)?;
+        self.current = Some((dev_off, at, len));
+        Ok(())
+    }
+
+    fn flush(&mut self, mut io: impl FnMut(u64, usize, usize) -> Result<()>) -> Result<()> {
+        match self.current.take() {
+            Some((dev_off, at, len)) => io(dev_off, at, len),
+            None => Ok(()),
+        }
+    }
+}
+
 fn check_span(offset: u64, len: usize) -> Result<()> {
     offset.checked_add(len as u64).map(|_| ()).ok_or_else(|| {
         Error::InvalidArgument(format!("range of {len} bytes at {offset} overflows"))
@@ -82,53 +125,73 @@ impl Thin {
         let bs = self.pool.block_size().bytes();
         let first = offset / bs;
         let last = (offset + buf.len() as u64).div_ceil(bs);
-        // Hold every block of the request against discard-and-reuse while reading it.
-        let mut guards = Vec::with_capacity((last - first) as usize);
-        for v in first..last {
-            guards.push(self.pool.stripe(self.id, v).read_recursive());
+        if last - first <= 1 {
+            return self.read_one(buf, offset);
         }
-        let mappings = {
-            let mut md = self.pool.metadata();
-            md.lookup_range(self.id, first, last, usize::MAX)
-                .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
-        };
+        // Hold every block of the request against discard-and-reuse while reading it.
+        let stripes = self.pool.stripes_for(self.id, first..last);
+        let _guards: Vec<_> = stripes.iter().map(|s| s.read()).collect();
+        let mappings = self.lookup_range(first, last)?;
         let mut next = mappings.iter().peekable();
         // Merge runs of blocks that are consecutive on the data device into one read.
-        let mut run: Option<(u64, usize, usize)> = None; // (data offset, buf start, len)
-        let data = self.pool.data_dev();
-        let flush = |run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]| -> Result<()> {
-            if let Some((dev_off, at, len)) = run.take() {
-                data.read_at(&mut buf[at..at + len], dev_off)
-                    .map_err(|e| self.pool.data_io_error(dev_off, e))?;
-            }
-            Ok(())
-        };
+        let mut runs = Runs::default();
         for p in pieces(offset, buf.len(), bs) {
             while next.peek().is_some_and(|(v, _)| *v < p.vblock) {
                 next.next();
             }
             match next.peek() {
-                Some((v, bt)) if *v == p.vblock => {
-                    let dev_off = bt.block * bs + p.within as u64;
-                    match &mut run {
-                        Some((start, at, len))
-                            if *start + *len as u64 == dev_off && *at + *len == p.at =>
-                        {
-                            *len += p.len
-                        }
-                        _ => {
-                            flush(&mut run, buf)?;
-                            run = Some((dev_off, p.at, p.len));
-                        }
-                    }
-                }
+                Some((v, bt)) if *v == p.vblock => runs.push(
+                    bt.block * bs + p.within as u64,
+                    p.at,
+                    p.len,
+                    |off, at, len| self.read_data(&mut buf[at..at + len], off),
+                )?,
                 _ => {
-                    flush(&mut run, buf)?;
+                    runs.flush(|off, at, len| self.read_data(&mut buf[at..at + len], off))?;
                     buf[p.at..p.at + p.len].fill(0);
                 }
             }
         }
-        flush(&mut run, buf)
+        runs.flush(|off, at, len| self.read_data(&mut buf[at..at + len], off))
+    }
+
+    /// A read within one block: one lookup, no allocation (the common 4 KiB case).
+    fn read_one(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let bs = self.pool.block_size().bytes();
+        let vblock = offset / bs;
+        let _stripe = self.pool.stripe(self.id, vblock).read();
+        let mapping = {
+            let mut md = self.pool.metadata();
+            md.lookup(self.id, vblock)
+                .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
+        };
+        match mapping {
+            Some(bt) => self.read_data(buf, bt.block * bs + offset % bs),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.pool
+            .data_dev()
+            .read_at(buf, offset)
+            .map_err(|e| self.pool.data_io_error(offset, e))
+    }
+
+    fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.pool
+            .data_dev()
+            .write_at(buf, offset)
+            .map_err(|e| self.pool.data_io_error(offset, e))
+    }
+
+    fn lookup_range(&self, first: u64, last: u64) -> Result<Vec<(u64, BlockTime)>> {
+        let mut md = self.pool.metadata();
+        md.lookup_range(self.id, first, last, usize::MAX)
+            .inspect_err(|e| self.pool.metadata_failed(&mut md, e))
     }
 
     /// Writes `buf` at `offset`, provisioning and copying blocks as needed.
@@ -137,81 +200,129 @@ impl Thin {
         self.pool.check_writable()?;
         let _io = self.gate.io.read_recursive();
         let bs = self.pool.block_size().bytes();
-        for p in pieces(offset, buf.len(), bs) {
-            self.write_block(p.vblock, p.within, &buf[p.at..p.at + p.len])?;
+        let all: Vec<Piece> = pieces(offset, buf.len(), bs).collect();
+        // Batches bound the stripes held and the blocks allocated at once.
+        for batch in all.chunks(WRITE_BATCH_BLOCKS) {
+            self.write_batch(buf, batch)?;
         }
         Ok(())
     }
 
-    fn write_block(&self, vblock: u64, within: usize, data: &[u8]) -> Result<()> {
+    /// Writes the pieces of one batch (consecutive blocks): blocks this thin owns are written
+    /// in place, the others are provisioned together (allocated, filled, then mapped), and
+    /// neighbouring blocks that are neighbours on the data device go out in one write.
+    fn write_batch(&self, buf: &[u8], batch: &[Piece]) -> Result<()> {
         let pool = &*self.pool;
         let bs = pool.block_size().bytes();
-        let _stripe = pool.stripe(self.id, vblock).write();
-        let (mapping, snapshotted_time) = {
+        let (first, last) = (batch[0].vblock, batch[batch.len() - 1].vblock + 1);
+        let stripes = pool.stripes_for(self.id, first..last);
+        let _guards: Vec<_> = stripes.iter().map(|s| s.write()).collect();
+        let (mappings, snapshotted_time) = {
             let mut md = pool.metadata();
             let snap_time = md.device(self.id)?.snapshotted_time;
-            let mapping = md
-                .lookup(self.id, vblock)
+            let mappings = md
+                .lookup_range(self.id, first, last, usize::MAX)
                 .inspect_err(|e| pool.metadata_failed(&mut md, e))?;
-            (mapping, snap_time)
+            (mappings, snap_time)
         };
-        let dev = pool.data_dev();
-        match mapping {
-            // Mapped after this thin's latest snapshot: nobody else sees it, write in place.
-            Some(bt) if bt.time >= snapshotted_time => {
-                let off = bt.block * bs + within as u64;
-                dev.write_at(data, off)
-                    .map_err(|e| pool.data_io_error(off, e))
+        let mut mapped = mappings.iter().peekable();
+        let mut in_place = Runs::default();
+        let mut to_provision: Vec<(&Piece, Option<BlockTime>)> = Vec::new();
+        for p in batch {
+            while mapped.peek().is_some_and(|(v, _)| *v < p.vblock) {
+                mapped.next();
             }
-            shared_or_unmapped => self.provision(vblock, within, data, shared_or_unmapped),
+            let old = mapped
+                .peek()
+                .filter(|(v, _)| *v == p.vblock)
+                .map(|(_, bt)| *bt);
+            match old {
+                // Mapped after this thin's latest snapshot: nobody else sees it, write in place.
+                Some(bt) if bt.time >= snapshotted_time => {
+                    in_place.push(
+                        bt.block * bs + p.within as u64,
+                        p.at,
+                        p.len,
+                        |off, at, len| self.write_data(&buf[at..at + len], off),
+                    )?;
+                }
+                // Unmapped, or shared with a snapshot: a new block.
+                shared_or_unmapped => to_provision.push((p, shared_or_unmapped)),
+            }
         }
+        in_place.flush(|off, at, len| self.write_data(&buf[at..at + len], off))?;
+        if to_provision.is_empty() {
+            return Ok(());
+        }
+        self.provision(buf, &to_provision)
     }
 
-    /// Allocates a block for `vblock`, fills it (copying the shared block it replaces, or
-    /// zeros), and maps it.
-    fn provision(
+    /// Allocates a block for each piece, fills it (the write, merged into a copy of the
+    /// shared block it replaces or into zeros), and only then maps it, so a crash can leak an
+    /// allocation but never expose stale data.
+    fn provision(&self, buf: &[u8], pieces: &[(&Piece, Option<BlockTime>)]) -> Result<()> {
+        let pool = &*self.pool;
+        let (_provisioning, blocks, time) = self.alloc_data_blocks(pieces.len())?;
+        let filled = self.fill(buf, pieces, &blocks);
+        let mut md = pool.metadata();
+        if let Err(e) = filled {
+            // Give the blocks back; nothing points at them.
+            for &b in &blocks {
+                let _ = md.free_data_block(b);
+            }
+            return Err(e);
+        }
+        for ((p, _), &block) in pieces.iter().zip(&blocks) {
+            let r = md.insert(self.id, p.vblock, BlockTime { block, time });
+            if let Err(e) = r {
+                pool.metadata_failed(&mut md, &e);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the new blocks' contents.
+    fn fill(
         &self,
-        vblock: u64,
-        within: usize,
-        data: &[u8],
-        old: Option<BlockTime>,
+        buf: &[u8],
+        pieces: &[(&Piece, Option<BlockTime>)],
+        blocks: &[u64],
     ) -> Result<()> {
         let pool = &*self.pool;
         let bs = pool.block_size().bytes();
-        let (_provisioning, new, time) = self.alloc_data_block()?;
-        let dev = pool.data_dev();
-        let off = new * bs;
-        let filled = if data.len() as u64 == bs {
-            dev.write_at(data, off)
-        } else if old.is_none() && !pool.options().zero_new_blocks {
-            dev.write_at(data, off + within as u64)
-        } else {
-            let mut block = vec![0u8; bs as usize];
-            let copied = match old {
-                Some(bt) => dev.read_at(&mut block, bt.block * bs),
-                None => Ok(()),
-            };
-            copied.and_then(|_| {
-                block[within..within + data.len()].copy_from_slice(data);
-                dev.write_at(&block, off)
-            })
-        };
-        let mut md = pool.metadata();
-        if let Err(e) = filled {
-            // Give the block back; nothing points at it.
-            let _ = md.free_data_block(new);
-            return Err(pool.data_io_error(off, e));
+        let mut whole = Runs::default();
+        for ((p, old), &block) in pieces.iter().zip(blocks) {
+            let off = block * bs;
+            if p.len as u64 == bs {
+                whole.push(off, p.at, p.len, |o, at, len| {
+                    self.write_data(&buf[at..at + len], o)
+                })?;
+                continue;
+            }
+            let data = &buf[p.at..p.at + p.len];
+            if old.is_none() && !pool.options().zero_new_blocks {
+                // skip_block_zeroing: the rest of the block keeps whatever the device held.
+                self.write_data(data, off + p.within as u64)?;
+                continue;
+            }
+            SCRATCH.with(|scratch| {
+                let mut block_buf = scratch.borrow_mut();
+                block_buf.clear();
+                block_buf.resize(bs as usize, 0);
+                if let Some(bt) = old {
+                    self.read_data(&mut block_buf, bt.block * bs)?;
+                }
+                block_buf[p.within..p.within + p.len].copy_from_slice(data);
+                self.write_data(&block_buf, off)
+            })?;
         }
-        let r = md.insert(self.id, vblock, BlockTime { block: new, time });
-        if let Err(e) = &r {
-            pool.metadata_failed(&mut md, e);
-        }
-        r
+        whole.flush(|o, at, len| self.write_data(&buf[at..at + len], o))
     }
 
-    /// Allocates a data block and returns it with the mapping time and the provisioning
-    /// gate, which the caller holds until the block is mapped.
-    fn alloc_data_block(&self) -> Result<(RwLockReadGuard<'_, ()>, u64, u32)> {
+    /// Allocates `n` data blocks, all or none, and returns them with the mapping time and the
+    /// provisioning gate, which the caller holds until the blocks are mapped.
+    fn alloc_data_blocks(&self, n: usize) -> Result<(RwLockReadGuard<'_, ()>, Vec<u64>, u32)> {
         let pool = &*self.pool;
         let deadline = match pool.options().no_space {
             NoSpacePolicy::Error => None,
@@ -224,17 +335,27 @@ impl Thin {
             // Checked before allocating: running out commits, and must not record a block
             // allocated but unmapped.
             pool.check_metadata_space(&mut md)?;
-            if let Some(b) = md.alloc_data_block() {
+            let mut blocks = Vec::with_capacity(n);
+            while blocks.len() < n {
+                match md.alloc_data_block() {
+                    Some(b) => blocks.push(b),
+                    None => break,
+                }
+            }
+            if blocks.len() == n {
                 let (time, free) = (md.time(), md.free_data_blocks());
                 drop(md);
                 pool.after_alloc(free);
-                return Ok((gate, b, time));
+                return Ok((gate, blocks, time));
             }
-            let freed_in_transaction = md.free_data_blocks() > 0;
+            for b in blocks {
+                md.free_data_block(b)?;
+            }
+            let freed_in_transaction = md.free_data_blocks() >= n as u64;
             drop(md);
             drop(gate);
             if freed_in_transaction && !committed_for_space {
-                // Every free block was freed in the running transaction, and may only be
+                // Enough blocks were freed in the running transaction, and may only be
                 // reused once it commits: commit, as the kernel does, and try again.
                 committed_for_space = true;
                 pool.commit()?;
@@ -271,10 +392,11 @@ impl Thin {
         let mut v = first_full;
         while v < last_full {
             // Walk only mapped blocks, a batch at a time.
-            let mapped = self
-                .pool
-                .metadata()
-                .lookup_range(self.id, v, last_full, 1024)?;
+            let mapped = {
+                let mut md = self.pool.metadata();
+                md.lookup_range(self.id, v, last_full, 1024)
+                    .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
+            };
             let Some(&(last_seen, _)) = mapped.last() else {
                 break;
             };
@@ -298,13 +420,31 @@ impl Thin {
         Ok(())
     }
 
+    /// Writes within one block (the partial-block zeroing of a discard).
+    fn write_block(&self, vblock: u64, within: usize, data: &[u8]) -> Result<()> {
+        let bs = self.pool.block_size().bytes();
+        let piece = Piece {
+            vblock,
+            within,
+            at: 0,
+            len: data.len(),
+        };
+        debug_assert!(within + data.len() <= bs as usize);
+        self.write_batch(data, std::slice::from_ref(&piece))
+    }
+
     /// Zeroes the provisioned parts of a range that covers no whole block. Unprovisioned
     /// blocks already read as zeros and stay unprovisioned.
     fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         let bs = self.pool.block_size().bytes();
         let zeros = vec![0u8; len as usize];
         for p in pieces(offset, zeros.len(), bs) {
-            if self.pool.metadata().lookup(self.id, p.vblock)?.is_some() {
+            let mapped = {
+                let mut md = self.pool.metadata();
+                md.lookup(self.id, p.vblock)
+                    .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
+            };
+            if mapped.is_some() {
                 self.write_block(p.vblock, p.within, &zeros[p.at..p.at + p.len])?;
             }
         }

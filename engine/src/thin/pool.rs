@@ -162,6 +162,9 @@ pub struct Pool {
     subscribers: Mutex<Vec<std::sync::mpsc::Sender<PoolEvent>>>,
     /// Whether free space is at or below the low-water mark (raised once per crossing).
     below_low_water: std::sync::atomic::AtomicBool,
+    /// A failure threw away writes that were acknowledged but not yet committed (or a data
+    /// flush failed): no later flush may report success (the kernel's `aborted_with_changes`).
+    lost_writes: std::sync::atomic::AtomicBool,
     md: Mutex<Metadata>,
     meta_dev: Arc<dyn BlockDevice>,
     data_dev: Arc<dyn BlockDevice>,
@@ -244,6 +247,7 @@ impl Pool {
             space_lock: Mutex::new(()),
             subscribers: Mutex::new(Vec::new()),
             below_low_water: std::sync::atomic::AtomicBool::new(false),
+            lost_writes: std::sync::atomic::AtomicBool::new(false),
             md: Mutex::new(md),
             meta_dev,
             data_dev,
@@ -272,10 +276,28 @@ impl Pool {
         &self.meta_dev
     }
 
-    pub(crate) fn stripe(&self, id: ThinId, vblock: u64) -> &RwLock<()> {
+    fn stripe_index(id: ThinId, vblock: u64) -> usize {
         let h = (id.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vblock)
             .wrapping_mul(0xff51_afd7_ed55_8ccd);
-        &self.stripes[(h >> 54) as usize % STRIPES]
+        (h >> 54) as usize % STRIPES
+    }
+
+    pub(crate) fn stripe(&self, id: ThinId, vblock: u64) -> &RwLock<()> {
+        &self.stripes[Self::stripe_index(id, vblock)]
+    }
+
+    /// The stripes covering `vblocks` of a thin, sorted and without repeats. Whoever holds
+    /// several stripes took them in this order, so two requests never wait on each other in
+    /// a cycle (and never on themselves).
+    pub(crate) fn stripes_for(
+        &self,
+        id: ThinId,
+        vblocks: impl Iterator<Item = u64>,
+    ) -> Vec<&RwLock<()>> {
+        let mut indices: Vec<usize> = vblocks.map(|v| Self::stripe_index(id, v)).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        indices.into_iter().map(|i| &self.stripes[i]).collect()
     }
 
     pub(crate) fn provisioning(&self) -> &RwLock<()> {
@@ -344,13 +366,36 @@ impl Pool {
                 // Nothing to protect: no change is made through this pool.
                 return;
             }
-            md.abort();
-            if let Err(e) = md.persist_needs_check() {
-                tracing::error!(error = %e, "could not set needs_check");
-            }
-            tracing::warn!(reason = why, error = %err, "pool switched to read-only");
-            self.enter_read_only(format!("{why}: {err}"));
+            self.fail(md, format!("{why}: {err}"), false);
         }
+    }
+
+    /// The failure policy (the kernel's `metadata_operation_failed`): abort the running
+    /// transaction, set needs_check, latch read-only. `data_lost` says that acknowledged
+    /// writes may be gone even if no metadata changed (a failed data flush).
+    fn fail(&self, md: &mut Metadata, reason: String, data_lost: bool) {
+        // A pool already read-only changes nothing: only a first failure can lose writes.
+        let writable = !matches!(*self.mode.lock(), PoolMode::ReadOnly(_));
+        if data_lost || (writable && md.has_changes()) {
+            self.lost_writes
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        md.abort();
+        if let Err(e) = md.persist_needs_check() {
+            tracing::error!(error = %e, "could not set needs_check");
+        }
+        tracing::warn!(reason = %reason, "pool switched to read-only");
+        self.enter_read_only(reason);
+    }
+
+    /// The data device's flush before a metadata commit (the kernel's pre-commit callback)
+    /// failed: the commit fails like one with a metadata error. The transaction's mappings
+    /// may name blocks whose contents never reached the disk, so it is thrown away and the
+    /// pool turns read-only with needs_check, as the kernel's does.
+    fn data_flush_failed(&self, md: &mut Metadata, source: std::io::Error) -> Error {
+        let err = self.data_io_error(0, source);
+        self.fail(md, format!("data device flush failed: {err}"), true);
+        err
     }
 
     /// Latches read-only mode (it never goes back while the pool is open) and tells
@@ -379,7 +424,12 @@ impl Pool {
             return Ok(());
         }
         md.set_needs_check();
-        let committed = md.commit();
+        // Like every commit, the data the mappings point at goes to disk first.
+        let committed = self
+            .data_dev
+            .sync()
+            .map_err(|e| self.data_flush_failed(md, e))
+            .and_then(|_| md.commit());
         if let Err(e) = &committed {
             self.metadata_failed(md, e);
         }
@@ -445,41 +495,63 @@ impl Pool {
     }
 
     pub fn reserve_metadata_snap(&self) -> Result<()> {
+        self.check_writable()?;
         let _gate = self.provisioning.write();
-        self.data_dev.sync().map_err(|e| self.data_io_error(0, e))?;
+        self.data_dev
+            .sync()
+            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))?;
         self.with_metadata_space(|md| md.reserve_metadata_snap())?;
-        self.pass_down_discards()
+        self.pass_down_discards();
+        Ok(())
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
+        self.check_writable()?;
         let _gate = self.provisioning.write();
+        // Releasing commits: the data the mappings point at goes to disk first.
+        self.data_dev
+            .sync()
+            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))?;
         self.with_metadata(|md| md.release_metadata_snap())?;
-        self.pass_down_discards()
+        self.pass_down_discards();
+        Ok(())
     }
 
     /// Makes everything written so far durable: data first, then metadata (superblock last).
     /// Data blocks freed since the last commit go back to the data device afterwards.
     pub fn commit(&self) -> Result<()> {
-        if matches!(self.mode(), PoolMode::ReadOnly(_)) {
+        if let PoolMode::ReadOnly(why) = self.mode() {
+            if self.lost_writes.load(std::sync::atomic::Ordering::Relaxed) {
+                // Writes acknowledged before the failure are gone: a flush must not say
+                // they are durable (the kernel errors such flushes too).
+                return Err(Error::ReadOnly(format!(
+                    "{why}; writes since the last commit were lost"
+                )));
+            }
             // Nothing can have changed since the pool went read-only; data still syncs.
             return self.data_dev.sync().map_err(|e| self.data_io_error(0, e));
         }
         let _gate = self.provisioning.write();
-        self.data_dev.sync().map_err(|e| self.data_io_error(0, e))?;
+        self.data_dev
+            .sync()
+            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))?;
         self.with_metadata(|md| md.commit())?;
-        self.pass_down_discards()?;
+        self.pass_down_discards();
         // Blocks freed by the transaction are allocatable now: wake queued writers.
         self.after_free();
         Ok(())
     }
 
     /// Gives freed blocks back to the data device. Called with the provisioning gate held
-    /// for writing, right after a commit, so none of them can have been reused yet.
-    fn pass_down_discards(&self) -> Result<()> {
+    /// for writing, right after a commit, so none of them can have been reused yet. A failed
+    /// discard is logged, not returned: the commit before it is durable and the blocks are
+    /// free either way; only the host does not get the space back (the kernel ignores a
+    /// failed pass-down too, in `passdown_endio`).
+    fn pass_down_discards(&self) {
         let mut md = self.md.lock();
         let mut pending = md.take_freed_data_blocks();
         if !self.options.discard_passdown || pending.is_empty() {
-            return Ok(());
+            return;
         }
         pending.sort_unstable();
         pending.dedup();
@@ -499,11 +571,11 @@ impl Pool {
             if (start..end).any(|b| md.data_block_count(b) != 0) {
                 continue;
             }
-            self.data_dev
-                .discard(start * bs, (end - start) * bs)
-                .map_err(|e| self.data_io_error(start * bs, e))?;
+            if let Err(e) = self.data_dev.discard(start * bs, (end - start) * bs) {
+                let e = self.data_io_error(start * bs, e);
+                tracing::warn!(error = %e, blocks = end - start, "discard pass-down failed");
+            }
         }
-        Ok(())
     }
 
     /// Blocks were freed: an out-of-space pool may have room again.

@@ -52,7 +52,9 @@ impl std::hash::Hasher for BlockHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+        self.0 = (n ^ self.0)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
     }
 }
 
@@ -249,6 +251,16 @@ impl TransactionManager {
             .get_mut(&location)
             .expect("only shadowed or new blocks are written");
         Arc::make_mut(&mut d.data)
+    }
+
+    /// Like `write`, for a block made writable earlier in a longer operation: on damaged
+    /// metadata (a structure reaching back into itself) the operation in between may have
+    /// moved or freed it, which is reported instead of trusted.
+    pub fn try_write(&mut self, location: u64) -> Result<&mut Block> {
+        match self.dirty.get_mut(&location) {
+            Some(d) => Ok(Arc::make_mut(&mut d.data)),
+            None => Err(Error::corrupt(location, Damage::UnexpectedSharing)),
+        }
     }
 
     pub fn inc(&mut self, location: u64) -> Result<u32> {

@@ -229,6 +229,10 @@ impl Metadata {
     /// The root of a device's mapping tree. Cached: every IO needs it, and it changes only
     /// through this type (`with_device_tree`, create, snapshot, delete, abort).
     fn device_root(&mut self, id: ThinId) -> Result<u64> {
+        if !self.exists(id) {
+            // A handle to a thin whose creation a failure rolled back: not damage.
+            return Err(Error::NoSuchThin(id));
+        }
         if let Some(&root) = self.roots.get(&id) {
             return Ok(root);
         }
@@ -448,7 +452,7 @@ impl Metadata {
         let root = Node::new(&*self.tm.read_node(leaf)?).value_u64(i);
         let (new_root, out) = f(&mut self.tm, root)?;
         if new_root != root {
-            btree::node::NodeMut::new(self.tm.write(leaf)).set_value_u64(i, new_root);
+            btree::node::NodeMut::new(self.tm.try_write(leaf)?).set_value_u64(i, new_root);
             self.roots.insert(id, new_root);
         }
         Ok(out)
