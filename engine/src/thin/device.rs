@@ -160,13 +160,22 @@ impl Thin {
         let bs = self.pool.block_size().bytes();
         let vblock = offset / bs;
         let _stripe = self.pool.stripe(self.id, vblock).read();
-        let mapping = {
+        if let Some(block) = self.pool.mappings.get(self.id, vblock) {
+            return self.read_data(buf, block * bs + offset % bs);
+        }
+        let (mapping, epoch) = {
             let mut md = self.pool.metadata();
-            md.lookup(self.id, vblock)
-                .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
+            let epoch = self.pool.mappings.epoch();
+            let mapping = md
+                .lookup(self.id, vblock)
+                .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?;
+            (mapping, epoch)
         };
         match mapping {
-            Some(bt) => self.read_data(buf, bt.block * bs + offset % bs),
+            Some(bt) => {
+                self.pool.mappings.insert(self.id, vblock, bt.block, epoch);
+                self.read_data(buf, bt.block * bs + offset % bs)
+            }
             None => {
                 buf.fill(0);
                 Ok(())
@@ -273,6 +282,7 @@ impl Thin {
             return Err(e);
         }
         for ((p, _), &block) in pieces.iter().zip(&blocks) {
+            pool.mappings.invalidate(self.id, p.vblock);
             let r = md.insert(self.id, p.vblock, BlockTime { block, time });
             if let Err(e) = r {
                 pool.metadata_failed(&mut md, &e);
@@ -403,6 +413,7 @@ impl Thin {
             for (vb, _) in mapped {
                 let _stripe = self.pool.stripe(self.id, vb).write();
                 let mut md = self.pool.metadata();
+                self.pool.mappings.invalidate(self.id, vb);
                 match md.remove(self.id, vb) {
                     Ok(Some((_, freed))) => freed_any |= freed,
                     Ok(None) => {}

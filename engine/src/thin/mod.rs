@@ -1,5 +1,6 @@
 //! The dm-thin vocabulary: metadata, the pool, thin device IO.
 
+mod cache;
 pub mod device;
 pub mod files;
 pub mod metadata;

@@ -156,6 +156,8 @@ pub(crate) struct ThinGate {
 }
 
 pub struct Pool {
+    /// Recent mappings for the read path (see `thin::cache`).
+    pub(crate) mappings: crate::thin::cache::MappingCache,
     /// Woken whenever free data space may have appeared (resize, frees, commit).
     space: parking_lot::Condvar,
     space_lock: Mutex<()>,
@@ -243,6 +245,7 @@ impl Pool {
                 mode
             };
         Arc::new(Pool {
+            mappings: crate::thin::cache::MappingCache::new(),
             space: parking_lot::Condvar::new(),
             space_lock: Mutex::new(()),
             subscribers: Mutex::new(Vec::new()),
@@ -381,6 +384,7 @@ impl Pool {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         md.abort();
+        self.mappings.clear();
         if let Err(e) = md.persist_needs_check() {
             tracing::error!(error = %e, "could not set needs_check");
         }
@@ -482,7 +486,12 @@ impl Pool {
         if open.contains_key(&id) {
             return Err(Error::ThinBusy(id));
         }
-        let r = self.with_metadata(|md| md.delete(id));
+        let r = self.with_metadata(|md| {
+            md.delete(id)?;
+            // The id may come back as another thin.
+            self.mappings.clear();
+            Ok(())
+        });
         drop(open);
         if r.is_ok() {
             self.after_free();
