@@ -22,7 +22,9 @@ pub struct FileDevice {
     file: File,
     path: PathBuf,
     is_block_device: bool,
-    size: parking_lot::RwLock<u64>,
+    /// Read on every IO (a plain load); changed only by `grow`/`reset_file`, one at a time.
+    size: std::sync::atomic::AtomicU64,
+    resizing: parking_lot::Mutex<()>,
 }
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
@@ -75,7 +77,8 @@ impl FileDevice {
             file,
             path: path.to_path_buf(),
             is_block_device,
-            size: parking_lot::RwLock::new(size),
+            size: std::sync::atomic::AtomicU64::new(size),
+            resizing: parking_lot::Mutex::new(()),
         })
     }
 
@@ -93,11 +96,11 @@ impl FileDevice {
         if self.is_block_device {
             return Ok(());
         }
-        let mut current = self.size.write();
+        let _resizing = self.resizing.lock();
         self.file.set_len(0)?;
         self.file.set_len(size)?;
         self.file.sync_all()?;
-        *current = size;
+        self.size.store(size, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -118,7 +121,7 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 impl BlockDevice for FileDevice {
     fn size(&self) -> u64 {
-        *self.size.read()
+        self.size.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -165,8 +168,8 @@ impl BlockDevice for FileDevice {
     }
 
     fn grow(&self, new_size: u64) -> io::Result<()> {
-        let mut size = self.size.write();
-        if new_size <= *size {
+        let _resizing = self.resizing.lock();
+        if new_size <= self.size() {
             return Ok(());
         }
         if self.is_block_device {
@@ -181,7 +184,8 @@ impl BlockDevice for FileDevice {
             self.file.set_len(new_size)?;
             self.file.sync_all()?;
         }
-        *size = new_size;
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
