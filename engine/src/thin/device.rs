@@ -344,7 +344,11 @@ impl Thin {
             let mut md = pool.metadata();
             // Checked before allocating: running out commits, and must not record a block
             // allocated but unmapped.
-            pool.check_metadata_space(&mut md)?;
+            if pool.metadata_space_short(&md) {
+                drop(md);
+                drop(gate);
+                return Err(pool.out_of_metadata_space());
+            }
             let mut blocks = Vec::with_capacity(n);
             while blocks.len() < n {
                 match md.alloc_data_block() {

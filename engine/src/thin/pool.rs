@@ -417,38 +417,52 @@ impl Pool {
         (nr_metadata_blocks / 10).min(4096)
     }
 
-    /// Before a metadata change: with only the reserve left, commit what we have, set
-    /// needs_check and go read-only (the kernel's "no free metadata space").
-    pub(crate) fn check_metadata_space(&self, md: &mut Metadata) -> Result<()> {
+    /// Whether only the reserve is left (see `metadata_reserve`).
+    pub(crate) fn metadata_space_short(&self, md: &Metadata) -> bool {
         // A commit itself needs a few blocks (space map bitmaps and indexes move), which the
         // kernel's reserve does not guarantee on tiny devices.
         const COMMIT_HEADROOM: u64 = 32;
         let threshold = Self::metadata_reserve(md.nr_metadata_blocks()).max(COMMIT_HEADROOM);
-        if md.free_metadata_blocks() >= threshold {
-            return Ok(());
+        md.free_metadata_blocks() < threshold
+    }
+
+    /// With only the reserve left: commit everything written so far, set needs_check and go
+    /// read-only (the kernel's "no free metadata space"). Call it holding no pool lock: it
+    /// waits for in-flight provisioning, so the commit records no block allocated but not
+    /// yet mapped.
+    pub(crate) fn out_of_metadata_space(&self) -> Error {
+        let _gate = self.provisioning.write();
+        let mut md = self.md.lock();
+        if matches!(self.mode(), PoolMode::ReadOnly(_)) {
+            return Error::NoMetadataSpace;
         }
         md.set_needs_check();
         // Like every commit, the data the mappings point at goes to disk first.
         let committed = self
             .data_dev
             .sync()
-            .map_err(|e| self.data_flush_failed(md, e))
+            .map_err(|e| self.data_flush_failed(&mut md, e))
             .and_then(|_| md.commit());
-        if let Err(e) = &committed {
-            self.metadata_failed(md, e);
+        match committed {
+            Err(e) => self.metadata_failed(&mut md, &e),
+            Ok(()) => {
+                tracing::warn!(
+                    "out of metadata space: pool switched to read-only, needs_check set"
+                );
+                self.enter_read_only("out of metadata space".into());
+            }
         }
-        tracing::warn!("out of metadata space: pool switched to read-only, needs_check set");
-        self.enter_read_only("out of metadata space".into());
-        Err(Error::NoMetadataSpace)
+        Error::NoMetadataSpace
     }
 
     /// Runs a metadata operation that needs metadata space (creating devices), refusing it
     /// when only the reserve is left.
     fn with_metadata_space<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
-        self.with_metadata(|md| {
-            self.check_metadata_space(md)?;
-            f(md)
-        })
+        self.check_writable()?;
+        if self.metadata_space_short(&self.md.lock()) {
+            return Err(self.out_of_metadata_space());
+        }
+        self.with_metadata(f)
     }
 
     /// Runs a metadata operation under the metadata lock, with the failure policy above.
