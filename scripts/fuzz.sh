@@ -12,7 +12,7 @@ cargo fuzz build -O
 for target in $(cargo fuzz list); do
   echo "fuzz: $target for ${seconds}s" >&2
   cargo fuzz run -O "$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 2>&1 \
-    | grep -E '^(#[0-9]+ +DONE|Done|==[0-9]+==ERROR|SUMMARY)' || true
+    | grep -E '^(#[0-9]+[[:space:]]+DONE|Done|==[0-9]+==ERROR|SUMMARY)' || true
   # A finding leaves an artifact and fails the run.
   if compgen -G "artifacts/$target/*" >/dev/null; then
     echo "fuzz: $target found a failure: $(ls artifacts/$target)" >&2

@@ -589,7 +589,7 @@ fn separator_above_the_child_is_reported() {
 }
 
 #[test]
-fn underfull_non_root_leaf_is_reported() {
+fn underfull_leaf_below_the_root_is_reported() {
     let mut image = Image::new("kernel-snap-base");
     image.put_u32(12, 16, 1);
     image.reseal(12, BlockKind::Node);
@@ -924,7 +924,7 @@ fn too_many_entries_is_reported() {
 }
 
 #[test]
-fn a_bad_held_root_is_reported() {
+fn a_bad_metadata_snapshot_pointer_is_reported() {
     // metadata-snap holds its snapshot at block 17: point the superblock at a b-tree node.
     let mut image = Image::new("metadata-snap");
     assert_eq!(held_root("metadata-snap"), 17);
