@@ -8,7 +8,7 @@ use engine::store::{VolumeStore, STORE_FILE_NAME};
 use engine::units::{parse_size, MAX_THIN_ID};
 use engine::{DataBlockSize, PoolPaths, ThinId};
 
-use crate::commands::{check, dump, pool, thin, thin_io};
+use crate::commands::{check, dump, pool, restore, thin, thin_io};
 
 /// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
 /// dump metadata like thin-provisioning-tools.
@@ -40,6 +40,9 @@ pub enum Command {
     /// Print pool metadata as XML or human-readable text, like thin_dump
     #[command(after_help = "Example: dmtool dump --format human_readable /srv/pool/metadata")]
     Dump(dump::Args),
+    /// Write a fresh pool's metadata from thin_dump XML, like thin_restore
+    #[command(after_help = "Example: dmtool restore -i pool.xml -o /srv/pool/metadata")]
+    Restore(restore::Args),
 }
 
 #[derive(Debug, Subcommand)]

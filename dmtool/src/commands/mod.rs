@@ -3,6 +3,7 @@
 pub mod check;
 pub mod dump;
 pub mod pool;
+pub mod restore;
 pub mod thin;
 pub mod thin_io;
 
@@ -26,6 +27,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Thin(ThinCommand::Read(args)) => thin_io::read(args),
         Command::Check(args) => check::run(args),
         Command::Dump(args) => dump::run(args),
+        Command::Restore(args) => restore::run(args),
     }
 }
 

@@ -14,3 +14,4 @@
 pub mod check;
 pub mod dump;
 mod raw;
+pub mod restore;

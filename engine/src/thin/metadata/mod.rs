@@ -531,6 +531,40 @@ impl Metadata {
         self.sb.time
     }
 
+    /// For `tools::restore`, which rebuilds a pool from a dump: sets the pool time.
+    pub(crate) fn restore_time(&mut self, time: u32) -> Result<()> {
+        if time > MAX_TIME {
+            return Err(Error::InvalidArgument(format!(
+                "time {time} beyond 24 bits"
+            )));
+        }
+        self.sb.time = time;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// For `tools::restore`: sets a device's transaction id and times as given
+    /// (`mapped_blocks` stays what the device's mappings made it).
+    pub(crate) fn restore_details(&mut self, id: ThinId, d: DeviceDetails) -> Result<()> {
+        self.remember(id);
+        let cur = self.details.get_mut(&id).ok_or(Error::NoSuchThin(id))?;
+        *cur = DeviceDetails {
+            mapped_blocks: cur.mapped_blocks,
+            ..d
+        };
+        self.dirty_details.insert(id);
+        self.changed = true;
+        Ok(())
+    }
+
+    /// For `tools::restore`: adds one reference to data block `b`, for a mapping about to be
+    /// inserted (as `alloc_data_block` does for a new block).
+    pub(crate) fn reference_data_block(&mut self, b: u64) -> Result<()> {
+        self.tm.data_inc(b)?;
+        self.changed = true;
+        Ok(())
+    }
+
     pub fn set_needs_check(&mut self) {
         self.sb.flags |= superblock::FLAG_NEEDS_CHECK;
         self.changed = true;
