@@ -83,16 +83,7 @@ pub fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
     };
     let volumes = open_volumes(&args.loc, Access::Change)?;
     let what = format!("thin {} in pool {}", args.id, args.loc.name());
-    let size = volumes
-        .size_of(args.id)
-        .with_context(|| format!("failed to write {what}"))?;
-    let room = size.checked_sub(args.offset).with_context(|| {
-        format!(
-            "offset {} is past the end of {what} ({})",
-            args.offset,
-            format_size(size)
-        )
-    })?;
+    let (size, room) = size_and_room(&volumes, args.id, args.offset, &what, "write")?;
     if let Some(len) = input_len.filter(|&len| len > room) {
         bail!(
             "{input_name} ({len} bytes) does not fit in {what} ({}) from offset {}",
@@ -137,16 +128,7 @@ pub fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
 pub fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
     let volumes = open_volumes(&args.loc, Access::Look)?;
     let what = format!("thin {} in pool {}", args.id, args.loc.name());
-    let size = volumes
-        .size_of(args.id)
-        .with_context(|| format!("failed to read {what}"))?;
-    let room = size.checked_sub(args.offset).with_context(|| {
-        format!(
-            "offset {} is past the end of {what} ({})",
-            args.offset,
-            format_size(size)
-        )
-    })?;
+    let (size, room) = size_and_room(&volumes, args.id, args.offset, &what, "read")?;
     let length = args.length.unwrap_or(room);
     if length > room {
         bail!(
@@ -173,4 +155,25 @@ pub fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush().context("failed to write to stdout")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The thin's size and the bytes from `offset` to its end (an offset past the end is an
+/// error naming both).
+fn size_and_room(
+    volumes: &engine::store::Volumes,
+    id: engine::ThinId,
+    offset: u64,
+    what: &str,
+    verb: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let size = volumes
+        .size_of(id)
+        .with_context(|| format!("failed to {verb} {what}"))?;
+    let room = size.checked_sub(offset).with_context(|| {
+        format!(
+            "offset {offset} is past the end of {what} ({})",
+            format_size(size)
+        )
+    })?;
+    Ok((size, room))
 }
