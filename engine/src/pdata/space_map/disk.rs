@@ -177,18 +177,7 @@ pub fn load_metadata(
     let entries: Vec<IndexEntry> = (0..n)
         .map(|i| IndexEntry::decode(&index[16 + 16 * i..]))
         .collect();
-    let bitmaps = load_bitmaps(tm, &entries)?;
-    let overflow = load_overflow(tm, root.ref_count_root)?;
-    check_overflow("metadata", &bitmaps, &overflow)?;
-    let locations = SmLocations {
-        bitmaps: entries.iter().map(|e| e.blocknr).collect(),
-        bitmap_root: root.bitmap_root,
-        ref_count_root: root.ref_count_root,
-    };
-    Ok((
-        SpaceMap::from_parts(root.nr_blocks, bitmaps, overflow),
-        locations,
-    ))
+    load_counts(tm, "metadata", root, &entries)
 }
 
 /// Reads the data space map.
@@ -225,9 +214,19 @@ pub fn load_data(tm: &mut TransactionManager, root: &SmRoot) -> Result<(SpaceMap
             )),
         ));
     }
-    let bitmaps = load_bitmaps(tm, &entries)?;
+    load_counts(tm, "data", root, &entries)
+}
+
+/// Reads the bitmaps an index names and the overflow tree, and checks they agree.
+fn load_counts(
+    tm: &mut TransactionManager,
+    sm_name: &str,
+    root: &SmRoot,
+    entries: &[IndexEntry],
+) -> Result<(SpaceMap, SmLocations)> {
+    let bitmaps = load_bitmaps(tm, entries)?;
     let overflow = load_overflow(tm, root.ref_count_root)?;
-    check_overflow("data", &bitmaps, &overflow)?;
+    check_overflow(sm_name, &bitmaps, &overflow)?;
     let locations = SmLocations {
         bitmaps: entries.iter().map(|e| e.blocknr).collect(),
         bitmap_root: root.bitmap_root,
