@@ -212,7 +212,7 @@ impl TransactionManager {
         let old = self.read_node(location)?;
         let old_count = self.meta_sm.count(location).map_err(|e| self.sm_error(e))?;
         let copy = self.new_block(BlockKind::Node)?;
-        *self.write(copy) = *old;
+        *self.write(copy)? = *old;
         self.dec(location)?;
         if old_count > 1 {
             self.inc_children(&old, refs)?;
@@ -244,19 +244,11 @@ impl TransactionManager {
         }
     }
 
-    /// The writable bytes of a block made writable by `new_block` or `shadow`.
-    pub fn write(&mut self, location: u64) -> &mut Block {
-        let d = self
-            .dirty
-            .get_mut(&location)
-            .expect("only shadowed or new blocks are written");
-        Arc::make_mut(&mut d.data)
-    }
-
-    /// Like `write`, for a block made writable earlier in a longer operation: on damaged
-    /// metadata (a structure reaching back into itself) the operation in between may have
-    /// moved or freed it, which is reported instead of trusted.
-    pub fn try_write(&mut self, location: u64) -> Result<&mut Block> {
+    /// The writable bytes of a block made writable by `new_block` or `shadow`. On damaged
+    /// metadata (a structure that reaches back into itself, or shares blocks between trees)
+    /// an operation may move or free a block it made writable a moment before: that is
+    /// reported as damage instead of trusted.
+    pub fn write(&mut self, location: u64) -> Result<&mut Block> {
         match self.dirty.get_mut(&location) {
             Some(d) => Ok(Arc::make_mut(&mut d.data)),
             None => Err(Error::corrupt(location, Damage::UnexpectedSharing)),

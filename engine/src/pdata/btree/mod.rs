@@ -67,7 +67,7 @@ impl Value {
 /// Creates an empty tree (a single empty leaf) and returns its root.
 pub fn empty(tm: &mut TransactionManager, value_size: u32) -> Result<u64> {
     let root = tm.new_block(BlockKind::Node)?;
-    NodeMut::new(tm.write(root)).init(LEAF_NODE, value_size);
+    NodeMut::new(tm.write(root)?).init(LEAF_NODE, value_size);
     Ok(root)
 }
 
@@ -130,7 +130,7 @@ pub fn insert(
             let old = found.ok().map(|i| Value::new(n.value(i)));
             // Let go of the read copy so the write below changes the block without cloning it.
             drop(b);
-            let mut w = NodeMut::new(tm.write(location));
+            let mut w = NodeMut::new(tm.write(location)?);
             match found {
                 Ok(i) => w.set_value(i, value),
                 Err(i) => w.insert_at(i, key, value),
@@ -141,14 +141,14 @@ pub fn insert(
             Some(i) => i,
             None => {
                 // A key below every separator: lower the first one, as the kernel does.
-                NodeMut::new(tm.write(location)).set_key(0, key);
+                NodeMut::new(tm.write(location)?).set_key(0, key);
                 0
             }
         };
         let child = n.value_u64(i);
         let mut child_new = tm.shadow(child, tt.refs)?;
         if child_new != child {
-            NodeMut::new(tm.write(location)).set_value_u64(i, child_new);
+            NodeMut::new(tm.write(location)?).set_value_u64(i, child_new);
         }
         if needs_split(tm, child_new, key, tt)? {
             let right = split_child(tm, location, i, child_new)?;
@@ -181,12 +181,12 @@ fn split_beneath(tm: &mut TransactionManager, root: u64) -> Result<()> {
     let mut children = [0u64; 2];
     for (slot, range) in [(0, 0..half), (1, half..nr)] {
         let c = tm.new_block(BlockKind::Node)?;
-        let mut w = NodeMut::new(tm.write(c));
+        let mut w = NodeMut::new(tm.write(c)?);
         w.init(flags, vs);
         w.append_from(&n, range);
         children[slot] = c;
     }
-    let mut w = NodeMut::new(tm.write(root));
+    let mut w = NodeMut::new(tm.write(root)?);
     w.init(INTERNAL_NODE, INTERNAL_VALUE_SIZE);
     w.insert_at(0, n.key(0), &children[0].to_le_bytes());
     w.insert_at(1, n.key(half), &children[1].to_le_bytes());
@@ -201,12 +201,12 @@ fn split_child(tm: &mut TransactionManager, parent: u64, i: usize, child: u64) -
     let half = nr / 2;
     let right = tm.new_block(BlockKind::Node)?;
     {
-        let mut w = NodeMut::new(tm.write(right));
+        let mut w = NodeMut::new(tm.write(right)?);
         w.init(n.flags(), n.value_size() as u32);
         w.append_from(&n, half..nr);
     }
-    NodeMut::new(tm.write(child)).retain(0..half);
-    NodeMut::new(tm.write(parent)).insert_at(i + 1, n.key(half), &right.to_le_bytes());
+    NodeMut::new(tm.write(child)?).retain(0..half);
+    NodeMut::new(tm.write(parent)?).insert_at(i + 1, n.key(half), &right.to_le_bytes());
     Ok(right)
 }
 
@@ -231,7 +231,7 @@ pub fn remove(
             check_leaf_value_size(location, &n, tt)?;
             if let Ok(i) = n.search(key) {
                 removed = Some(Value::new(n.value(i)));
-                NodeMut::new(tm.write(location)).remove_at(i);
+                NodeMut::new(tm.write(location)?).remove_at(i);
             }
             break;
         }
@@ -245,7 +245,7 @@ pub fn remove(
         let child = n.value_u64(i);
         let child_new = tm.shadow(child, tt.refs)?;
         if child_new != child {
-            NodeMut::new(tm.write(location)).set_value_u64(i, child_new);
+            NodeMut::new(tm.write(location)?).set_value_u64(i, child_new);
         }
         location = child_new;
     }
@@ -290,8 +290,8 @@ fn rebalance_child(tm: &mut TransactionManager, parent: u64, i: usize, tt: TreeT
     check_leaf_value_size(left, &l, tt)?;
     let total = l.nr_entries() + r.nr_entries();
     if total <= l.max_entries() {
-        NodeMut::new(tm.write(left)).append_from(&r, 0..r.nr_entries());
-        NodeMut::new(tm.write(parent)).remove_at(right_i);
+        NodeMut::new(tm.write(left)?).append_from(&r, 0..r.nr_entries());
+        NodeMut::new(tm.write(parent)?).remove_at(right_i);
         // Its entries moved to `left` with their references; the node itself goes.
         tm.dec(right)?;
     } else {
@@ -300,13 +300,13 @@ fn rebalance_child(tm: &mut TransactionManager, parent: u64, i: usize, tt: TreeT
         all.extend((0..l.nr_entries()).map(|j| (l.key(j), Value::new(l.value(j)))));
         all.extend((0..r.nr_entries()).map(|j| (r.key(j), Value::new(r.value(j)))));
         for (location, entries) in [(left, &all[..keep]), (right, &all[keep..])] {
-            let mut w = NodeMut::new(tm.write(location));
+            let mut w = NodeMut::new(tm.write(location)?);
             w.init(l.flags(), l.value_size() as u32);
             for (j, (k, v)) in entries.iter().enumerate() {
                 w.insert_at(j, *k, v.as_bytes());
             }
         }
-        NodeMut::new(tm.write(parent)).set_key(right_i, all[keep].0);
+        NodeMut::new(tm.write(parent)?).set_key(right_i, all[keep].0);
     }
     Ok(())
 }
@@ -315,7 +315,7 @@ fn shadow_child(tm: &mut TransactionManager, parent: u64, i: usize, tt: TreeType
     let child = Node::new(&*tm.read_node(parent)?).value_u64(i);
     let new = tm.shadow(child, tt.refs)?;
     if new != child {
-        NodeMut::new(tm.write(parent)).set_value_u64(i, new);
+        NodeMut::new(tm.write(parent)?).set_value_u64(i, new);
     }
     Ok(new)
 }

@@ -286,7 +286,7 @@ fn a_cycle_is_an_error_not_a_hang() {
         root = insert(&mut tm, root, k, &k.to_le_bytes(), PLAIN).unwrap().0;
     }
     // Point the root's first child back at the root.
-    node::NodeMut::new(tm.write(root)).set_value_u64(0, root);
+    node::NodeMut::new(tm.write(root).unwrap()).set_value_u64(0, root);
     assert!(matches!(
         lookup(&mut tm, root, 0, PLAIN),
         Err(Error::Corrupt { .. })

@@ -452,7 +452,7 @@ impl Metadata {
         let root = Node::new(&*self.tm.read_node(leaf)?).value_u64(i);
         let (new_root, out) = f(&mut self.tm, root)?;
         if new_root != root {
-            btree::node::NodeMut::new(self.tm.try_write(leaf)?).set_value_u64(i, new_root);
+            btree::node::NodeMut::new(self.tm.write(leaf)?).set_value_u64(i, new_root);
             self.roots.insert(id, new_root);
         }
         Ok(out)
