@@ -6,17 +6,19 @@
 #   fio                      IO workloads (benchmarks)
 #   qemu-system-x86, busybox-static, cpio, dmsetup
 #                            a real Linux kernel with dm-thin under qemu (fixtures/kernel/)
+#   libnbd-bin               nbdinfo and nbdcopy, real NBD clients for `dmtool serve`
+#   qemu-utils               qemu-img and qemu-io (NBD clients too), only if missing: the
+#                            machine image ships them from backports, and apt must not touch those
 #
-# qemu-utils is deliberately not named: it comes preinstalled from backports and apt refuses
-# to touch it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup)
+packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin)
 missing=()
 for p in "${packages[@]}"; do
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")
 done
+command -v qemu-io >/dev/null 2>&1 || missing+=(qemu-utils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

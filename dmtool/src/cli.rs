@@ -8,7 +8,7 @@ use engine::store::{VolumeStore, STORE_FILE_NAME};
 use engine::units::{parse_size, MAX_THIN_ID};
 use engine::{DataBlockSize, PoolPaths, ThinId};
 
-use crate::commands::{check, dump, pool, restore, thin, thin_io};
+use crate::commands::{check, dump, pool, restore, serve, thin, thin_io};
 
 /// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
 /// dump metadata like thin-provisioning-tools.
@@ -43,6 +43,9 @@ pub enum Command {
     /// Write a fresh pool's metadata from thin_dump XML, like thin_restore
     #[command(after_help = "Example: dmtool restore -i pool.xml -o /srv/pool/metadata")]
     Restore(restore::Args),
+    /// Export thins over NBD (newstyle); runs until SIGTERM or SIGINT, then commits
+    #[command(after_help = "Example: dmtool serve --pool /srv/pool --nbd unix:/run/pool.sock 1")]
+    Serve(serve::Args),
 }
 
 #[derive(Debug, Subcommand)]

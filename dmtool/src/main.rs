@@ -8,6 +8,7 @@
 
 mod cli;
 mod commands;
+mod nbd;
 mod output;
 
 use std::io;

@@ -16,8 +16,10 @@ fn replay(target: &str, run: fn(&[u8])) {
     assert!(n > 0, "no regression inputs in {}", dir.display());
 }
 
-/// A damaged tree whose shadowing freed a block the same insert still meant to write
-/// (`tm::write` panicked; now it reports the damage).
+/// Damaged trees whose shadowing freed a block the same insert still meant to write
+/// (`tm::write` panicked), and damaged space maps that called a live index node free so it
+/// was reused for a bitmap and then read as a node (a read past the block); both are now
+/// reported as damage.
 #[test]
 fn metadata_findings_stay_fixed() {
     replay("metadata", fixtures::fuzzing::metadata_records);

@@ -4,6 +4,7 @@ pub mod check;
 pub mod dump;
 pub mod pool;
 pub mod restore;
+pub mod serve;
 pub mod thin;
 pub mod thin_io;
 
@@ -28,6 +29,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -132,6 +132,11 @@ impl TransactionManager {
             return Err(Error::corrupt(location, Damage::PointerToSuperblock));
         }
         if let Some(d) = self.dirty.get(&location) {
+            if d.kind != BlockKind::Node {
+                // Damaged space maps called a live node free, and it was handed out again
+                // for a bitmap or an index in this transaction.
+                return Err(Error::corrupt(location, Damage::UnexpectedSharing));
+            }
             return Ok(d.data.clone());
         }
         if let Some(b) = self.cache.get(&location) {

@@ -1,0 +1,494 @@
+//! An NBD server for thins: the newstyle fixed handshake and simple replies, from the
+//! protocol description (NetworkBlockDevice/nbd doc/proto.md).
+//!
+//! Each connection is served by one thread, one request at a time, so replies are in request
+//! order. Every export is one thin, opened for the connection's lifetime. A flush (or a FUA
+//! request) commits the pool: commits are pool-wide, so a flush on one connection covers what
+//! every connection completed, and exports advertise CAN_MULTI_CONN.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use engine::{Error, ThinId};
+use engine::{Pool, Thin};
+
+// ---- protocol constants ----------------------------------------------------------------
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+// Handshake flags (server) and client flags.
+const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+const FLAG_NO_ZEROES: u16 = 1 << 1;
+const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+// Options.
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+// Option replies.
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+// Info types.
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+// Transmission flags.
+const TF_HAS_FLAGS: u16 = 1 << 0;
+const TF_READ_ONLY: u16 = 1 << 1;
+const TF_SEND_FLUSH: u16 = 1 << 2;
+const TF_SEND_FUA: u16 = 1 << 3;
+const TF_SEND_TRIM: u16 = 1 << 5;
+const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+
+// Commands and command flags.
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1 << 0;
+
+// Errors in replies (Linux errno values, as the protocol fixes them).
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// The largest READ or WRITE payload accepted (and advertised as the maximum block size).
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// The largest option payload accepted in the handshake; longer ones end the connection.
+const MAX_OPTION: u32 = 64 << 10;
+/// Zeros are written this much at a time for WRITE_ZEROES.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// One exported thin.
+#[derive(Clone, Debug)]
+pub struct Export {
+    pub id: ThinId,
+    /// The thin's name in the volume store, also accepted as an export name.
+    pub alias: Option<String>,
+    pub size: u64,
+    pub read_only: bool,
+}
+
+impl Export {
+    fn flags(&self) -> u16 {
+        let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN;
+        if self.read_only {
+            flags |= TF_READ_ONLY;
+        } else {
+            flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+        }
+        flags
+    }
+}
+
+/// What every connection shares: the pool and the exports.
+pub struct Server {
+    pool: Arc<Pool>,
+    exports: Vec<Export>,
+}
+
+impl Server {
+    pub fn new(pool: Arc<Pool>, exports: Vec<Export>) -> Server {
+        Server { pool, exports }
+    }
+
+    pub fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    /// An export by id or by name; the empty (default) name means the first export.
+    fn find(&self, name: &str) -> Option<&Export> {
+        if name.is_empty() {
+            return self.exports.first();
+        }
+        self.exports
+            .iter()
+            .find(|e| e.id.to_string() == name || e.alias.as_deref() == Some(name))
+    }
+
+    fn preferred_block_size(&self) -> u32 {
+        let bs = self.pool.block_size().bytes();
+        if bs.is_power_of_two() && bs <= u64::from(MAX_REQUEST) {
+            bs as u32
+        } else {
+            4096
+        }
+    }
+
+    /// Serves one connection to its end: the handshake, then requests until the client
+    /// disconnects. Errors are the connection's (a peer gone, a protocol violation).
+    pub fn serve<S: Read + Write>(&self, stream: &mut S) -> io::Result<()> {
+        let Some(export) = self.handshake(stream)? else {
+            return Ok(());
+        };
+        let thin = self
+            .pool
+            .open_thin(export.id)
+            .map_err(|e| io::Error::other(format!("cannot open thin {}: {e}", export.id)))?;
+        let mut conn = Connection {
+            export,
+            thin,
+            dirty: false,
+        };
+        let result = conn.transmit(stream);
+        // Writes the client never flushed are committed when it goes; flushes are what make
+        // them durable by the protocol, this only narrows the window.
+        if conn.dirty {
+            if let Err(e) = conn.thin.flush() {
+                tracing::warn!(thin = %export.id, "commit after disconnect failed: {e}");
+            }
+        }
+        result
+    }
+
+    /// The handshake. Returns the export chosen by NBD_OPT_GO or NBD_OPT_EXPORT_NAME, or
+    /// None when the client aborted or the connection should close.
+    fn handshake<S: Read + Write>(&self, s: &mut S) -> io::Result<Option<&Export>> {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&hello)?;
+        s.flush()?;
+        let client_flags = read_u32(s)?;
+        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            tracing::debug!("client sent unknown flags {client_flags:#x}; closing");
+            return Ok(None);
+        }
+        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+        loop {
+            if read_u64(s)? != IHAVEOPT {
+                tracing::debug!("bad option magic; closing");
+                return Ok(None);
+            }
+            let opt = read_u32(s)?;
+            let len = read_u32(s)?;
+            if len > MAX_OPTION {
+                tracing::debug!("option {opt} of {len} bytes is too long; closing");
+                return Ok(None);
+            }
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data)?;
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    let Some(export) = self.find(&name) else {
+                        tracing::debug!("unknown export {name:?} (EXPORT_NAME); closing");
+                        return Ok(None);
+                    };
+                    let mut reply = Vec::with_capacity(134);
+                    reply.extend_from_slice(&export.size.to_be_bytes());
+                    reply.extend_from_slice(&export.flags().to_be_bytes());
+                    if !no_zeroes {
+                        reply.extend_from_slice(&[0u8; 124]);
+                    }
+                    s.write_all(&reply)?;
+                    s.flush()?;
+                    return Ok(Some(export));
+                }
+                OPT_ABORT => {
+                    // The client need not wait for this; a failure to send it is no matter.
+                    let _ = opt_reply(s, opt, REP_ACK, &[]);
+                    return Ok(None);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        opt_reply(s, opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                        continue;
+                    }
+                    for e in &self.exports {
+                        let id = e.id.to_string();
+                        let names = std::iter::once(id.as_str()).chain(e.alias.as_deref());
+                        for name in names {
+                            let mut body = Vec::with_capacity(4 + name.len());
+                            body.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                            body.extend_from_slice(name.as_bytes());
+                            opt_reply(s, opt, REP_SERVER, &body)?;
+                        }
+                    }
+                    opt_reply(s, opt, REP_ACK, &[])?;
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some((name, _requests)) = parse_info_request(&data) else {
+                        opt_reply(s, opt, REP_ERR_INVALID, b"malformed info request")?;
+                        continue;
+                    };
+                    let Some(export) = self.find(&name) else {
+                        let msg = format!("no export named {name:?}");
+                        opt_reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                        continue;
+                    };
+                    let mut info = Vec::with_capacity(12);
+                    info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                    info.extend_from_slice(&export.size.to_be_bytes());
+                    info.extend_from_slice(&export.flags().to_be_bytes());
+                    opt_reply(s, opt, REP_INFO, &info)?;
+                    // Any alignment is served (minimum 1), so sending this unasked is safe.
+                    let mut sizes = Vec::with_capacity(14);
+                    sizes.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                    sizes.extend_from_slice(&1u32.to_be_bytes());
+                    sizes.extend_from_slice(&self.preferred_block_size().to_be_bytes());
+                    sizes.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                    opt_reply(s, opt, REP_INFO, &sizes)?;
+                    opt_reply(s, opt, REP_ACK, &[])?;
+                    if opt == OPT_GO {
+                        return Ok(Some(export));
+                    }
+                }
+                _ => {
+                    opt_reply(s, opt, REP_ERR_UNSUP, b"option not supported")?;
+                }
+            }
+        }
+    }
+}
+
+/// `u32 name length, name, u16 count, count × u16` → (name, requested info types).
+fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+    let name_len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let rest = &data[4 + name_len..];
+    let count = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let list = &rest[2..];
+    if list.len() != count * 2 {
+        return None;
+    }
+    let requests = list
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    Some((String::from_utf8(name.to_vec()).ok()?, requests))
+}
+
+fn opt_reply<S: Write>(s: &mut S, opt: u32, reply: u32, data: &[u8]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(20 + data.len());
+    buf.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    buf.extend_from_slice(&opt.to_be_bytes());
+    buf.extend_from_slice(&reply.to_be_bytes());
+    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    buf.extend_from_slice(data);
+    s.write_all(&buf)?;
+    s.flush()
+}
+
+fn read_u32<S: Read>(s: &mut S) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64<S: Read>(s: &mut S) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// The errno a failed engine call is reported as.
+fn errno(e: &Error) -> u32 {
+    match e {
+        Error::NoDataSpace | Error::NoMetadataSpace => ENOSPC,
+        Error::ReadOnly(_) => EPERM,
+        Error::InvalidArgument(_) => EINVAL,
+        _ => EIO,
+    }
+}
+
+struct Connection<'a> {
+    export: &'a Export,
+    thin: Thin,
+    /// Something was written since the last commit this connection made.
+    dirty: bool,
+}
+
+impl Connection<'_> {
+    fn transmit<S: Read + Write>(&mut self, s: &mut S) -> io::Result<()> {
+        loop {
+            let mut hdr = [0u8; 28];
+            match s.read_exact(&mut hdr) {
+                Ok(()) => {}
+                // A client that just goes away ends the connection like NBD_CMD_DISC.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            let magic = u32::from_be_bytes(hdr[0..4].try_into().unwrap());
+            if magic != REQUEST_MAGIC {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad request magic {magic:#x}"),
+                ));
+            }
+            let flags = u16::from_be_bytes(hdr[4..6].try_into().unwrap());
+            let kind = u16::from_be_bytes(hdr[6..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(hdr[8..16].try_into().unwrap());
+            let offset = u64::from_be_bytes(hdr[16..24].try_into().unwrap());
+            let len = u32::from_be_bytes(hdr[24..28].try_into().unwrap());
+            let fua = flags & CMD_FLAG_FUA != 0;
+            match kind {
+                CMD_READ => self.read(s, cookie, offset, len)?,
+                CMD_WRITE => {
+                    let error = self.write(s, offset, len, fua)?;
+                    reply(s, cookie, error, &[])?;
+                }
+                CMD_DISC => return Ok(()),
+                CMD_FLUSH => {
+                    let error = self.flush();
+                    reply(s, cookie, error, &[])?;
+                }
+                CMD_TRIM => {
+                    let error = self
+                        .check_change(offset, len)
+                        .or_else(|| self.done(self.thin.discard(offset, u64::from(len)), fua));
+                    reply(s, cookie, error, &[])?;
+                }
+                CMD_WRITE_ZEROES => {
+                    let error = self
+                        .check_change(offset, len)
+                        .or_else(|| self.done(self.write_zeroes(offset, len), fua));
+                    reply(s, cookie, error, &[])?;
+                }
+                _ => reply(s, cookie, EINVAL, &[])?,
+            }
+        }
+    }
+
+    /// EINVAL for a range past the export's end.
+    fn check_range(&self, offset: u64, len: u32) -> Option<u32> {
+        match offset.checked_add(u64::from(len)) {
+            Some(end) if end <= self.export.size => None,
+            _ => Some(EINVAL),
+        }
+    }
+
+    /// EPERM on a read-only export, else as [`Connection::check_range`].
+    fn check_change(&self, offset: u64, len: u32) -> Option<u32> {
+        if self.export.read_only {
+            return Some(EPERM);
+        }
+        self.check_range(offset, len)
+    }
+
+    /// After a change: marks the connection dirty, commits for FUA, and gives the errno.
+    fn done(&mut self, result: engine::Result<()>, fua: bool) -> Option<u32> {
+        if let Err(e) = result {
+            tracing::warn!(thin = %self.export.id, "request failed: {e}");
+            self.dirty = true;
+            return Some(errno(&e));
+        }
+        self.dirty = true;
+        if fua {
+            return self.flush();
+        }
+        None
+    }
+
+    fn flush(&mut self) -> Option<u32> {
+        match self.thin.flush() {
+            Ok(()) => {
+                self.dirty = false;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(thin = %self.export.id, "flush failed: {e}");
+                Some(errno(&e))
+            }
+        }
+    }
+
+    fn read<S: Write>(&self, s: &mut S, cookie: u64, offset: u64, len: u32) -> io::Result<()> {
+        if len > MAX_REQUEST {
+            return reply(s, cookie, EINVAL, &[]);
+        }
+        if let Some(error) = self.check_range(offset, len) {
+            return reply(s, cookie, error, &[]);
+        }
+        let mut buf = vec![0u8; 16 + len as usize];
+        if let Err(e) = self.thin.read(&mut buf[16..], offset) {
+            tracing::warn!(thin = %self.export.id, "read failed: {e}");
+            return reply(s, cookie, errno(&e), &[]);
+        }
+        put_reply_header(&mut buf[..16], cookie, 0);
+        s.write_all(&buf)?;
+        s.flush()
+    }
+
+    /// Reads a WRITE's payload (always, so the stream stays in step) and writes it.
+    fn write<S: Read>(&mut self, s: &mut S, offset: u64, len: u32, fua: bool) -> io::Result<u32> {
+        if len > MAX_REQUEST {
+            // Drain without holding it all: a hostile length costs time, not memory.
+            io::copy(&mut s.take(u64::from(len)), &mut io::sink())?;
+            return Ok(EINVAL);
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        if let Some(error) = self.check_change(offset, len) {
+            return Ok(error);
+        }
+        let result = self.thin.write(&data, offset);
+        Ok(self.done(result, fua).unwrap_or(0))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u32) -> engine::Result<()> {
+        let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let mut at = 0u64;
+        while at < u64::from(len) {
+            let n = (u64::from(len) - at).min(zeros.len() as u64) as usize;
+            self.thin.write(&zeros[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn put_reply_header(buf: &mut [u8], cookie: u64, error: u32) {
+    buf[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    buf[4..8].copy_from_slice(&error.to_be_bytes());
+    buf[8..16].copy_from_slice(&cookie.to_be_bytes());
+}
+
+fn reply<S: Write>(
+    s: &mut S,
+    cookie: u64,
+    error: impl Into<Option<u32>>,
+    data: &[u8],
+) -> io::Result<()> {
+    let error = error.into().unwrap_or(0);
+    let mut buf = vec![0u8; 16 + data.len()];
+    put_reply_header(&mut buf[..16], cookie, error);
+    buf[16..].copy_from_slice(data);
+    s.write_all(&buf)?;
+    s.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_request_parses() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&3u32.to_be_bytes());
+        d.extend_from_slice(b"abc");
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&3u16.to_be_bytes());
+        assert_eq!(parse_info_request(&d), Some(("abc".to_string(), vec![3])));
+        assert_eq!(parse_info_request(&d[..d.len() - 1]), None);
+        assert_eq!(parse_info_request(&[0, 0, 0, 9]), None);
+    }
+}
