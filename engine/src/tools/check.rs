@@ -700,6 +700,19 @@ impl Checker<'_> {
         self.visit_node(from, root, tree, 0, true, &mut HashSet::new())
     }
 
+    /// A block that could not be read or trusted: remembered as damaged, and whatever it
+    /// pointed at is now unknown (so leaks cannot be told from hidden references).
+    fn give_up_on(&mut self, loc: u64, role: Role) {
+        self.seen.insert(
+            loc,
+            Seen {
+                role,
+                state: State::Damaged,
+            },
+        );
+        self.hidden = true;
+    }
+
     /// Visits the node at `loc`, pointed at by block `from`: counts the reference and, on
     /// the first visit, validates the node and walks its subtree. `walk` holds the nodes
     /// already reached in this tree, where a node may appear once only (trees share
@@ -748,14 +761,7 @@ impl Checker<'_> {
         walk.insert(loc);
         if depth > MAX_DEPTH {
             self.report.error(Some(loc), tree, Damage::TooDeep);
-            self.seen.insert(
-                loc,
-                Seen {
-                    role,
-                    state: State::Damaged,
-                },
-            );
-            self.hidden = true;
+            self.give_up_on(loc, role);
             return None;
         }
         let checked = self.read(loc, &tree).and_then(|b| {
@@ -768,14 +774,7 @@ impl Checker<'_> {
             }
         });
         let Some(b) = checked else {
-            self.seen.insert(
-                loc,
-                Seen {
-                    role,
-                    state: State::Damaged,
-                },
-            );
-            self.hidden = true;
+            self.give_up_on(loc, role);
             return None;
         };
         let n = Node::new(&b);
