@@ -122,12 +122,13 @@ impl Thin {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_span(offset, buf.len())?;
         // Reads take no IO gate: a snapshot taken meanwhile changes no mapping they see.
-        let bs = self.pool.block_size().bytes();
-        let first = offset / bs;
-        let last = (offset + buf.len() as u64).div_ceil(bs);
-        if last - first <= 1 {
-            return self.read_one(buf, offset);
+        let block_size = self.pool.block_size();
+        let bs = block_size.bytes();
+        let (first, within) = block_size.split(offset);
+        if within + buf.len() as u64 <= bs {
+            return self.read_one(buf, first, within);
         }
+        let last = (offset + buf.len() as u64).div_ceil(bs);
         // Hold every block of the request against discard-and-reuse while reading it.
         let stripes = self.pool.stripes_for(self.id, first..last);
         let _guards: Vec<_> = stripes.iter().map(|s| s.read()).collect();
@@ -156,12 +157,11 @@ impl Thin {
     }
 
     /// A read within one block: one lookup, no allocation (the common 4 KiB case).
-    fn read_one(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_one(&self, buf: &mut [u8], vblock: u64, within: u64) -> Result<()> {
         let bs = self.pool.block_size().bytes();
-        let vblock = offset / bs;
         let _stripe = self.pool.stripe(self.id, vblock).read();
         if let Some(block) = self.pool.mappings.get(self.id, vblock) {
-            return self.read_data(buf, block * bs + offset % bs);
+            return self.read_data(buf, block * bs + within);
         }
         let (mapping, epoch) = {
             let mut md = self.pool.metadata();
@@ -174,7 +174,7 @@ impl Thin {
         match mapping {
             Some(bt) => {
                 self.pool.mappings.insert(self.id, vblock, bt.block, epoch);
-                self.read_data(buf, bt.block * bs + offset % bs)
+                self.read_data(buf, bt.block * bs + within)
             }
             None => {
                 buf.fill(0);
