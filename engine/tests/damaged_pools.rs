@@ -71,8 +71,9 @@ fn sweep(name: &str, step: usize) {
         "{name}: {cases} damaged images over {} blocks, slowest {slowest:?}",
         kinds.len()
     );
+    // A hang guard, not a speed goal (healthy cases take milliseconds).
     assert!(
-        slowest < Duration::from_secs(5),
+        slowest < Duration::from_secs(30),
         "a damaged image took {slowest:?}: a hang in the making"
     );
 }

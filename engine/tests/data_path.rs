@@ -6,26 +6,10 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use engine::block::{self, BlockKind};
-use engine::io::{BlockDevice, FileDevice, MemDevice};
+use engine::io::{BlockDevice, FileDevice};
 use engine::thin::files;
-use engine::{DataBlockSize, Error, NewPool, Pool, PoolMode, PoolOptions, PoolPaths, ThinId};
-
-fn id(n: u64) -> ThinId {
-    ThinId::new(n).unwrap()
-}
-
-fn mem_pool(
-    block: DataBlockSize,
-    data_blocks: u64,
-    options: PoolOptions,
-) -> (Arc<MemDevice>, Arc<MemDevice>, Arc<Pool>) {
-    let meta = Arc::new(MemDevice::new(8 << 20));
-    let data = Arc::new(MemDevice::new(data_blocks * block.bytes()));
-    let m: Arc<dyn BlockDevice> = meta.clone();
-    let d: Arc<dyn BlockDevice> = data.clone();
-    let pool = Pool::format(m, d, block, options).unwrap();
-    (meta, data, pool)
-}
+use engine::{DataBlockSize, Error, NewPool, Pool, PoolMode, PoolOptions, PoolPaths};
+use fixtures::pools::{id, mem_pool, MemPool};
 
 #[test]
 fn new_blocks_are_zero_filled_unless_zeroing_is_off() {
@@ -34,7 +18,7 @@ fn new_blocks_are_zero_filled_unless_zeroing_is_off() {
             zero_new_blocks: zero,
             ..Default::default()
         };
-        let (_, data, pool) = mem_pool(DataBlockSize::DEFAULT, 64, options);
+        let MemPool { data, pool, .. } = mem_pool(8 << 20, 64, DataBlockSize::DEFAULT, options);
         // Stale bytes on the data device, as a freed block would hold.
         data.write_at(&vec![0xEE; 64 * 65536], 0).unwrap();
         pool.create_thin(id(1)).unwrap();
@@ -81,7 +65,8 @@ fn discard_frees_blocks_and_punches_holes_in_the_data_file() {
 
 #[test]
 fn snapshot_blocks_are_not_punched_while_the_snapshot_maps_them() {
-    let (_, data, pool) = mem_pool(DataBlockSize::DEFAULT, 64, PoolOptions::default());
+    let MemPool { data, pool, .. } =
+        mem_pool(8 << 20, 64, DataBlockSize::DEFAULT, PoolOptions::default());
     pool.create_thin(id(1)).unwrap();
     let thin = pool.open_thin(id(1)).unwrap();
     thin.write(&vec![3u8; 4 * 65536], 0).unwrap();
@@ -103,7 +88,7 @@ fn snapshot_blocks_are_not_punched_while_the_snapshot_maps_them() {
 fn data_block_sizes_other_than_64k_work() {
     for kib in [192u64, 1024] {
         let block = DataBlockSize::from_bytes(kib << 10).unwrap();
-        let (_, _, pool) = mem_pool(block, 200, PoolOptions::default());
+        let MemPool { pool, .. } = mem_pool(8 << 20, 200, block, PoolOptions::default());
         pool.create_thin(id(1)).unwrap();
         let thin = pool.open_thin(id(1)).unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
@@ -125,7 +110,12 @@ fn data_block_sizes_other_than_64k_work() {
 
 #[test]
 fn a_damaged_node_is_an_error_naming_the_block_and_the_pool_degrades() {
-    let (meta, data, pool) = mem_pool(DataBlockSize::DEFAULT, 4096, PoolOptions::default());
+    let MemPool { meta, data, pool } = mem_pool(
+        8 << 20,
+        4096,
+        DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
     pool.create_thin(id(1)).unwrap();
     let thin = pool.open_thin(id(1)).unwrap();
     for v in 0..600u64 {

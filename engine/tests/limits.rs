@@ -4,38 +4,17 @@
 
 use std::sync::Arc;
 
-use engine::io::{BlockDevice, MemDevice};
+use engine::io::BlockDevice;
 use engine::thin::files;
-use engine::tools::check::{check, CheckOptions};
-use engine::{DataBlockSize, Error, NewPool, Pool, PoolMode, PoolOptions, PoolPaths, ThinId};
+use engine::{DataBlockSize, Error, NewPool, Pool, PoolMode, PoolOptions, PoolPaths};
+use fixtures::pools::{assert_checks_clean, id, mem_pool, MemPool};
 
 const BS: u64 = 64 * 1024;
 
-fn mem_pool(meta_bytes: u64, data_blocks: u64) -> (Arc<MemDevice>, Arc<MemDevice>, Arc<Pool>) {
-    let meta = Arc::new(MemDevice::new(meta_bytes));
-    let data = Arc::new(MemDevice::new(data_blocks * BS));
-    let m: Arc<dyn BlockDevice> = meta.clone();
-    let d: Arc<dyn BlockDevice> = data.clone();
-    let pool = Pool::format(m, d, DataBlockSize::DEFAULT, PoolOptions::default()).unwrap();
-    (meta, data, pool)
-}
-
-fn id(n: u64) -> ThinId {
-    ThinId::new(n).unwrap()
-}
-
-fn assert_clean(meta: &MemDevice) {
-    let report = check(meta, &CheckOptions::default());
-    assert!(
-        report.errors().next().is_none(),
-        "{:?}",
-        report.errors().collect::<Vec<_>>()
-    );
-}
-
 #[test]
 fn out_of_data_space_fails_that_write_only() {
-    let (meta, _data, pool) = mem_pool(1 << 20, 16);
+    let MemPool { meta, pool, .. } =
+        mem_pool(1 << 20, 16, DataBlockSize::DEFAULT, PoolOptions::default());
     pool.create_thin(id(1)).unwrap();
     let thin = pool.open_thin(id(1)).unwrap();
     thin.write(&vec![1u8; 16 * BS as usize], 0).unwrap();
@@ -61,13 +40,18 @@ fn out_of_data_space_fails_that_write_only() {
     assert_eq!(pool.mode(), PoolMode::ReadWrite);
     drop(thin);
     pool.commit().unwrap();
-    assert_clean(&meta);
+    assert_checks_clean(&*meta);
 }
 
 #[test]
 fn out_of_metadata_space_goes_read_only_with_needs_check_and_loses_nothing() {
     // 256 KiB of metadata (64 blocks) runs out long before 100 000 data blocks do.
-    let (meta, data, pool) = mem_pool(256 << 10, 100_000);
+    let MemPool { meta, data, pool } = mem_pool(
+        256 << 10,
+        100_000,
+        DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
     pool.create_thin(id(7)).unwrap();
     let thin = pool.open_thin(id(7)).unwrap();
     let mut written = vec![];
@@ -90,7 +74,7 @@ fn out_of_metadata_space_goes_read_only_with_needs_check_and_loses_nothing() {
     drop(pool);
 
     // The metadata on disk is consistent, flagged, and holds every acknowledged write.
-    assert_clean(&meta);
+    assert_checks_clean(&*meta);
     let m: Arc<dyn BlockDevice> = meta.clone();
     let d: Arc<dyn BlockDevice> = data.clone();
     assert!(matches!(
@@ -123,7 +107,7 @@ fn out_of_metadata_space_goes_read_only_with_needs_check_and_loses_nothing() {
     thin.write(&[9u8; 10], 99_999 * BS).unwrap();
     drop(thin);
     pool.commit().unwrap();
-    assert_clean(&meta);
+    assert_checks_clean(&*meta);
 }
 
 #[test]
@@ -157,7 +141,12 @@ fn a_second_owner_is_refused_and_told_who_holds_the_pool() {
 
 #[test]
 fn many_threads_write_read_and_snapshot_at_once() {
-    let (meta, _data, pool) = mem_pool(16 << 20, 20_000);
+    let MemPool { meta, pool, .. } = mem_pool(
+        16 << 20,
+        20_000,
+        DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
     for t in 0..4 {
         pool.create_thin(id(t)).unwrap();
     }
@@ -241,5 +230,5 @@ fn many_threads_write_read_and_snapshot_at_once() {
     }
     drop(thin);
     pool.commit().unwrap();
-    assert_clean(&meta);
+    assert_checks_clean(&*meta);
 }

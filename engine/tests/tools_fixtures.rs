@@ -889,8 +889,10 @@ fn sweep(name: &str, step: usize, dumped_blocks: Option<&[u64]>) -> usize {
         }
         dev.write_at(&pristine, at as u64).expect("restore");
     }
+    // A hang guard, not a speed goal: a damaged image must not send check or dump round a
+    // cycle; a healthy run takes milliseconds, so only a runaway walk gets near this.
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(30),
         "{name}: slowest check+dump took {slowest:?}"
     );
     runs
