@@ -75,6 +75,24 @@ impl RestoreError {
 
 type Result<T> = std::result::Result<T, RestoreError>;
 
+/// The error for an element that has no place inside `<context>`.
+fn unexpected<T>(token: Token<'_>, context: &str) -> Result<T> {
+    match token {
+        Token::Start {
+            name: name @ ("def" | "ref"),
+            line,
+            ..
+        } => input_err(line, format!("<{name}> (shared subtrees) is not supported")),
+        Token::Start { name, line, .. } => {
+            input_err(line, format!("unexpected <{name}> in <{context}>"))
+        }
+        Token::End { name, line } => {
+            input_err(line, format!("unexpected </{name}> in <{context}>"))
+        }
+        Token::Eof { line } => input_err(line, format!("unexpected end of input in <{context}>")),
+    }
+}
+
 fn input_err<T>(line: u64, message: impl Into<String>) -> Result<T> {
     Err(RestoreError::Input {
         line,
@@ -490,18 +508,8 @@ fn parse(xml: &[u8], nr_meta: u64) -> Result<Pool> {
                     empty,
                     line,
                 } => device(&mut lx, &mut pool, attrs, empty, line, max_mappings)?,
-                Token::Start {
-                    name: name @ ("def" | "ref"),
-                    line,
-                    ..
-                } => {
-                    return input_err(line, format!("<{name}> (shared subtrees) is not supported"))
-                }
-                Token::Start { name, line, .. } => {
-                    return input_err(line, format!("unexpected <{name}> in <superblock>"))
-                }
-                Token::End { name, line } => {
-                    return input_err(line, format!("unexpected </{name}> in <superblock>"))
+                other @ (Token::Start { .. } | Token::End { .. }) => {
+                    return unexpected(other, "superblock")
                 }
                 Token::Eof { line } => {
                     return input_err(
@@ -650,18 +658,8 @@ fn device<'a>(
                         }
                     }
                 }
-                Token::Start {
-                    name: name @ ("def" | "ref"),
-                    line,
-                    ..
-                } => {
-                    return input_err(line, format!("<{name}> (shared subtrees) is not supported"))
-                }
-                Token::Start { name, line, .. } => {
-                    return input_err(line, format!("unexpected <{name}> in <device>"))
-                }
-                Token::End { name, line } => {
-                    return input_err(line, format!("unexpected </{name}> in <device>"))
+                other @ (Token::Start { .. } | Token::End { .. }) => {
+                    return unexpected(other, "device")
                 }
                 Token::Eof { line: eof } => {
                     return input_err(
