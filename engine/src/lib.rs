@@ -13,6 +13,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod activate;
 pub mod block;
 pub mod error;
 pub mod io;

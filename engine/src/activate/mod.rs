@@ -1,0 +1,18 @@
+//! Activation: how a thin becomes something the kernel or a VM can use.
+//!
+//! Three backends share the pool-message vocabulary (`create_thin`, `create_snap`, `delete`,
+//! `set_transaction_id`, `reserve_metadata_snap`, `release_metadata_snap`):
+//! - [`fuse`] + [`loopdev`]: the userspace path. The pool daemon ([`daemon`]) serves each
+//!   active thin as a file in a FUSE mount of its own and attaches a loop device on top, so the
+//!   kernel sees a real block device (`/dev/loopN`) on a machine without device-mapper;
+//! - [`dm`] + [`kernel`]: the kernel's device-mapper, driven by DM ioctls where
+//!   `/dev/mapper/control` works; the kernel then owns the pool;
+//! - NBD exports (in dmtool) for qemu and other NBD clients.
+//!
+//! This layer sits above [`crate::thin`] and [`crate::store`] and below the binaries.
+
+pub mod daemon;
+pub mod dm;
+pub mod fuse;
+pub mod kernel;
+pub mod loopdev;
