@@ -111,6 +111,9 @@ pub enum Error {
     TimeExhausted,
     #[error("{0}")]
     InvalidArgument(String),
+    /// Activation failed: a loop, FUSE or device-mapper step, or the pool daemon.
+    #[error("{0}")]
+    Activation(String),
     #[error("state store {path}: {message}")]
     Store { path: String, message: String },
 }

@@ -11,8 +11,11 @@
 //!
 //! This layer sits above [`crate::thin`] and [`crate::store`] and below the binaries.
 
+pub mod control;
 pub mod daemon;
 pub mod dm;
 pub mod fuse;
 pub mod kernel;
 pub mod loopdev;
+
+pub use control::{Activation, ControlStatus, Local, PoolControl, ThinInfo};

@@ -90,7 +90,7 @@ pub enum PoolMode {
 }
 
 /// What `status` reports: the kernel's thin-pool status fields.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolStatus {
     pub transaction_id: u64,
     pub used_metadata_blocks: u64,

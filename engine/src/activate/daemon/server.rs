@@ -1,0 +1,530 @@
+//! The daemon side: owns the pool, serves active thins over FUSE + loop, answers clients.
+//!
+//! Threads: one accepts connections, one per connection runs its requests one at a time
+//! (each takes the state lock, so requests from all clients are serialised: the pool
+//! messages are quick, and bulk IO belongs on the block devices), the FUSE workers serve the
+//! active thins' IO without that lock, and a reaper finishes deferred deactivations once the
+//! kernel has let go of their loop devices.
+//!
+//! Stale state from a daemon that was killed (a dead FUSE mount, loop devices still pointing
+//! into it, a socket file) is cleaned up by the next start, after it has taken the pool's
+//! ownership lock, so it never disturbs a live daemon.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::protocol::{receive, send, Reply, Request, MAX_PAYLOAD};
+use super::RunDir;
+use crate::activate::control::{Activation, Local, PoolControl};
+use crate::activate::fuse::{ExportOptions, FuseExport};
+use crate::activate::loopdev::{LoopDevice, LoopOptions};
+use crate::error::{Error, Result};
+use crate::store::Volumes;
+use crate::thin::files::PoolPaths;
+use crate::thin::pool::PoolOptions;
+use crate::units::ThinId;
+
+/// How to start a daemon.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub paths: PoolPaths,
+    pub store_path: PathBuf,
+    pub run_dir: RunDir,
+    pub options: PoolOptions,
+    /// FUSE worker threads serving the active thins.
+    pub fuse_workers: usize,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    run_dir: RunDir,
+    state: Mutex<State>,
+    fuse: Mutex<Option<FuseExport>>,
+    stop: Mutex<bool>,
+    stop_changed: Condvar,
+}
+
+struct State {
+    local: Local,
+    active: BTreeMap<ThinId, Active>,
+    stopping: bool,
+}
+
+struct Active {
+    device: LoopDevice,
+    file: PathBuf,
+    read_only: bool,
+    deferred: bool,
+}
+
+impl Active {
+    fn describe(&self, id: ThinId) -> Activation {
+        Activation {
+            id: id.get(),
+            device: self.device.path(),
+            file: Some(self.file.clone()),
+            read_only: self.read_only,
+            deferred_removal: self.deferred,
+        }
+    }
+}
+
+fn activation_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
+    Error::Activation(format!("{what}: {e}"))
+}
+
+impl Daemon {
+    /// Takes ownership of the pool, cleans up after a daemon that died, mounts the FUSE
+    /// export and listens on the socket.
+    pub fn start(config: DaemonConfig) -> Result<Arc<Daemon>> {
+        let run = &config.run_dir;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(run.path())
+            .map_err(|e| activation_error(format_args!("failed to create {}", run.path().display()), e))?;
+        // The lock first: a live daemon's state must never be mistaken for stale.
+        let volumes = Volumes::open(&config.paths, &config.store_path, config.options)?;
+        clean_stale(run)?;
+        let mountpoint = run.fuse_dir();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&mountpoint)
+            .map_err(|e| activation_error(format_args!("failed to create {}", mountpoint.display()), e))?;
+        let fuse = FuseExport::mount(
+            &mountpoint,
+            ExportOptions {
+                workers: config.fuse_workers,
+                ..ExportOptions::default()
+            },
+        )?;
+        let daemon = Arc::new(Daemon {
+            run_dir: run.clone(),
+            state: Mutex::new(State {
+                local: Local::new(volumes),
+                active: BTreeMap::new(),
+                stopping: false,
+            }),
+            fuse: Mutex::new(Some(fuse)),
+            stop: Mutex::new(false),
+            stop_changed: Condvar::new(),
+        });
+        let socket = run.socket();
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| activation_error(format_args!("failed to listen on {}", socket.display()), e))?;
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+            .map_err(|e| activation_error(format_args!("failed to protect {}", socket.display()), e))?;
+        let _ = fs::write(run.pid_file(), format!("{}\n", std::process::id()));
+        {
+            let daemon = daemon.clone();
+            thread::Builder::new()
+                .name("daemon-accept".into())
+                .spawn(move || daemon.accept(listener))
+                .map_err(|e| activation_error("failed to start the accept thread", e))?;
+        }
+        {
+            let daemon = Arc::downgrade(&daemon);
+            thread::Builder::new()
+                .name("daemon-reaper".into())
+                .spawn(move || {
+                    while let Some(daemon) = daemon.upgrade() {
+                        daemon.reap_deferred();
+                        drop(daemon);
+                        thread::sleep(Duration::from_millis(200));
+                    }
+                })
+                .map_err(|e| activation_error("failed to start the reaper thread", e))?;
+        }
+        tracing::info!(socket = %socket.display(), "pool daemon listening");
+        Ok(daemon)
+    }
+
+    /// Blocks until a client asks the daemon to stop or [`Daemon::request_stop`] is called.
+    pub fn wait_for_stop(&self) {
+        let mut stop = self.stop.lock();
+        while !*stop {
+            self.stop_changed.wait(&mut stop);
+        }
+    }
+
+    /// Makes [`Daemon::wait_for_stop`] return (a signal handler's job).
+    pub fn request_stop(&self) {
+        *self.stop.lock() = true;
+        self.stop_changed.notify_all();
+    }
+
+    /// Deactivates every thin, commits, unmounts the export and removes the socket. Thins
+    /// still in use are detached when their users close them; their filesystems see IO
+    /// errors from now on, which is logged.
+    pub fn shutdown(&self) -> Result<()> {
+        let mut state = self.state.lock();
+        state.stopping = true;
+        let ids: Vec<ThinId> = state.active.keys().copied().collect();
+        for id in ids {
+            let active = &state.active[&id];
+            let users = active.device.users();
+            if users.is_empty() {
+                if let Err(e) = self.finish_deactivate(&mut state, id, false) {
+                    tracing::warn!(thin_id = %id, "deactivation at shutdown failed: {e}");
+                }
+            } else {
+                tracing::warn!(
+                    thin_id = %id,
+                    device = %active.device.path().display(),
+                    "still in use at shutdown ({}); it detaches when they close it and sees IO \
+                     errors until then",
+                    users.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                );
+                let _ = active.device.detach_deferred();
+            }
+        }
+        let committed = state.local.flush();
+        if let Some(fuse) = self.fuse.lock().take() {
+            if let Err(e) = fuse.unmount() {
+                tracing::warn!("unmounting the FUSE export: {e}");
+            }
+        }
+        let _ = fs::remove_file(self.run_dir.socket());
+        let _ = fs::remove_file(self.run_dir.pid_file());
+        committed
+    }
+
+    fn accept(self: Arc<Self>, listener: UnixListener) {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(stream) => {
+                    let daemon = self.clone();
+                    let spawned = thread::Builder::new()
+                        .name("daemon-client".into())
+                        .spawn(move || daemon.serve_client(stream));
+                    if let Err(e) = spawned {
+                        tracing::warn!("failed to start a client thread: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("accept on the daemon socket: {e}");
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn serve_client(&self, stream: UnixStream) {
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        loop {
+            let request: Request = match receive(&mut reader) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!("dropping a client: {e}");
+                    let _ = send(&mut writer, &Reply::failed(&Error::InvalidArgument(e.to_string())));
+                    return;
+                }
+            };
+            let payload_len = match &request {
+                Request::Write { length, .. } | Request::Read { length, .. } => *length,
+                _ => 0,
+            };
+            if payload_len > MAX_PAYLOAD {
+                let e = Error::InvalidArgument(format!(
+                    "{payload_len} bytes in one request; the limit is {MAX_PAYLOAD}"
+                ));
+                let _ = send(&mut writer, &Reply::failed(&e));
+                return;
+            }
+            buf.resize(payload_len as usize, 0);
+            if matches!(request, Request::Write { .. }) && reader.read_exact(&mut buf).is_err() {
+                return;
+            }
+            let reply = match self.handle(&request, &mut buf) {
+                Ok(reply) => reply,
+                Err(e) => Reply::failed(&e),
+            };
+            let sent = send(&mut writer, &reply).and_then(|()| {
+                if reply.ok && matches!(request, Request::Read { .. }) {
+                    writer.write_all(&buf)
+                } else {
+                    Ok(())
+                }
+            });
+            if sent.is_err() {
+                return;
+            }
+            if reply.ok && matches!(request, Request::Stop { .. }) {
+                self.request_stop();
+                return;
+            }
+        }
+    }
+
+    fn handle(&self, request: &Request, buf: &mut [u8]) -> Result<Reply> {
+        let mut state = self.state.lock();
+        if state.stopping {
+            return Err(Error::Activation("the pool daemon is stopping".into()));
+        }
+        let thin_id = |id: u64| ThinId::new(id).ok_or(Error::BadThinId(id));
+        let mut reply = Reply::ok();
+        match request {
+            Request::Status => {
+                let mut status = state.local.status()?;
+                status.daemon_pid = Some(std::process::id());
+                reply.status = Some(status);
+            }
+            Request::List => {
+                let mut thins = state.local.list()?;
+                for t in &mut thins {
+                    if let Some(id) = ThinId::new(t.id) {
+                        t.active = state.active.get(&id).map(|a| a.describe(id));
+                    }
+                }
+                reply.thins = Some(thins);
+            }
+            Request::CreateThin {
+                id,
+                size_bytes,
+                name,
+            } => state
+                .local
+                .create_thin(thin_id(*id)?, *size_bytes, name.as_deref())?,
+            Request::CreateSnap { id, origin, name } => {
+                state
+                    .local
+                    .create_snap(thin_id(*id)?, thin_id(*origin)?, name.as_deref())?
+            }
+            Request::Delete { id } => {
+                let id = thin_id(*id)?;
+                if let Some(active) = state.active.get(&id) {
+                    return Err(Error::Busy {
+                        what: format!("thin {id}"),
+                        holder: format!(
+                            "it is active as {}; deactivate it first",
+                            active.device.path().display()
+                        ),
+                    });
+                }
+                state.local.delete(id)?;
+            }
+            Request::SetTransactionId { old, new } => state.local.set_transaction_id(*old, *new)?,
+            Request::ReserveMetadataSnap => state.local.reserve_metadata_snap()?,
+            Request::ReleaseMetadataSnap => state.local.release_metadata_snap()?,
+            Request::ResizePool {
+                data_bytes,
+                metadata_bytes,
+            } => state.local.resize_pool(*data_bytes, *metadata_bytes)?,
+            Request::SizeOf { id } => reply.size_bytes = Some(state.local.size_of(thin_id(*id)?)?),
+            Request::Read { id, offset, .. } => {
+                state.local.read(thin_id(*id)?, *offset, buf)?;
+                reply.length = Some(buf.len() as u64);
+            }
+            Request::Write { id, offset, .. } => state.local.write(thin_id(*id)?, *offset, buf)?,
+            Request::Discard { id, offset, length } => {
+                state.local.discard(thin_id(*id)?, *offset, *length)?
+            }
+            Request::Flush => state.local.flush()?,
+            Request::Activate { id, read_only } => {
+                reply.activation = Some(self.activate(&mut state, thin_id(*id)?, *read_only)?)
+            }
+            Request::Deactivate { id, deferred } => {
+                self.deactivate(&mut state, thin_id(*id)?, *deferred)?
+            }
+            Request::Stop { force } => {
+                if !force {
+                    let busy: Vec<String> = state
+                        .active
+                        .iter()
+                        .filter_map(|(id, a)| {
+                            let users = a.device.users();
+                            (!users.is_empty()).then(|| {
+                                format!(
+                                    "thin {id} on {} ({})",
+                                    a.device.path().display(),
+                                    users
+                                        .iter()
+                                        .map(ToString::to_string)
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                )
+                            })
+                        })
+                        .collect();
+                    if !busy.is_empty() {
+                        return Err(Error::Busy {
+                            what: "the pool daemon".into(),
+                            holder: format!("{} in use: {}", busy.len(), busy.join("; ")),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(reply)
+    }
+
+    fn activate(&self, state: &mut State, id: ThinId, read_only: bool) -> Result<Activation> {
+        if let Some(active) = state.active.get(&id) {
+            if active.read_only != read_only {
+                return Err(Error::InvalidArgument(format!(
+                    "thin {id} is already active {} as {}",
+                    if active.read_only { "read-only" } else { "read-write" },
+                    active.device.path().display()
+                )));
+            }
+            if active.deferred {
+                return Err(Error::Busy {
+                    what: format!("thin {id}"),
+                    holder: format!(
+                        "its device {} waits for its last user to close it (deferred removal)",
+                        active.device.path().display()
+                    ),
+                });
+            }
+            return Ok(active.describe(id));
+        }
+        let size = state.local.size_of(id)?;
+        let thin = state.local.open_thin(id)?;
+        let fuse = self.fuse.lock();
+        let fuse = fuse
+            .as_ref()
+            .ok_or_else(|| Error::Activation("the pool daemon is stopping".into()))?;
+        let name = id.to_string();
+        let file = fuse.add(&name, thin, size, read_only)?;
+        let options = LoopOptions {
+            read_only,
+            ..LoopOptions::default()
+        };
+        let device = match LoopDevice::attach(&file, options) {
+            Ok(device) => device,
+            Err(e) => {
+                let _ = fuse.remove(&name);
+                return Err(e);
+            }
+        };
+        tracing::info!(thin_id = %id, device = %device.path().display(), "activated");
+        let active = Active {
+            device,
+            file,
+            read_only,
+            deferred: false,
+        };
+        let described = active.describe(id);
+        state.active.insert(id, active);
+        Ok(described)
+    }
+
+    fn deactivate(&self, state: &mut State, id: ThinId, deferred: bool) -> Result<()> {
+        let Some(active) = state.active.get_mut(&id) else {
+            return Err(Error::InvalidArgument(format!("thin {id} is not active")));
+        };
+        if deferred {
+            active.device.detach_deferred()?;
+            active.deferred = true;
+            // Idle devices detach at once; finish those now rather than at the next reap.
+            if active.device.backing_file().is_none() {
+                return self.finish_deactivate(state, id, true);
+            }
+            tracing::info!(thin_id = %id, "deactivation deferred until the device's last user closes it");
+            return Ok(());
+        }
+        self.finish_deactivate(state, id, false)
+    }
+
+    /// Detaches the loop device (unless it already is) and withdraws the FUSE file.
+    fn finish_deactivate(&self, state: &mut State, id: ThinId, detached: bool) -> Result<()> {
+        let Some(active) = state.active.get(&id) else {
+            return Ok(());
+        };
+        if !detached && active.device.backing_file().as_deref() == Some(active.file.as_path()) {
+            active.device.detach()?;
+        }
+        let active = state.active.remove(&id).expect("checked above");
+        if let Some(fuse) = self.fuse.lock().as_ref() {
+            let thin = fuse.remove(&id.to_string())?;
+            thin.flush()?;
+        }
+        tracing::info!(thin_id = %id, device = %active.device.path().display(), "deactivated");
+        Ok(())
+    }
+
+    /// Finishes deferred deactivations whose devices the kernel has detached, and forgets
+    /// activations whose loop device someone else detached.
+    fn reap_deferred(&self) {
+        let mut state = self.state.lock();
+        if state.stopping {
+            return;
+        }
+        let gone: Vec<ThinId> = state
+            .active
+            .iter()
+            .filter(|(_, a)| a.device.backing_file().as_deref() != Some(a.file.as_path()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if !state.active[&id].deferred {
+                tracing::warn!(thin_id = %id, "its loop device was detached behind our back");
+            }
+            if let Err(e) = self.finish_deactivate(&mut state, id, true) {
+                tracing::warn!(thin_id = %id, "finishing deactivation: {e}");
+            }
+        }
+    }
+}
+
+/// Cleans up after a daemon that died: loop devices pointing into its FUSE mount are
+/// detached (at once when idle, else when their users close them), the dead mount is
+/// detached, and the socket file removed.
+fn clean_stale(run: &RunDir) -> Result<()> {
+    let mountpoint = run.fuse_dir();
+    for device in LoopDevice::all() {
+        let Some(backing) = device.backing_file() else {
+            continue;
+        };
+        if backing.starts_with(&mountpoint) {
+            let users = device.users();
+            if !users.is_empty() {
+                tracing::warn!(
+                    device = %device.path().display(),
+                    "left behind by a daemon that died and still in use ({}); it detaches when \
+                     they close it",
+                    users.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                );
+            }
+            device.detach_deferred()?;
+        }
+    }
+    if is_mount_point(&mountpoint) {
+        tracing::warn!(mount = %mountpoint.display(), "detaching the FUSE mount of a daemon that died");
+        nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+            activation_error(format_args!("failed to unmount {}", mountpoint.display()), e)
+        })?;
+    }
+    let socket = run.socket();
+    if socket.exists() {
+        fs::remove_file(&socket)
+            .map_err(|e| activation_error(format_args!("failed to remove {}", socket.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Whether `path` is a mount point in this mount namespace.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let target = path.to_string_lossy();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|point| point == target)
+}
