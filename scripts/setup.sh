@@ -7,13 +7,15 @@
 #   qemu-system-x86, busybox-static, cpio, dmsetup
 #                            a real Linux kernel with dm-thin under qemu (fixtures/kernel/)
 #   libnbd-bin               nbdinfo and nbdcopy, real NBD clients for `dmtool serve`
+#   xfsprogs, e2fsprogs, util-linux
+#                            mkfs.xfs, mkfs.ext4, losetup and fstrim on activated thins
 #   qemu-utils               qemu-img and qemu-io (NBD clients too), only if missing: the
 #                            machine image ships them from backports, and apt must not touch those
 #
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin)
+packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin xfsprogs e2fsprogs util-linux)
 missing=()
 for p in "${packages[@]}"; do
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")
