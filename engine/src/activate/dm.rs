@@ -116,7 +116,7 @@ pub enum DmError {
         source: io::Error,
     },
     /// The control node opened but does not answer DM_VERSION (not a DM node, too old).
-    #[error("{path} does not answer DM_VERSION: {errno} ({desc})", desc = errno.desc())]
+    #[error("{path} does not answer DM_VERSION: {errno}")]
     VersionFailed { path: PathBuf, errno: Errno },
     /// A name, uuid, target type or message the kernel would refuse or truncate.
     #[error("invalid device-mapper {what} {value:?}: {reason}")]
@@ -136,9 +136,8 @@ pub enum DmError {
     DeviceBusy { device: String, open_count: u32 },
     /// The kernel refused a table (its reason is in the kernel log).
     #[error(
-        "the kernel refused table {table:?} for device-mapper device {device}: {errno} \
-         ({desc}); the kernel log says why",
-        desc = errno.desc()
+        "the kernel refused table {table:?} for device-mapper device {device}: {errno}; \
+         the kernel log says why"
     )]
     TableRejected {
         device: String,
@@ -147,9 +146,8 @@ pub enum DmError {
     },
     /// The target refused a message (its reason is in the kernel log).
     #[error(
-        "message {message:?} to device-mapper device {device} failed: {errno} ({desc}); \
-         the kernel log says why",
-        desc = errno.desc()
+        "message {message:?} to device-mapper device {device} failed: {errno}; the kernel \
+         log says why"
     )]
     MessageFailed {
         device: String,
@@ -157,7 +155,7 @@ pub enum DmError {
         errno: Errno,
     },
     /// Any other failing command.
-    #[error("{op} on device-mapper device {device} failed: {errno} ({desc})", desc = errno.desc())]
+    #[error("{op} on device-mapper device {device} failed: {errno}")]
     Ioctl {
         op: &'static str,
         device: String,

@@ -692,7 +692,21 @@ impl KernelPool {
                 ),
             });
         }
-        match self.ctl.remove(&self.name) {
+        // A thin whose deferred remove has just run leaves the kernel's name table before its
+        // live table lets go of the pool (the table is destroyed after unhashing), so the pool
+        // can look open for a moment after the last thin is gone. Retry for about a second,
+        // as libdevmapper's dm_task_retry_remove does, before calling it busy.
+        let mut tries = 0;
+        let removed = loop {
+            match self.ctl.remove(&self.name) {
+                Err(DmError::DeviceBusy { .. }) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        match removed {
             Ok(()) => {
                 tracing::debug!(pool = %self.name, "stopped kernel pool");
                 Ok(())
