@@ -174,8 +174,24 @@ fn guest_side() {
         0,
     );
     emit_sha("t1_after", &t1);
-    let t8 = pool.activate(id(8), THIN_BYTES, false).unwrap();
+    // Read-only: the kernel marks the device read-only and refuses writers.
+    let t8 = pool.activate(id(8), THIN_BYTES, true).unwrap();
     emit_sha("t8", &t8);
+    let t8_info = ctl.info(&pool.thin_name(id(8))).unwrap().unwrap();
+    // Linux lets a writer open a read-only disk and refuses its writes (EPERM).
+    let t8_write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&t8)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], 0));
+    kv(
+        "t8_read_only",
+        format!(
+            "info={} write={:?}",
+            t8_info.read_only,
+            t8_write.map_err(|e| e.raw_os_error())
+        ),
+    );
+
     kv(
         "origin_resumed",
         !ctl.info(&pool.thin_name(id(1))).unwrap().unwrap().suspended,
@@ -258,6 +274,24 @@ fn guest_side() {
         ctl.info(&name).unwrap().is_none() && !dm::node_path(&name).exists(),
     );
     kv("found_at_end", KernelPool::find(&paths).unwrap().is_some());
+
+    // Features from PoolOptions reach the table, and a read-only pool says so.
+    let options = PoolOptions {
+        zero_new_blocks: false,
+        discard_passdown: false,
+        read_only: true,
+        no_space: engine::NoSpacePolicy::Queue {
+            timeout: engine::NoSpacePolicy::DEFAULT_QUEUE_TIMEOUT,
+        },
+        ..PoolOptions::default()
+    };
+    let ro = KernelPool::start(&paths, &options, 0).unwrap();
+    kv("ro_table", &ctl.table(ro.name()).unwrap()[0]);
+    let st = ro.status().unwrap();
+    kv("ro_status", format!("{:?} {}", st.mode, st.raw));
+    let refused = ro.message("create_thin 20").unwrap_err();
+    kv("ro_create_thin", &refused);
+    ro.stop().unwrap();
     kv("list_at_end", ctl.list().unwrap().len());
     kv("guest_seconds", started.elapsed().as_secs_f64());
     println!("GUEST_SIDE_DONE");
@@ -457,6 +491,23 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     assert_eq!(get("pool_gone"), "true");
     assert_eq!(get("found_at_end"), "false");
     assert_eq!(get("list_at_end"), "0");
+    assert_eq!(get("t8_read_only"), "info=true write=Err(Some(1))");
+    let ro_table = get("ro_table");
+    assert!(
+        ro_table.ends_with(" 128 0 3 skip_block_zeroing no_discard_passdown read_only"),
+        "{ro_table}"
+    );
+    let ro_status = get("ro_status");
+    assert!(
+        ro_status.starts_with("ReadOnly 6 ")
+            && ro_status.contains(" ro no_discard_passdown queue_if_no_space "),
+        "{ro_status}"
+    );
+    assert!(
+        get("ro_create_thin").contains("create_thin 20"),
+        "{}",
+        get("ro_create_thin")
+    );
     eprintln!(
         "guest side took {} s inside the guest",
         get("guest_seconds")

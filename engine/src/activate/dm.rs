@@ -643,6 +643,7 @@ fn parse_versions(payload: &[u8]) -> Result<Vec<TargetVersion>, DmError> {
 
 /// Parses a DM_TABLE_STATUS payload of `count` targets: each spec is followed by its
 /// NUL-terminated text; `next` is the offset of the following spec from the payload start.
+/// Trailing white space of each text is dropped.
 fn parse_targets(payload: &[u8], count: u32) -> Result<Vec<TargetStatus>, DmError> {
     let bad = |reason: String| {
         Err(DmError::BadReply {
@@ -670,7 +671,9 @@ fn parse_targets(payload: &[u8], count: u32) -> Result<Vec<TargetStatus>, DmErro
             start_sector: start,
             length_sectors: length,
             target_type: c_str(ty),
-            params,
+            // Some targets (thin-pool) end their text with a space; it means nothing to
+            // the kernel's argument splitter, and dropping it lets texts compare equal.
+            params: params.trim_end().to_string(),
         });
         if i + 1 < count {
             let next = next as usize;

@@ -294,9 +294,10 @@ fn status_record(start: u64, len: u64, ty: &str, text: &str, next: Option<u32>) 
 #[test]
 fn status_targets_are_parsed_with_next_from_the_payload_start() {
     let line = "5 141/1024 60/1024 - rw discard_passdown queue_if_no_space - 1024";
-    let first = status_record(0, 131072, "thin-pool", line, None);
+    let kernel_line = format!("{line} ");
+    let first = status_record(0, 131072, "thin-pool", &kernel_line, None);
     let second_at = first.len() as u32;
-    let mut first = status_record(0, 131072, "thin-pool", line, Some(second_at));
+    let mut first = status_record(0, 131072, "thin-pool", &kernel_line, Some(second_at));
     let second = status_record(131072, 8, "error", "", Some(0));
     first.extend(&second);
     let buf = reply(FLAG_ACTIVE_PRESENT, 2, &first);
