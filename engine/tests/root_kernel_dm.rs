@@ -134,6 +134,16 @@ fn guest_side() {
     );
     let table = ctl.table(pool.name()).unwrap();
     kv("pool_table", &table[0]);
+    // The same answers through the smallest buffer: every reply comes back with
+    // DM_BUFFER_FULL_FLAG first and is retried larger.
+    let small = DmControl::open().unwrap().with_initial_buffer(0);
+    kv(
+        "small_buffer_same",
+        small.table(pool.name()).unwrap() == table
+            && small.status(pool.name()).unwrap() == ctl.status(pool.name()).unwrap()
+            && small.list().unwrap() == ctl.list().unwrap()
+            && small.list_versions().unwrap() == ctl.list_versions().unwrap(),
+    );
 
     // Read what our engine wrote.
     for t in 1..=3 {
@@ -439,6 +449,7 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     let table = get("pool_table");
     assert!(table.starts_with("0 131072 thin-pool "), "{table}");
     assert!(table.contains(" 128 16 "), "{table}");
+    assert_eq!(get("small_buffer_same"), "true");
     assert_eq!(get("activate_twice"), "true");
     assert_eq!(
         get("thin1_info"),

@@ -688,6 +688,30 @@ fn parse_targets(payload: &[u8], count: u32) -> Result<Vec<TargetStatus>, DmErro
     Ok(out)
 }
 
+/// Runs `ioctl` on request buffers of growing size, starting at `initial` bytes and doubling
+/// while the reply carries DM_BUFFER_FULL_FLAG; returns the first complete reply.
+/// `Err(E2BIG)` once a buffer of MAX_BUFFER bytes was still too small.
+fn query_growing(
+    initial: usize,
+    name: &str,
+    flags: u32,
+    payload: &[u8],
+    mut ioctl: impl FnMut(&mut [u8]) -> Result<(), Errno>,
+) -> Result<Vec<u8>, Errno> {
+    let mut size = initial.clamp(DM_IOCTL_SIZE, MAX_BUFFER);
+    loop {
+        let mut buf = encode_request(size, name, None, flags, 0, payload);
+        ioctl(&mut buf)?;
+        if get_u32(&buf, OFF_FLAGS).unwrap_or(0) & FLAG_BUFFER_FULL == 0 {
+            return Ok(buf);
+        }
+        if size >= MAX_BUFFER {
+            return Err(Errno::E2BIG);
+        }
+        size = (size * 2).min(MAX_BUFFER);
+    }
+}
+
 //------------------------------------------------------------------------------------------------
 // The control node
 
@@ -698,6 +722,8 @@ pub struct DmControl {
     file: File,
     path: PathBuf,
     version: [u32; 3],
+    /// First buffer size for commands with a reply.
+    initial_buffer: usize,
 }
 
 impl DmControl {
@@ -725,6 +751,7 @@ impl DmControl {
             file,
             path: path.to_path_buf(),
             version: [0; 3],
+            initial_buffer: INITIAL_BUFFER,
         };
         let mut buf = encode_request(DM_IOCTL_SIZE, "", None, 0, 0, &[]);
         ctl.raw(CMD_VERSION, &mut buf)
@@ -746,6 +773,14 @@ impl DmControl {
     /// The kernel's DM interface version (major, minor, patch), e.g. `[4, 47, 0]`.
     pub fn version(&self) -> [u32; 3] {
         self.version
+    }
+
+    /// Starts replies in a buffer of `bytes` (at least the 312-byte header) instead of 16 KiB.
+    /// Replies still grow the buffer as they need; a small start makes every listing go
+    /// through the kernel's DM_BUFFER_FULL_FLAG retry, which tests use to exercise it.
+    pub fn with_initial_buffer(mut self, bytes: usize) -> DmControl {
+        self.initial_buffer = bytes.clamp(DM_IOCTL_SIZE, MAX_BUFFER);
+        self
     }
 
     /// The path of the control node this talks to.
@@ -786,20 +821,18 @@ impl DmControl {
         flags: u32,
         payload: &[u8],
     ) -> Result<Vec<u8>, Errno> {
-        let mut size = INITIAL_BUFFER;
-        loop {
-            let mut buf = encode_request(size, name, None, flags, 0, payload);
-            self.raw(cmd, &mut buf)?;
-            let full = get_u32(&buf, OFF_FLAGS).unwrap_or(0) & FLAG_BUFFER_FULL != 0;
-            if !full {
-                return Ok(buf);
+        query_growing(self.initial_buffer, name, flags, payload, |buf| {
+            let r = self.raw(cmd, buf);
+            if r.is_ok() && get_u32(buf, OFF_FLAGS).unwrap_or(0) & FLAG_BUFFER_FULL != 0 {
+                tracing::trace!(
+                    op,
+                    name,
+                    size = buf.len(),
+                    "device-mapper reply did not fit"
+                );
             }
-            if size >= MAX_BUFFER {
-                tracing::warn!(op, name, size, "device-mapper reply still too large");
-                return Err(Errno::E2BIG);
-            }
-            size *= 2;
-        }
+            r
+        })
     }
 
     /// Maps a failing command's errno to the error callers act on.

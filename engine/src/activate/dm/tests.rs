@@ -410,6 +410,49 @@ fn a_node_that_is_not_device_mapper_fails_dm_version() {
     assert!(e.to_string().contains("DM_VERSION"), "{e}");
 }
 
+/// A fake kernel for DM_LIST_DEVICES whose reply needs `needed` payload bytes.
+fn fake_list(
+    needed: usize,
+    calls: &mut Vec<usize>,
+) -> impl FnMut(&mut [u8]) -> Result<(), Errno> + '_ {
+    move |buf: &mut [u8]| {
+        calls.push(buf.len());
+        let flags = get_u32(buf, OFF_FLAGS).unwrap();
+        if buf.len() - DM_IOCTL_SIZE < needed {
+            put_u32(buf, OFF_FLAGS, flags | FLAG_BUFFER_FULL);
+            put_u32(buf, OFF_DATA_SIZE, OFF_DATA as u32);
+        } else {
+            let record = name_record(0xfd00, "big", true);
+            buf[DM_IOCTL_SIZE..DM_IOCTL_SIZE + record.len()].copy_from_slice(&record);
+            put_u32(buf, OFF_DATA_SIZE, (DM_IOCTL_SIZE + needed) as u32);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_buffer_is_retried_with_a_larger_one() {
+    let mut calls = Vec::new();
+    let buf = query_growing(DM_IOCTL_SIZE, "", 0, &[], fake_list(5000, &mut calls)).unwrap();
+    assert_eq!(calls, vec![312, 624, 1248, 2496, 4992, 9984]);
+    let r = decode_reply("DM_LIST_DEVICES", &buf).unwrap();
+    assert_eq!(parse_name_list(r.payload).unwrap()[0].0, "big");
+}
+
+#[test]
+fn a_reply_that_never_fits_stops_at_the_limit() {
+    let mut calls = Vec::new();
+    let e = query_growing(
+        MAX_BUFFER / 4,
+        "",
+        0,
+        &[],
+        fake_list(usize::MAX / 2, &mut calls),
+    );
+    assert_eq!(e.unwrap_err(), Errno::E2BIG);
+    assert_eq!(calls, vec![MAX_BUFFER / 4, MAX_BUFFER / 2, MAX_BUFFER]);
+}
+
 proptest! {
     #[test]
     fn parsers_never_panic_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..600),
