@@ -116,6 +116,9 @@ pub enum Error {
     Activation(String),
     #[error("state store {path}: {message}")]
     Store { path: String, message: String },
+    /// The kernel's device-mapper refused or failed an operation ([`crate::activate::dm`]).
+    #[error("device-mapper: {0}")]
+    Dm(#[from] crate::activate::dm::DmError),
 }
 
 impl Error {
