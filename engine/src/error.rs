@@ -113,6 +113,13 @@ pub enum Error {
     InvalidArgument(String),
     #[error("state store {path}: {message}")]
     Store { path: String, message: String },
+    /// A system call of an activation backend failed (mount, `/dev/fuse`, loop setup).
+    #[error("{what}")]
+    Activation {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
