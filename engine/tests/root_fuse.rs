@@ -469,3 +469,119 @@ fn root_fuse_ext4_on_a_loop_device_trims_and_checks_clean() {
         FileDevice::open(&PoolPaths::in_dir(&pool_dir).metadata, OpenMode::ReadOnly).unwrap();
     assert_checks_clean(&meta);
 }
+
+/// CPU time so far: this process's (user + system, all threads) and the whole machine's
+/// busy time, in seconds.
+fn cpu_seconds() -> (f64, f64) {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let (utime, stime): (f64, f64) = (fields[11].parse().unwrap(), fields[12].parse().unwrap());
+    let all = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu: Vec<f64> = all
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+    let busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu[7];
+    ((utime + stime) / hz, busy / hz)
+}
+
+/// One fio run on `dev`; prints IOPS and CPU per IO, returns IOPS.
+fn fio(label: &str, dev: &str, rw: &str, secs: u64) -> f64 {
+    let (proc0, all0) = cpu_seconds();
+    let out = run(Command::new("fio").args([
+        "--name=bench",
+        &format!("--filename={dev}"),
+        &format!("--rw={rw}"),
+        "--bs=4k",
+        "--ioengine=io_uring",
+        "--iodepth=32",
+        "--direct=1",
+        "--time_based",
+        &format!("--runtime={secs}"),
+        "--size=1G",
+        "--randrepeat=0",
+        "--output-format=json",
+    ]));
+    let (proc1, all1) = cpu_seconds();
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let job = &json["jobs"][0];
+    let side = if rw.contains("read") { "read" } else { "write" };
+    let ios = job[side]["total_ios"].as_f64().unwrap();
+    let iops = job[side]["iops"].as_f64().unwrap();
+    let fio_cpu =
+        (job["usr_cpu"].as_f64().unwrap() + job["sys_cpu"].as_f64().unwrap()) / 100.0 * secs as f64;
+    println!(
+        "{label:<28} {rw:<9} {iops:>8.0} IOPS  server {:>6.1} us/IO  fio {:>5.1} us/IO  \
+         machine {:>6.1} us/IO",
+        (proc1 - proc0) * 1e6 / ios,
+        fio_cpu * 1e6 / ios,
+        (all1 - all0) * 1e6 / ios,
+    );
+    iops
+}
+
+/// fio, 4 KiB random IO at queue depth 32 (io_uring, O_DIRECT) on a direct-IO loop device,
+/// over a plain sparse file and over a FUSE-exported thin on the same filesystem. Reports, does
+/// not assert. `FUSE_BENCH_WORKERS` (default 4) and `FUSE_BENCH_SECS` (default 10) tune it:
+/// `cargo test -p engine --release --test root_fuse -- --ignored --nocapture root_fuse_bench`
+#[test]
+#[ignore = "a benchmark: run by hand"]
+fn root_fuse_bench_fio_against_a_plain_loop() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let workers = env("FUSE_BENCH_WORKERS", 4) as usize;
+    let secs = env("FUSE_BENCH_SECS", 10);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    println!(
+        "workers {workers}, {secs} s per run, files in {}",
+        dir.path().display()
+    );
+
+    let plain = dir.path().join("plain.img");
+    File::create(&plain).unwrap().set_len(1 << 30).unwrap();
+    {
+        let lo = Loop::attach(&plain);
+        assert_eq!(
+            run(Command::new("losetup").args(["-n", "-O", "DIO", &lo.0])).trim(),
+            "1"
+        );
+        fio("plain file + loop", &lo.0, "randwrite", secs);
+        fio("plain file + loop", &lo.0, "randwrite", secs);
+        fio("plain file + loop", &lo.0, "randread", secs);
+    }
+
+    let pool_dir = dir.path().join("pool");
+    std::fs::create_dir(&pool_dir).unwrap();
+    let pool = file_pool(&pool_dir, 2 << 30);
+    let export = export_in(dir.path(), workers);
+    let path = export
+        .add("1", pool.open_thin(id(1)).unwrap(), 1 << 30, false)
+        .unwrap();
+    {
+        let lo = Loop::attach(&path);
+        assert_eq!(
+            run(Command::new("losetup").args(["-n", "-O", "DIO", &lo.0])).trim(),
+            "1",
+            "loop over the fuse file runs without direct IO"
+        );
+        fio("thin (fuse) + loop, fresh", &lo.0, "randwrite", secs);
+        fio("thin (fuse) + loop, again", &lo.0, "randwrite", secs);
+        fio("thin (fuse) + loop", &lo.0, "randread", secs);
+    }
+    wait_for_handles(&export, "1", 0);
+    drop(export.remove("1").unwrap());
+    export.unmount().unwrap();
+}
