@@ -119,6 +119,13 @@ pub enum Error {
     /// The kernel's device-mapper refused or failed an operation ([`crate::activate::dm`]).
     #[error("device-mapper: {0}")]
     Dm(#[from] crate::activate::dm::DmError),
+    /// A system call of an activation backend failed (mount, `/dev/fuse`).
+    #[error("{what}")]
+    ActivationIo {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
