@@ -531,7 +531,7 @@ fn fio(label: &str, dev: &str, rw: &str, secs: u64) -> f64 {
 
 /// fio, 4 KiB random IO at queue depth 32 (io_uring, O_DIRECT) on a direct-IO loop device,
 /// over a plain sparse file and over a FUSE-exported thin on the same filesystem. Reports, does
-/// not assert. `FUSE_BENCH_WORKERS` (default 4) and `FUSE_BENCH_SECS` (default 10) tune it:
+/// not assert. `FUSE_BENCH_WORKERS` (default: the export's) and `FUSE_BENCH_SECS` (default 10) tune it:
 /// `cargo test -p engine --release --test root_fuse -- --ignored --nocapture root_fuse_bench`
 #[test]
 #[ignore = "a benchmark: run by hand"]
@@ -542,7 +542,10 @@ fn root_fuse_bench_fio_against_a_plain_loop() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let workers = env("FUSE_BENCH_WORKERS", 4) as usize;
+    let workers = env(
+        "FUSE_BENCH_WORKERS",
+        ExportOptions::default().workers as u64,
+    ) as usize;
     let secs = env("FUSE_BENCH_SECS", 10);
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     println!(

@@ -52,7 +52,7 @@ pub struct ExportOptions {
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        ExportOptions { workers: 4 }
+        ExportOptions { workers: 8 }
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -207,7 +208,15 @@ impl Worker {
         }
         let body = &self.request[proto::IN_HEADER_LEN..end];
         let out = &mut self.reply[proto::OUT_HEADER_LEN..];
-        let reply = dispatch(&self.shared, &header, body, out);
+        let shared = &self.shared;
+        // A bug below (in the engine, say) must not take the worker down with it: a mount
+        // whose workers are gone hangs every process that touches it.
+        let reply =
+            std::panic::catch_unwind(AssertUnwindSafe(|| dispatch(shared, &header, body, out)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(opcode = header.opcode, "fuse request handler panicked");
+                    Reply::Err(Errno::EIO)
+                });
         self.send(header.unique, reply)
     }
 
@@ -722,5 +731,112 @@ fn access(shared: &Shared, h: &InHeader, body: &[u8]) -> Reply {
         }
         Some(_) => Reply::Ok(0),
         None => Reply::Err(Errno::ENOENT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{BlockDevice, MemDevice};
+    use crate::thin::pool::{Pool, PoolOptions};
+    use crate::units::{DataBlockSize, ThinId};
+
+    /// A table with one 1 MiB file, ino 2, on a memory pool.
+    fn shared_with_a_file() -> Shared {
+        let meta: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(4 << 20));
+        let data: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 * 65536));
+        let pool =
+            Pool::format(meta, data, DataBlockSize::DEFAULT, PoolOptions::default()).unwrap();
+        let id = ThinId::new(1).unwrap();
+        pool.create_thin(id).unwrap();
+        let shared = Shared::new();
+        let node = Arc::new(Node {
+            ino: 2,
+            name: "1".into(),
+            size: 1 << 20,
+            read_only: false,
+            thin: RwLock::new(Some(pool.open_thin(id).unwrap())),
+            open: AtomicUsize::new(0),
+            lookups: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+        });
+        let mut files = shared.files.write();
+        files.names.insert("1".into(), node.clone());
+        files.nodes.insert(2, node);
+        drop(files);
+        shared
+    }
+
+    #[test]
+    fn truncated_and_garbage_requests_get_errors_not_panics() {
+        let shared = shared_with_a_file();
+        let mut out = vec![0u8; proto::MAX_WRITE];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for opcode in 0..64 {
+            for nodeid in [0, ROOT_INO, 2, 3, u64::MAX] {
+                for len in (0..130).chain([4096, 8192]) {
+                    let body: Vec<u8> = (0..len)
+                        .map(|_| {
+                            // xorshift: enough to hit huge sizes, offsets and counts.
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            seed as u8
+                        })
+                        .collect();
+                    let h = InHeader {
+                        len: (proto::IN_HEADER_LEN + len) as u32,
+                        opcode,
+                        unique: 1,
+                        nodeid,
+                    };
+                    if opcode == op::INIT || opcode == op::DESTROY {
+                        continue;
+                    }
+                    if let Reply::Ok(n) = dispatch(&shared, &h, &body, &mut out) {
+                        assert!(n <= out.len());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_stop_at_the_end_of_the_file() {
+        let shared = shared_with_a_file();
+        let mut out = vec![0u8; proto::MAX_WRITE];
+        let header = |opcode| InHeader {
+            len: 0,
+            opcode,
+            unique: 1,
+            nodeid: 2,
+        };
+        let mut read = Vec::new();
+        read.extend_from_slice(&0u64.to_ne_bytes());
+        read.extend_from_slice(&((1u64 << 20) - 100).to_ne_bytes());
+        read.extend_from_slice(&4096u32.to_ne_bytes());
+        read.extend_from_slice(&[0u8; 20]);
+        assert!(matches!(
+            dispatch(&shared, &header(op::READ), &read, &mut out),
+            Reply::Ok(100)
+        ));
+
+        let mut write = Vec::new();
+        write.extend_from_slice(&0u64.to_ne_bytes());
+        write.extend_from_slice(&(1u64 << 20).to_ne_bytes());
+        write.extend_from_slice(&512u32.to_ne_bytes());
+        write.extend_from_slice(&[0u8; 20]);
+        write.extend_from_slice(&[7u8; 512]);
+        assert!(matches!(
+            dispatch(&shared, &header(op::WRITE), &write, &mut out),
+            Reply::Err(Errno::EFBIG)
+        ));
+        // Claiming more data than the request carries is refused.
+        write[16..20].copy_from_slice(&513u32.to_ne_bytes());
+        write[8..16].copy_from_slice(&0u64.to_ne_bytes());
+        assert!(matches!(
+            dispatch(&shared, &header(op::WRITE), &write, &mut out),
+            Reply::Err(Errno::EINVAL)
+        ));
     }
 }
