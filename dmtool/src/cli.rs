@@ -8,7 +8,7 @@ use engine::store::{VolumeStore, STORE_FILE_NAME};
 use engine::units::{parse_size, MAX_THIN_ID};
 use engine::{DataBlockSize, PoolPaths, ThinId};
 
-use crate::commands::{check, dump, pool, restore, serve, thin, thin_io};
+use crate::commands::{activate, check, daemon, dump, pool, restore, serve, thin, thin_io};
 
 /// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
 /// dump metadata like thin-provisioning-tools.
@@ -59,6 +59,15 @@ pub enum PoolCommand {
     /// Show the kernel status line and space usage
     #[command(after_help = "Example: dmtool pool status --pool /srv/pool --json")]
     Status(pool::StatusArgs),
+    /// Start the pool daemon, which owns the pool while its thins are active
+    ///
+    /// Every other verb then goes through the daemon (over its unix socket) instead of
+    /// opening the pool itself. `thin activate` starts the daemon when none runs.
+    #[command(after_help = "Example: dmtool pool start --pool /srv/pool")]
+    Start(daemon::StartArgs),
+    /// Stop the pool daemon: deactivate every thin, commit, release the pool
+    #[command(after_help = "Example: dmtool pool stop --pool /srv/pool")]
+    Stop(daemon::StopArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,9 +92,18 @@ pub enum ThinCommand {
     /// Copy a thin device (or part of it) to stdout
     #[command(after_help = "Example: dmtool thin read --pool /srv/pool 1 --length 4k | xxd")]
     Read(thin_io::ReadArgs),
-    /// List thin devices: id, name, size, mapped space, origin
+    /// List thin devices: id, name, size, mapped space, origin, block device
     #[command(after_help = "Example: dmtool thin ls --pool /srv/pool --json")]
     Ls(thin::LsArgs),
+    /// Make a thin a block device and print its path (starts the pool daemon if needed)
+    ///
+    /// The thin is served as a file over FUSE by the pool daemon, with a loop device on top
+    /// (this host has no device-mapper).
+    #[command(after_help = "Example: mkfs.ext4 $(dmtool thin activate --pool /srv/pool 1)")]
+    Activate(activate::ActivateArgs),
+    /// Remove a thin's block device; refused while it is mounted or open, unless --deferred
+    #[command(after_help = "Example: dmtool thin deactivate --pool /srv/pool 1 --deferred")]
+    Deactivate(activate::DeactivateArgs),
 }
 
 /// Where a pool is: a directory, or two named devices plus a state directory for the

@@ -413,6 +413,7 @@ fn fio_nbd_engine_writes_and_verifies_through_the_export() {
             "--size=16M",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--randrepeat=0",
             "--output-format=json",
         ])

@@ -1,6 +1,8 @@
 //! One module per subcommand, plus what they share: opening a pool with its volume store.
 
+pub mod activate;
 pub mod check;
+pub mod daemon;
 pub mod dump;
 pub mod pool;
 pub mod restore;
@@ -11,6 +13,8 @@ pub mod thin_io;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use engine::activate::daemon::RunDir;
+use engine::activate::{Local, PoolControl};
 use engine::store::{ReconcileReport, Volumes};
 use engine::{Error, PoolOptions};
 
@@ -20,6 +24,10 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Pool(PoolCommand::Create(args)) => pool::create(args),
         Command::Pool(PoolCommand::Status(args)) => pool::status(args),
+        Command::Pool(PoolCommand::Start(args)) => daemon::start(args),
+        Command::Pool(PoolCommand::Stop(args)) => daemon::stop(args),
+        Command::Thin(ThinCommand::Activate(args)) => activate::activate(args),
+        Command::Thin(ThinCommand::Deactivate(args)) => activate::deactivate(args),
         Command::Thin(ThinCommand::Create(args)) => thin::create(args),
         Command::Thin(ThinCommand::Snap(args)) => thin::snap(args),
         Command::Thin(ThinCommand::Delete(args)) => thin::delete(args),
@@ -40,6 +48,20 @@ pub enum Access {
     Change,
     /// Only look: a pool whose metadata needs checking is opened read-only instead.
     Look,
+}
+
+/// The pool at `loc` through whoever owns it: its daemon when one runs, otherwise opened
+/// here as its one owner (see [`open_volumes`]).
+pub fn control(loc: &PoolLocation, access: Access) -> anyhow::Result<Box<dyn PoolControl>> {
+    let run = RunDir::for_pool(&loc.paths());
+    if let Some(client) = run
+        .connect()
+        .with_context(|| format!("failed to reach the daemon of pool {}", loc.name()))?
+    {
+        tracing::debug!(socket = %run.socket().display(), "going through the pool daemon");
+        return Ok(Box::new(client));
+    }
+    Ok(Box::new(Local::new(open_volumes(loc, access)?)))
 }
 
 /// Opens the pool at `loc` as its one owner, with its volume store reconciled, and says on

@@ -9,7 +9,9 @@ use engine::units::{format_size, METADATA_BLOCK_SIZE};
 use engine::{DataBlockSize, NewPool, PoolOptions, PoolStatus};
 use serde::Serialize;
 
-use super::{commit, open_volumes, Access};
+use engine::activate::ControlStatus;
+
+use super::{commit, control, Access};
 use crate::cli::{parse_block_size, parse_bytes, PoolLocation};
 use crate::output;
 
@@ -101,12 +103,19 @@ struct StatusReport {
     data_space: Space,
     metadata_space: Space,
     thin_count: usize,
+    /// The pool daemon that owns the pool, if one runs.
+    daemon_pid: Option<u32>,
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let volumes = open_volumes(&args.loc, Access::Look)?;
-    let pool = volumes.pool();
-    let status = pool.status();
+    let mut pool = control(&args.loc, Access::Look)?;
+    let ControlStatus {
+        status,
+        thin_count,
+        daemon_pid,
+    } = pool
+        .status()
+        .with_context(|| format!("failed to read the status of pool {}", args.loc.name()))?;
     let data_block = u64::from(status.data_block_sectors) * 512;
     let report = StatusReport {
         kernel_line: status.kernel_line(),
@@ -120,7 +129,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             status.total_metadata_blocks,
             METADATA_BLOCK_SIZE,
         ),
-        thin_count: pool.thin_ids().len(),
+        thin_count,
+        daemon_pid,
         status,
     };
     if args.json {
@@ -143,6 +153,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         vec!["Thin Devices:".into(), report.thin_count.to_string()],
         vec!["Mode:".into(), report.status.mode.clone()],
         vec!["Needs Check:".into(), report.status.needs_check.to_string()],
+        vec![
+            "Owner:".into(),
+            report.daemon_pid.map_or_else(
+                || "none (offline)".into(),
+                |pid| format!("pool daemon, pid {pid}"),
+            ),
+        ],
     ];
     output::table(&["", ""], &[], &rows[..])?;
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,7 @@ use engine::units::format_size;
 use engine::ThinId;
 use serde::Serialize;
 
-use super::{commit, open_volumes, Access};
+use super::{control, Access};
 use crate::cli::{parse_bytes, parse_thin_id, PoolLocation};
 use crate::output;
 
@@ -68,9 +68,8 @@ pub struct LsArgs {
 }
 
 pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
-    let mut volumes = open_volumes(&args.loc, Access::Change)?;
-    volumes
-        .create_thin(args.id, args.size, args.name.as_deref())
+    let mut pool = control(&args.loc, Access::Change)?;
+    pool.create_thin(args.id, args.size, args.name.as_deref())
         .with_context(|| {
             format!(
                 "failed to create thin {} in pool {}",
@@ -78,14 +77,12 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
                 args.loc.name()
             )
         })?;
-    commit(&volumes, &args.loc)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn snap(args: SnapArgs) -> anyhow::Result<ExitCode> {
-    let mut volumes = open_volumes(&args.loc, Access::Change)?;
-    volumes
-        .snapshot(args.id, args.origin, args.name.as_deref())
+    let mut pool = control(&args.loc, Access::Change)?;
+    pool.create_snap(args.id, args.origin, args.name.as_deref())
         .with_context(|| {
             format!(
                 "failed to snapshot thin {} as thin {} in pool {}",
@@ -94,20 +91,18 @@ pub fn snap(args: SnapArgs) -> anyhow::Result<ExitCode> {
                 args.loc.name()
             )
         })?;
-    commit(&volumes, &args.loc)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
-    let mut volumes = open_volumes(&args.loc, Access::Change)?;
-    volumes.delete(args.id).with_context(|| {
+    let mut pool = control(&args.loc, Access::Change)?;
+    pool.delete(args.id).with_context(|| {
         format!(
             "failed to delete thin {} in pool {}",
             args.id,
             args.loc.name()
         )
     })?;
-    commit(&volumes, &args.loc)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -122,28 +117,33 @@ struct ThinRow {
     mapped_bytes: u64,
     origin: Option<u64>,
     orphan: bool,
+    /// The block device, when the thin is active.
+    device: Option<String>,
+    /// Its removal waits for the device's last user to close it.
+    deferred_removal: bool,
 }
 
 pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
-    let volumes = open_volumes(&args.loc, Access::Look)?;
-    let pool = volumes.pool();
-    let block_bytes = pool.block_size().bytes();
-    let mut rows = Vec::new();
-    for id in pool.thin_ids() {
-        let details = pool
-            .thin_details(id)
-            .with_context(|| format!("failed to read thin {id} in pool {}", args.loc.name()))?;
-        let record = volumes.store().get(id);
-        rows.push(ThinRow {
-            id: id.get(),
-            name: record.and_then(|v| v.name.clone()),
-            size_bytes: record.map(|v| v.size_bytes),
-            mapped_blocks: details.mapped_blocks,
-            mapped_bytes: details.mapped_blocks * block_bytes,
-            origin: record.and_then(|v| v.origin).map(ThinId::get),
-            orphan: record.is_none(),
-        });
-    }
+    let mut pool = control(&args.loc, Access::Look)?;
+    let what = || format!("failed to list the thins of pool {}", args.loc.name());
+    let status = pool.status().with_context(what)?;
+    let block_bytes = u64::from(status.status.data_block_sectors) * 512;
+    let rows: Vec<ThinRow> = pool
+        .list()
+        .with_context(what)?
+        .into_iter()
+        .map(|t| ThinRow {
+            id: t.id,
+            name: t.name,
+            orphan: t.size_bytes.is_none(),
+            size_bytes: t.size_bytes,
+            mapped_blocks: t.mapped_blocks,
+            mapped_bytes: t.mapped_blocks * block_bytes,
+            origin: t.origin,
+            deferred_removal: t.active.as_ref().is_some_and(|a| a.deferred_removal),
+            device: t.active.map(|a| a.device.display().to_string()),
+        })
+        .collect();
     if args.json {
         output::json(&rows)?;
         return Ok(ExitCode::SUCCESS);
@@ -158,11 +158,16 @@ pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
                     .map_or_else(|| "? (orphan)".into(), format_size),
                 format_size(r.mapped_bytes),
                 r.origin.map_or_else(|| "-".into(), |o| o.to_string()),
+                match (&r.device, r.deferred_removal) {
+                    (Some(d), true) => format!("{d} (deferred removal)"),
+                    (Some(d), false) => d.clone(),
+                    (None, _) => "-".into(),
+                },
             ]
         })
         .collect();
     output::table(
-        &["ID", "NAME", "SIZE", "MAPPED", "ORIGIN"],
+        &["ID", "NAME", "SIZE", "MAPPED", "ORIGIN", "DEVICE"],
         &["ID", "SIZE", "MAPPED", "ORIGIN"],
         &cells,
     )?;

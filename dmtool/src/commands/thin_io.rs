@@ -10,7 +10,9 @@ use anyhow::{bail, Context};
 use engine::units::format_size;
 use engine::ThinId;
 
-use super::{commit, open_volumes, Access};
+use engine::activate::PoolControl;
+
+use super::{control, Access};
 use crate::cli::{parse_bytes, parse_thin_id, PoolLocation};
 
 /// Bytes moved per read or write.
@@ -81,9 +83,9 @@ pub fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
         }
         None => (Box::new(io::stdin().lock()), "stdin".into(), None),
     };
-    let volumes = open_volumes(&args.loc, Access::Change)?;
+    let mut pool = control(&args.loc, Access::Change)?;
     let what = format!("thin {} in pool {}", args.id, args.loc.name());
-    let (size, room) = size_and_room(&volumes, args.id, args.offset, &what, "write")?;
+    let (size, room) = size_and_room(pool.as_mut(), args.id, args.offset, &what, "write")?;
     if let Some(len) = input_len.filter(|&len| len > room) {
         bail!(
             "{input_name} ({len} bytes) does not fit in {what} ({}) from offset {}",
@@ -91,10 +93,6 @@ pub fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
             args.offset
         );
     }
-    let thin = volumes
-        .pool()
-        .open_thin(args.id)
-        .with_context(|| format!("failed to open {what}"))?;
     let mut buf = vec![0u8; CHUNK];
     let mut pos = args.offset;
     loop {
@@ -104,7 +102,7 @@ pub fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         if n as u64 > size - pos {
-            // What came before stays written (and is committed below, on drop).
+            // What came before stays written (the pool commits it when it is closed).
             bail!(
                 "{input_name} does not fit in {what} ({}) from offset {}: stopped at byte {pos} \
                  after writing {} bytes",
@@ -113,22 +111,20 @@ pub fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
                 pos - args.offset
             );
         }
-        thin.write(&buf[..n], pos)
+        pool.write(args.id, pos, &buf[..n])
             .with_context(|| format!("failed to write {what} at byte {pos}"))?;
         pos += n as u64;
     }
-    thin.flush()
+    pool.flush()
         .with_context(|| format!("failed to flush {what}"))?;
-    drop(thin);
-    commit(&volumes, &args.loc)?;
     tracing::info!(bytes = pos - args.offset, thin_id = %args.id, "written");
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
-    let volumes = open_volumes(&args.loc, Access::Look)?;
+    let mut pool = control(&args.loc, Access::Look)?;
     let what = format!("thin {} in pool {}", args.id, args.loc.name());
-    let (size, room) = size_and_room(&volumes, args.id, args.offset, &what, "read")?;
+    let (size, room) = size_and_room(pool.as_mut(), args.id, args.offset, &what, "read")?;
     let length = args.length.unwrap_or(room);
     if length > room {
         bail!(
@@ -137,17 +133,13 @@ pub fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
             format_size(size)
         );
     }
-    let thin = volumes
-        .pool()
-        .open_thin(args.id)
-        .with_context(|| format!("failed to open {what}"))?;
     let mut out = io::stdout().lock();
     let mut buf = vec![0u8; CHUNK];
     let end = args.offset + length;
     let mut pos = args.offset;
     while pos < end {
         let n = CHUNK.min((end - pos) as usize);
-        thin.read(&mut buf[..n], pos)
+        pool.read(args.id, pos, &mut buf[..n])
             .with_context(|| format!("failed to read {what} at byte {pos}"))?;
         out.write_all(&buf[..n])
             .context("failed to write to stdout")?;
@@ -160,13 +152,13 @@ pub fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
 /// The thin's size and the bytes from `offset` to its end (an offset past the end is an
 /// error naming both).
 fn size_and_room(
-    volumes: &engine::store::Volumes,
+    pool: &mut dyn PoolControl,
     id: engine::ThinId,
     offset: u64,
     what: &str,
     verb: &str,
 ) -> anyhow::Result<(u64, u64)> {
-    let size = volumes
+    let size = pool
         .size_of(id)
         .with_context(|| format!("failed to {verb} {what}"))?;
     let room = size.checked_sub(offset).with_context(|| {

@@ -190,7 +190,8 @@ impl LoopDevice {
             let dev = LoopDevice {
                 number: number as u32,
             };
-            let node = match open_node(&dev.path(), false) {
+            // Opened for writing: the kernel makes the device read-only otherwise.
+            let node = match open_node_rw(&dev.path(), !options.read_only) {
                 Ok(node) => node,
                 Err(e) => return Err(loop_error(format_args!("{}", dev.path().display()), e)),
             };
@@ -375,6 +376,14 @@ impl LoopDevice {
 
 fn libc_ebusy() -> i32 {
     nix::errno::Errno::EBUSY as i32
+}
+
+fn open_node_rw(path: &Path, write: bool) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags((nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).bits())
+        .open(path)
 }
 
 /// Opens a device node without blocking on it; `exclusive` adds O_EXCL (for block devices:

@@ -14,12 +14,12 @@
 
 mod client;
 pub mod protocol;
-// mod server;
+mod server;
 
 use std::path::{Path, PathBuf};
 
 pub use client::Client;
-// pub use server::{Daemon, DaemonConfig};
+pub use server::{Daemon, DaemonConfig};
 
 use crate::thin::files::PoolPaths;
 

@@ -172,9 +172,16 @@ impl From<&Error> for RemoteError {
             }
             Error::MetadataSnapExists => RemoteError::MetadataSnapExists,
             Error::NoMetadataSnap => RemoteError::NoMetadataSnap,
-            other => RemoteError::Other {
-                message: other.to_string(),
-            },
+            other => {
+                // The whole chain: the source often holds the cause (an errno).
+                let mut message = other.to_string();
+                let mut source = std::error::Error::source(other);
+                while let Some(cause) = source {
+                    message.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                RemoteError::Other { message }
+            }
         }
     }
 }

@@ -91,7 +91,9 @@ impl Daemon {
             .recursive(true)
             .mode(0o700)
             .create(run.path())
-            .map_err(|e| activation_error(format_args!("failed to create {}", run.path().display()), e))?;
+            .map_err(|e| {
+                activation_error(format_args!("failed to create {}", run.path().display()), e)
+            })?;
         // The lock first: a live daemon's state must never be mistaken for stale.
         let volumes = Volumes::open(&config.paths, &config.store_path, config.options)?;
         clean_stale(run)?;
@@ -100,12 +102,13 @@ impl Daemon {
             .recursive(true)
             .mode(0o700)
             .create(&mountpoint)
-            .map_err(|e| activation_error(format_args!("failed to create {}", mountpoint.display()), e))?;
+            .map_err(|e| {
+                activation_error(format_args!("failed to create {}", mountpoint.display()), e)
+            })?;
         let fuse = FuseExport::mount(
             &mountpoint,
             ExportOptions {
                 workers: config.fuse_workers,
-                ..ExportOptions::default()
             },
         )?;
         let daemon = Arc::new(Daemon {
@@ -120,10 +123,12 @@ impl Daemon {
             stop_changed: Condvar::new(),
         });
         let socket = run.socket();
-        let listener = UnixListener::bind(&socket)
-            .map_err(|e| activation_error(format_args!("failed to listen on {}", socket.display()), e))?;
-        fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
-            .map_err(|e| activation_error(format_args!("failed to protect {}", socket.display()), e))?;
+        let listener = UnixListener::bind(&socket).map_err(|e| {
+            activation_error(format_args!("failed to listen on {}", socket.display()), e)
+        })?;
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).map_err(|e| {
+            activation_error(format_args!("failed to protect {}", socket.display()), e)
+        })?;
         let _ = fs::write(run.pid_file(), format!("{}\n", std::process::id()));
         {
             let daemon = daemon.clone();
@@ -231,7 +236,10 @@ impl Daemon {
                 Ok(None) => return,
                 Err(e) => {
                     tracing::debug!("dropping a client: {e}");
-                    let _ = send(&mut writer, &Reply::failed(&Error::InvalidArgument(e.to_string())));
+                    let _ = send(
+                        &mut writer,
+                        &Reply::failed(&Error::InvalidArgument(e.to_string())),
+                    );
                     return;
                 }
             };
@@ -378,7 +386,11 @@ impl Daemon {
             if active.read_only != read_only {
                 return Err(Error::InvalidArgument(format!(
                     "thin {id} is already active {} as {}",
-                    if active.read_only { "read-only" } else { "read-write" },
+                    if active.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    },
                     active.device.path().display()
                 )));
             }
@@ -507,13 +519,17 @@ fn clean_stale(run: &RunDir) -> Result<()> {
     if is_mount_point(&mountpoint) {
         tracing::warn!(mount = %mountpoint.display(), "detaching the FUSE mount of a daemon that died");
         nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-            activation_error(format_args!("failed to unmount {}", mountpoint.display()), e)
+            activation_error(
+                format_args!("failed to unmount {}", mountpoint.display()),
+                e,
+            )
         })?;
     }
     let socket = run.socket();
     if socket.exists() {
-        fs::remove_file(&socket)
-            .map_err(|e| activation_error(format_args!("failed to remove {}", socket.display()), e))?;
+        fs::remove_file(&socket).map_err(|e| {
+            activation_error(format_args!("failed to remove {}", socket.display()), e)
+        })?;
     }
     Ok(())
 }

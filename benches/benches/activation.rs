@@ -1,0 +1,350 @@
+//! The kernel-visible data path: ext4 on an activated thin (FUSE file + loop device, served
+//! by the pool daemon) against ext4 on a loop device over a plain sparse file, with fio.
+//! Needs root (loop, FUSE, mount) and fio; otherwise it says so and does nothing.
+//!
+//! Both sides live in the same scratch directory (`BENCH_DIR`, or a tempdir in /var/tmp),
+//! each a 4 GiB device formatted `mkfs.ext4 -q` and mounted; fio runs on a 1 GiB file laid
+//! out first. Jobs (`--direct=1`, `BENCH_FIO_SECONDS` each, default 10):
+//! - `randwrite qd32`: 4 KiB random writes, io_uring, iodepth 32 (goal: ≥ 0.5 of plain);
+//! - `seqwrite 1M`: 1 MiB sequential writes, psync (goal: ≥ 0.7 of plain);
+//! - `randread qd32` and `randwrite qd1` for the picture.
+//!
+//! Rounds (`BENCH_RUNS`) run every job on both sides back to back, alternating which goes
+//! first; ratios are per round. The daemon runs inside this process, so the process's CPU
+//! time over a job divided by its IOs is the daemon's CPU per IO (the FUSE workers' cost;
+//! the kernel's loop and FUSE work is in neither column).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use benches::{Config, Goal, Report, Unit};
+use engine::activate::daemon::{Client, Daemon, DaemonConfig, RunDir};
+use engine::activate::loopdev::{LoopDevice, LoopOptions};
+use engine::activate::PoolControl;
+use engine::store::Volumes;
+use engine::{DataBlockSize, NewPool, PoolOptions, PoolPaths, ThinId};
+
+const GIB: u64 = 1 << 30;
+const DEVICE_SIZE: u64 = 4 * GIB;
+
+struct Job {
+    name: &'static str,
+    args: &'static [&'static str],
+    /// What fio reports for the figure.
+    unit: Unit,
+    goal: Option<f64>,
+}
+
+const JOBS: &[Job] = &[
+    Job {
+        name: "randwrite 4k qd32",
+        args: &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--ioengine=io_uring",
+            "--iodepth=32",
+        ],
+        unit: Unit::Iops,
+        goal: Some(0.5),
+    },
+    Job {
+        name: "seqwrite 1M qd1",
+        args: &["--rw=write", "--bs=1M", "--ioengine=psync"],
+        unit: Unit::MiBps,
+        goal: Some(0.7),
+    },
+    Job {
+        name: "randread 4k qd32",
+        args: &[
+            "--rw=randread",
+            "--bs=4k",
+            "--ioengine=io_uring",
+            "--iodepth=32",
+        ],
+        unit: Unit::Iops,
+        goal: None,
+    },
+    Job {
+        name: "randwrite 4k qd1",
+        args: &["--rw=randwrite", "--bs=4k", "--ioengine=psync"],
+        unit: Unit::Iops,
+        goal: None,
+    },
+];
+
+/// Unmounts and detaches on drop, whatever happened.
+struct Side {
+    name: &'static str,
+    mount: PathBuf,
+    device: PathBuf,
+    plain_loop: Option<LoopDevice>,
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        if let Some(device) = &self.plain_loop {
+            let _ = device.detach_deferred();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn format_and_mount(name: &'static str, device: &Path, mount: PathBuf) -> Result<Side> {
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(device))?;
+    fs::create_dir_all(&mount)?;
+    run(Command::new("mount").arg(device).arg(&mount))?;
+    Ok(Side {
+        name,
+        mount,
+        device: device.to_path_buf(),
+        plain_loop: None,
+    })
+}
+
+/// Process CPU time (user + system) from /proc/self/stat.
+fn process_cpu() -> Duration {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Fields 14 and 15 of stat; after the ')' they are the 12th and 13th.
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz as f64)
+}
+
+struct FioResult {
+    value: f64,
+    ios: u64,
+}
+
+fn fio(side: &Side, job: &Job, seconds: u64) -> Result<FioResult> {
+    let file = side.mount.join("t");
+    let out = run(Command::new("fio")
+        .arg(format!("--name={}", side.name))
+        .arg(format!("--filename={}", file.display()))
+        .args([
+            "--size=1G",
+            "--direct=1",
+            "--randrepeat=0",
+            "--refill_buffers",
+        ])
+        .args(["--time_based", &format!("--runtime={seconds}")])
+        .args(["--output-format=json"])
+        .args(job.args))?;
+    let json = &out[out.find('{').context("fio printed no JSON")?..];
+    let report: serde_json::Value = serde_json::from_str(json)?;
+    let j = &report["jobs"][0];
+    let dir = if job.args.iter().any(|a| a.contains("read")) {
+        &j["read"]
+    } else {
+        &j["write"]
+    };
+    let ios = dir["total_ios"].as_u64().unwrap_or(0);
+    let value = match job.unit {
+        Unit::Iops => dir["iops"].as_f64().unwrap_or(0.0),
+        _ => dir["bw_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+    };
+    Ok(FioResult { value, ios })
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let config = Config::from_env();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("activation bench: skipped (needs root for loop devices, FUSE and mount)");
+        return Ok(());
+    }
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!("activation bench: skipped (fio is not installed)");
+        return Ok(());
+    }
+    let seconds: u64 = std::env::var("BENCH_FIO_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let (dir, _guard) = config.scratch()?;
+    let mut report = Report::new();
+    report.context(
+        "bench",
+        "activation: ext4 on an activated thin vs ext4 on a plain loop",
+    );
+    report.context(
+        "kernel",
+        run(Command::new("uname").arg("-r"))?.trim().to_string(),
+    );
+    report.context(
+        "fio",
+        run(Command::new("fio").arg("--version"))?
+            .trim()
+            .to_string(),
+    );
+    report.context(
+        "runtime",
+        format!("{seconds} s per job, {} rounds", config.runs),
+    );
+
+    // The thin side: a pool, its daemon in this process, thin 1 activated.
+    let pool_dir = dir.join("pool");
+    fs::create_dir_all(&pool_dir)?;
+    let paths = PoolPaths::in_dir(&pool_dir);
+    let store = engine::VolumeStore::path_in(&pool_dir);
+    {
+        let mut volumes = Volumes::create(
+            &paths,
+            &store,
+            NewPool::new(2 * DEVICE_SIZE, 256 << 20, DataBlockSize::DEFAULT),
+            PoolOptions::default(),
+        )?;
+        volumes.create_thin(ThinId::new(1).expect("id"), DEVICE_SIZE, None)?;
+        volumes.pool().commit()?;
+    }
+    let run_dir = RunDir::new(dir.join("run"));
+    let workers = std::env::var("BENCH_FUSE_WORKERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| engine::activate::fuse::ExportOptions::default().workers);
+    report.context("fuse workers", workers.to_string());
+    let daemon = Daemon::start(DaemonConfig {
+        paths: paths.clone(),
+        store_path: store,
+        run_dir: run_dir.clone(),
+        options: PoolOptions::default(),
+        fuse_workers: workers,
+    })?;
+    let mut client = Client::connect(&run_dir.socket())?.context("the daemon answers")?;
+    let activation = client.activate(ThinId::new(1).expect("id"), false)?;
+    let thin_side = format_and_mount("thin", &activation.device, dir.join("mnt-thin"));
+
+    // The plain side: a sparse file of the same size on a loop device with direct IO.
+    let plain_file = dir.join("plain.img");
+    fs::File::create(&plain_file)?.set_len(DEVICE_SIZE)?;
+    let plain_loop = LoopDevice::attach(&plain_file, LoopOptions::default())?;
+    let plain_side =
+        format_and_mount("plain", &plain_loop.path(), dir.join("mnt-plain")).map(|mut side| {
+            side.plain_loop = Some(plain_loop.clone());
+            side
+        });
+    let (thin_side, plain_side) = match (thin_side, plain_side) {
+        (Ok(t), Ok(p)) => (t, p),
+        (t, p) => {
+            let _ = plain_loop.detach_deferred();
+            drop((t.ok(), p.ok()));
+            let _ = client.deactivate(ThinId::new(1).expect("id"), true);
+            daemon.shutdown()?;
+            bail!("setting up the two filesystems failed");
+        }
+    };
+    report.context(
+        "devices",
+        format!(
+            "thin {} (FUSE {}), plain {}",
+            thin_side.device.display(),
+            activation
+                .file
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display(),
+            plain_side.device.display()
+        ),
+    );
+
+    for job in JOBS {
+        let mut thin = Vec::new();
+        let mut plain = Vec::new();
+        let mut ratios = Vec::new();
+        let mut cpu_per_io = Vec::new();
+        for round in 0..config.runs {
+            let order: [&Side; 2] = if round % 2 == 0 {
+                [&thin_side, &plain_side]
+            } else {
+                [&plain_side, &thin_side]
+            };
+            let mut values = [0.0; 2];
+            for side in order {
+                let before = process_cpu();
+                let r = fio(side, job, seconds)?;
+                let cpu = process_cpu() - before;
+                if side.name == "thin" {
+                    values[0] = r.value;
+                    if r.ios > 0 {
+                        cpu_per_io.push(cpu.as_secs_f64() * 1e6 / r.ios as f64);
+                    }
+                } else {
+                    values[1] = r.value;
+                }
+            }
+            thin.push(values[0]);
+            plain.push(values[1]);
+            ratios.push(values[0] / values[1]);
+        }
+        report.row(
+            "activation",
+            job.name,
+            "thin",
+            job.unit,
+            &thin,
+            "ext4 on FUSE+loop",
+        );
+        report.row(
+            "activation",
+            job.name,
+            "plain",
+            job.unit,
+            &plain,
+            "ext4 on loop over a file",
+        );
+        if !cpu_per_io.is_empty() {
+            report.row(
+                "activation",
+                job.name,
+                "daemon",
+                Unit::Micros,
+                &cpu_per_io,
+                "daemon CPU per IO",
+            );
+        }
+        report.ratio(
+            &format!("ext4 on thin ÷ ext4 on plain loop, {}", job.name),
+            "ext4 on plain loop",
+            &ratios,
+            None,
+            job.goal.map(Goal::AtLeast),
+        );
+    }
+
+    drop(thin_side);
+    drop(plain_side);
+    let _ = plain_loop.detach();
+    client.deactivate(ThinId::new(1).expect("id"), false)?;
+    daemon.shutdown()?;
+    println!("{}", report.render());
+    if let Some(path) = &config.json {
+        report.write_json(path)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! `thin activate` and `thin deactivate`.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use engine::activate::daemon::RunDir;
+use engine::activate::PoolControl;
+use engine::ThinId;
+
+use super::daemon::{spawn_detached, DEFAULT_FUSE_WORKERS};
+use crate::cli::{parse_thin_id, PoolLocation};
+use crate::output;
+
+#[derive(Debug, clap::Args)]
+pub struct ActivateArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Thin id
+    #[arg(value_parser = parse_thin_id)]
+    pub id: ThinId,
+
+    /// A read-only block device
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Print JSON (device, backing file, flags) instead of the device path
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeactivateArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Thin id
+    #[arg(value_parser = parse_thin_id)]
+    pub id: ThinId,
+
+    /// If the device is in use, remove it when its last user closes it instead of failing
+    #[arg(long)]
+    pub deferred: bool,
+}
+
+pub fn activate(args: ActivateArgs) -> anyhow::Result<ExitCode> {
+    let run = RunDir::for_pool(&args.loc.paths());
+    let mut client = match run.connect()? {
+        Some(client) => client,
+        None => {
+            let pid = spawn_detached(&args.loc, DEFAULT_FUSE_WORKERS, &run)?;
+            eprintln!("dmtool: started the pool daemon (pid {pid})");
+            run.connect()?
+                .context("the pool daemon stopped answering right after it started")?
+        }
+    };
+    let activation = client.activate(args.id, args.read_only).with_context(|| {
+        format!(
+            "failed to activate thin {} of pool {}",
+            args.id,
+            args.loc.name()
+        )
+    })?;
+    if args.json {
+        output::json(&activation)?;
+    } else {
+        println!("{}", activation.device.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn deactivate(args: DeactivateArgs) -> anyhow::Result<ExitCode> {
+    let run = RunDir::for_pool(&args.loc.paths());
+    let Some(mut client) = run.connect()? else {
+        bail!(
+            "thin {} of pool {} is not active (no pool daemon runs)",
+            args.id,
+            args.loc.name()
+        );
+    };
+    client.deactivate(args.id, args.deferred).with_context(|| {
+        format!(
+            "failed to deactivate thin {} of pool {}",
+            args.id,
+            args.loc.name()
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

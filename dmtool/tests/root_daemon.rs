@@ -1,0 +1,397 @@
+//! The pool daemon and activation end to end, as root: real loop devices, real FUSE, real
+//! mkfs, mount and fstrim. CI runs these one at a time (`-- --test-threads=1 root_`).
+//!
+//! Every test keeps its daemon's run directory under a temporary `THINBOX_RUN_ROOT`, and a
+//! guard that, even when the test fails, unmounts what the test mounted, kills the daemon,
+//! detaches loop devices pointing into the run directory and detaches the FUSE mount.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+
+struct Env {
+    dir: tempfile::TempDir,
+    run_root: PathBuf,
+    mounts: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let run_root = dir.path().join("run");
+        Env {
+            dir,
+            run_root,
+            mounts: Default::default(),
+        }
+    }
+
+    fn pool(&self) -> String {
+        self.dir.path().join("pool").display().to_string()
+    }
+
+    fn dmtool(&self, args: &[&str]) -> Output {
+        Command::new(DMTOOL)
+            .args(args)
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("dmtool runs")
+    }
+
+    /// Runs a pool verb (`--pool` appended) and asserts success; returns stdout.
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.ok_bytes(args)).into_owned()
+    }
+
+    #[track_caller]
+    fn ok_bytes(&self, args: &[&str]) -> Vec<u8> {
+        let mut all = args.to_vec();
+        let pool = self.pool();
+        all.extend(["--pool", &pool]);
+        let out = self.dmtool(&all);
+        assert!(
+            out.status.success(),
+            "dmtool {all:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// Runs a pool verb expecting exit 1; returns stderr.
+    #[track_caller]
+    fn fails(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        let pool = self.pool();
+        all.extend(["--pool", &pool]);
+        let out = self.dmtool(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "dmtool {all:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn mount(&self, device: &str, fs_type: &str) -> PathBuf {
+        let mnt = self
+            .dir
+            .path()
+            .join(format!("mnt-{}", self.mounts.borrow().len()));
+        fs::create_dir_all(&mnt).unwrap();
+        sh(&["mount", "-t", fs_type, device, mnt.to_str().unwrap()]);
+        self.mounts.borrow_mut().push(mnt.clone());
+        mnt
+    }
+
+    fn umount(&self, mnt: &Path) {
+        sh(&["umount", mnt.to_str().unwrap()]);
+        self.mounts.borrow_mut().retain(|m| m != mnt);
+    }
+
+    fn daemon_pid(&self) -> Option<u32> {
+        let dirs = fs::read_dir(&self.run_root).ok()?;
+        for d in dirs.flatten() {
+            if let Ok(text) = fs::read_to_string(d.path().join("daemon.pid")) {
+                return text.trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["pool", "status", "--json"])).unwrap()
+    }
+
+    fn used_data_blocks(&self) -> u64 {
+        self.status_json()["status"]["used_data_blocks"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for mnt in self.mounts.borrow().iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(mnt).status();
+        }
+        if let Some(pid) = self.daemon_pid() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        // Loop devices whose backing file lies in our run root, then the FUSE mounts.
+        if let Ok(out) = Command::new("losetup")
+            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let mut f = line.split_whitespace();
+                if let (Some(name), Some(back)) = (f.next(), f.next()) {
+                    if back.starts_with(self.run_root.to_str().unwrap()) {
+                        let _ = Command::new("losetup").args(["-d", name]).status();
+                    }
+                }
+            }
+        }
+        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+            for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+                if point.starts_with(self.run_root.to_str().unwrap()) {
+                    let _ = Command::new("umount").args(["-l", point]).status();
+                }
+            }
+        }
+    }
+}
+
+#[track_caller]
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256_file(path: &Path) -> String {
+    hex(&Sha256::digest(fs::read(path).unwrap()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+/// Waits until `cond` holds (the daemon's reaper works in the background).
+#[track_caller]
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_pool_clean(env: &Env) {
+    let metadata = env.dir.path().join("pool/metadata");
+    let ours = env.dmtool(&["check", metadata.to_str().unwrap()]);
+    assert!(
+        ours.status.success(),
+        "dmtool check: {}",
+        String::from_utf8_lossy(&ours.stdout)
+    );
+    let real = fixtures::tools::thin_check(&metadata, &[]);
+    assert_eq!(real.rc, 0, "thin_check: {}{}", real.stdout, real.stderr);
+}
+
+fn new_pool(env: &Env) {
+    env.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "4G",
+        "--metadata-size",
+        "64M",
+    ]);
+    env.ok(&["thin", "create", "1", "--size", "1G", "--name", "one"]);
+}
+
+#[test]
+fn root_daemon_runs_every_verb_and_activates_filesystems() {
+    let env = Env::new();
+    new_pool(&env);
+    env.ok(&["pool", "start"]);
+    let pid = env.daemon_pid().expect("the daemon wrote its pid");
+    assert_eq!(
+        env.status_json()["daemon_pid"].as_u64(),
+        Some(u64::from(pid)),
+        "status goes through the daemon"
+    );
+    // A second daemon and offline tools are refused while it owns the pool.
+    assert!(env
+        .fails(&["pool", "start"])
+        .contains("already has a daemon"));
+    let metadata = env.dir.path().join("pool/metadata");
+    let check = env.dmtool(&["check", metadata.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&check.stderr).contains(&format!("pid {pid}")));
+
+    // Pool messages through the daemon.
+    env.ok(&["thin", "create", "2", "--size", "512M"]);
+    let data = pattern(3 << 20, 7);
+    let input = env.dir.path().join("input");
+    fs::write(&input, &data).unwrap();
+    env.ok(&[
+        "thin",
+        "write",
+        "2",
+        "--input",
+        input.to_str().unwrap(),
+        "--offset",
+        "1M",
+    ]);
+    env.ok(&["thin", "snap", "3", "2", "--name", "snap-of-2"]);
+    let read = env.ok_bytes(&["thin", "read", "3", "--offset", "1M", "--length", "3M"]);
+    assert!(
+        read == data,
+        "the snapshot reads back what was written to its origin"
+    );
+    let ls: serde_json::Value = serde_json::from_str(&env.ok(&["thin", "ls", "--json"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 3);
+
+    // ext4 on thin 1: mkfs, mount, files, fsync, fstrim.
+    let dev1 = env.ok(&["thin", "activate", "1"]).trim().to_string();
+    assert!(dev1.starts_with("/dev/loop"), "{dev1}");
+    assert_eq!(
+        env.ok(&["thin", "activate", "1"]).trim(),
+        dev1,
+        "activating an active thin gives its device"
+    );
+    sh(&["mkfs.ext4", "-q", "-F", &dev1]);
+    let mnt = env.mount(&dev1, "ext4");
+    let big = mnt.join("big");
+    fs::write(&big, pattern(64 << 20, 3)).unwrap();
+    sh(&["sync", "-f", big.to_str().unwrap()]);
+    let big_sha = sha256_file(&big);
+    let used_full = env.used_data_blocks();
+    fs::remove_file(&big).unwrap();
+    // ext4 frees the file's blocks when its journal commits; only then can fstrim see them.
+    sh(&["sync", "-f", mnt.to_str().unwrap()]);
+    sh(&["fstrim", mnt.to_str().unwrap()]);
+    let used_trimmed = env.used_data_blocks();
+    assert!(
+        used_trimmed + 900 < used_full,
+        "fstrim freed pool blocks: {used_full} -> {used_trimmed}"
+    );
+    fs::write(&big, pattern(64 << 20, 3)).unwrap();
+    sh(&["sync", "-f", big.to_str().unwrap()]);
+
+    // Busy: mounted devices are not taken away, except by a deferred removal.
+    let busy = env.fails(&["thin", "deactivate", "1"]);
+    assert!(
+        busy.contains("busy") && busy.contains("mounted on"),
+        "{busy}"
+    );
+    assert!(env
+        .fails(&["thin", "delete", "1"])
+        .contains("deactivate it first"));
+    env.ok(&["thin", "deactivate", "1", "--deferred"]);
+    let ls = env.ok(&["thin", "ls", "--json"]);
+    assert!(ls.contains("\"deferred_removal\": true"), "{ls}");
+    env.umount(&mnt);
+    wait_until("the deferred removal finished", || {
+        !env.ok(&["thin", "ls", "--json"]).contains(&dev1)
+    });
+
+    // Back again: the file survived, then XFS on thin 2's snapshot.
+    let dev1 = env.ok(&["thin", "activate", "1"]).trim().to_string();
+    let mnt = env.mount(&dev1, "ext4");
+    assert_eq!(sha256_file(&mnt.join("big")), big_sha);
+    env.umount(&mnt);
+    env.ok(&["thin", "deactivate", "1"]);
+
+    env.ok(&["thin", "create", "4", "--size", "1G"]);
+    let dev4 = env.ok(&["thin", "activate", "4"]).trim().to_string();
+    sh(&["mkfs.xfs", "-q", "-f", &dev4]);
+    let mnt4 = env.mount(&dev4, "xfs");
+    fs::write(mnt4.join("x"), pattern(8 << 20, 9)).unwrap();
+    sh(&["sync", "-f", mnt4.join("x").to_str().unwrap()]);
+    env.umount(&mnt4);
+
+    // An open device is busy too; stopping is refused while it is.
+    let holder = fs::File::open(&dev4).unwrap();
+    let busy = env.fails(&["thin", "deactivate", "4"]);
+    assert!(
+        busy.contains("busy") && busy.contains("open by pid"),
+        "{busy}"
+    );
+    assert!(env.fails(&["pool", "stop"]).contains("in use"));
+    drop(holder);
+
+    env.ok(&["pool", "stop"]);
+    assert!(
+        env.daemon_pid().is_none(),
+        "the daemon removed its pid file"
+    );
+    assert!(
+        !fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(env.run_root.to_str().unwrap()),
+        "the FUSE export is unmounted"
+    );
+    // Offline again: the same verbs open the pool directly.
+    let ls = env.ok(&["thin", "ls"]);
+    assert!(ls.contains("snap-of-2"), "{ls}");
+    assert_pool_clean(&env);
+}
+
+#[test]
+fn root_daemon_commits_on_sigterm_and_recovers_after_kill_9() {
+    let env = Env::new();
+    new_pool(&env);
+    // Data written to the block device and never flushed: SIGTERM still commits it.
+    let dev = env.ok(&["thin", "activate", "1"]).trim().to_string();
+    let data = pattern(4 << 20, 5);
+    let input = env.dir.path().join("input");
+    fs::write(&input, &data).unwrap();
+    sh(&[
+        "dd",
+        &format!("if={}", input.display()),
+        &format!("of={dev}"),
+        "bs=1M",
+        "oflag=direct",
+        "status=none",
+    ]);
+    let pid = env.daemon_pid().unwrap();
+    sh(&["kill", "-TERM", &pid.to_string()]);
+    wait_until("the daemon exited", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(env.daemon_pid().is_none());
+    let back = env.ok_bytes(&["thin", "read", "1", "--length", "4M"]);
+    assert_eq!(hex(&Sha256::digest(&back)), hex(&Sha256::digest(&data)));
+    assert_pool_clean(&env);
+
+    // kill -9 with a mounted filesystem: what was fsynced survives, and the next start
+    // cleans up the dead export.
+    let dev = env.ok(&["thin", "activate", "1"]).trim().to_string();
+    sh(&["mkfs.ext4", "-q", "-F", &dev]);
+    let mnt = env.mount(&dev, "ext4");
+    let kept = mnt.join("kept");
+    fs::write(&kept, pattern(16 << 20, 1)).unwrap();
+    sh(&["sync", "-f", kept.to_str().unwrap()]);
+    let kept_sha = sha256_file(&kept);
+    let pid = env.daemon_pid().unwrap();
+    sh(&["kill", "-KILL", &pid.to_string()]);
+    wait_until("the daemon died", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    let _ = Command::new("umount").arg(&mnt).status();
+    env.mounts.borrow_mut().clear();
+    assert_pool_clean(&env);
+
+    let dev = env.ok(&["thin", "activate", "1"]).trim().to_string();
+    let mnt = env.mount(&dev, "ext4");
+    assert_eq!(sha256_file(&mnt.join("kept")), kept_sha);
+    env.umount(&mnt);
+    env.ok(&["pool", "stop"]);
+    assert_pool_clean(&env);
+}
