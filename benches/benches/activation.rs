@@ -2,7 +2,13 @@
 //! by the pool daemon) against ext4 on a loop device over a plain sparse file, with fio.
 //! Needs root (loop, FUSE, mount) and fio; otherwise it says so and does nothing.
 //!
-//! Both sides live in the same scratch directory (`BENCH_DIR`, or a tempdir in /var/tmp),
+//! Two baselines, because they bracket the thin: `plain-dio` is a loop with direct IO (its
+//! writes reach the disk), `plain-buffered` a loop without (its writes land in the page
+//! cache). The pool daemon writes its data file through the page cache and makes it durable
+//! on flush, like the buffered loop; so `plain-buffered` is the like-for-like comparison and
+//! `plain-dio` the one a reader would guess from "a loop device over a plain file".
+//!
+//! All sides live in the same scratch directory (`BENCH_DIR`, or a tempdir in /var/tmp),
 //! each a 4 GiB device formatted `mkfs.ext4 -q` and mounted; fio runs on a 1 GiB file laid
 //! out first. Jobs (`--direct=1`, `BENCH_FIO_SECONDS` each, default 10):
 //! - `randwrite qd32`: 4 KiB random writes, io_uring, iodepth 32 (goal: ≥ 0.5 of plain);
@@ -83,11 +89,23 @@ struct Side {
     plain_loop: Option<LoopDevice>,
 }
 
+impl Side {
+    fn note(&self) -> &'static str {
+        match self.name {
+            "thin" => "ext4 on a thin (FUSE file + loop, dio)",
+            "plain-dio" => "ext4 on a loop (dio) over a sparse file",
+            _ => "ext4 on a loop (buffered) over a sparse file",
+        }
+    }
+}
+
 impl Drop for Side {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mount).status();
         if let Some(device) = &self.plain_loop {
-            let _ = device.detach_deferred();
+            if device.detach().is_err() {
+                let _ = device.detach_deferred();
+            }
         }
     }
 }
@@ -239,107 +257,97 @@ fn main() -> Result<()> {
     let mut client = Client::connect(&run_dir.socket())?.context("the daemon answers")?;
     let activation = client.activate(ThinId::new(1).expect("id"), false)?;
     let thin_side = format_and_mount("thin", &activation.device, dir.join("mnt-thin"));
+    if thin_side.is_err() {
+        let _ = client.deactivate(ThinId::new(1).expect("id"), true);
+        daemon.shutdown()?;
+    }
 
-    // The plain side: a sparse file of the same size on a loop device with direct IO.
-    let plain_file = dir.join("plain.img");
-    fs::File::create(&plain_file)?.set_len(DEVICE_SIZE)?;
-    let plain_loop = LoopDevice::attach(&plain_file, LoopOptions::default())?;
-    let plain_side =
-        format_and_mount("plain", &plain_loop.path(), dir.join("mnt-plain")).map(|mut side| {
-            side.plain_loop = Some(plain_loop.clone());
-            side
-        });
-    let (thin_side, plain_side) = match (thin_side, plain_side) {
-        (Ok(t), Ok(p)) => (t, p),
-        (t, p) => {
-            let _ = plain_loop.detach_deferred();
-            drop((t.ok(), p.ok()));
-            let _ = client.deactivate(ThinId::new(1).expect("id"), true);
-            daemon.shutdown()?;
-            bail!("setting up the two filesystems failed");
+    // The baselines: a sparse file of the same size on a loop device, once with direct IO
+    // (the loop writes to the disk) and once buffered (the loop writes into the page cache,
+    // as the pool daemon does with its data file: the like-for-like comparison).
+    let mut sides = vec![thin_side?];
+    for (name, direct_io) in [("plain-dio", true), ("plain-buffered", false)] {
+        let file = dir.join(format!("{name}.img"));
+        fs::File::create(&file)?.set_len(DEVICE_SIZE)?;
+        let device = LoopDevice::attach(
+            &file,
+            LoopOptions {
+                direct_io,
+                ..LoopOptions::default()
+            },
+        )?;
+        match format_and_mount(name, &device.path(), dir.join(format!("mnt-{name}"))) {
+            Ok(mut side) => {
+                side.plain_loop = Some(device);
+                sides.push(side);
+            }
+            Err(e) => {
+                let _ = device.detach_deferred();
+                return Err(e);
+            }
         }
-    };
+    }
     report.context(
         "devices",
-        format!(
-            "thin {} (FUSE {}), plain {}",
-            thin_side.device.display(),
-            activation
-                .file
-                .as_deref()
-                .unwrap_or(Path::new("?"))
-                .display(),
-            plain_side.device.display()
-        ),
+        sides
+            .iter()
+            .map(|s| format!("{} {}", s.name, s.device.display()))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
 
     for job in JOBS {
-        let mut thin = Vec::new();
-        let mut plain = Vec::new();
-        let mut ratios = Vec::new();
+        // samples[side][round]
+        let mut samples = vec![Vec::new(); sides.len()];
         let mut cpu_per_io = Vec::new();
         for round in 0..config.runs {
-            let order: [&Side; 2] = if round % 2 == 0 {
-                [&thin_side, &plain_side]
-            } else {
-                [&plain_side, &thin_side]
-            };
-            let mut values = [0.0; 2];
-            for side in order {
+            // Rotate who goes first, so that drift and background load hit every side alike.
+            for k in 0..sides.len() {
+                let i = (k + round) % sides.len();
                 let before = process_cpu();
-                let r = fio(side, job, seconds)?;
+                let r = fio(&sides[i], job, seconds)?;
                 let cpu = process_cpu() - before;
-                if side.name == "thin" {
-                    values[0] = r.value;
-                    if r.ios > 0 {
-                        cpu_per_io.push(cpu.as_secs_f64() * 1e6 / r.ios as f64);
-                    }
-                } else {
-                    values[1] = r.value;
+                if i == 0 && r.ios > 0 {
+                    cpu_per_io.push(cpu.as_secs_f64() * 1e6 / r.ios as f64);
                 }
+                samples[i].push(r.value);
             }
-            thin.push(values[0]);
-            plain.push(values[1]);
-            ratios.push(values[0] / values[1]);
         }
-        report.row(
-            "activation",
-            job.name,
-            "thin",
-            job.unit,
-            &thin,
-            "ext4 on FUSE+loop",
-        );
-        report.row(
-            "activation",
-            job.name,
-            "plain",
-            job.unit,
-            &plain,
-            "ext4 on loop over a file",
-        );
-        if !cpu_per_io.is_empty() {
+        for (side, values) in sides.iter().zip(&samples) {
             report.row(
                 "activation",
                 job.name,
-                "daemon",
-                Unit::Micros,
-                &cpu_per_io,
-                "daemon CPU per IO",
+                side.name,
+                job.unit,
+                values,
+                side.note(),
             );
         }
-        report.ratio(
-            &format!("ext4 on thin ÷ ext4 on plain loop, {}", job.name),
-            "ext4 on plain loop",
-            &ratios,
-            None,
-            job.goal.map(Goal::AtLeast),
+        report.row(
+            "activation",
+            job.name,
+            "daemon",
+            Unit::Micros,
+            &cpu_per_io,
+            "daemon CPU per IO",
         );
+        for (b, baseline) in sides.iter().enumerate().skip(1) {
+            let ratios: Vec<f64> = samples[0]
+                .iter()
+                .zip(&samples[b])
+                .map(|(t, p)| t / p)
+                .collect();
+            report.ratio(
+                &format!("ext4 on thin ÷ ext4 on {}, {}", baseline.name, job.name),
+                baseline.name,
+                &ratios,
+                None,
+                job.goal.map(Goal::AtLeast),
+            );
+        }
     }
 
-    drop(thin_side);
-    drop(plain_side);
-    let _ = plain_loop.detach();
+    drop(sides);
     client.deactivate(ThinId::new(1).expect("id"), false)?;
     daemon.shutdown()?;
     println!("{}", report.render());
