@@ -8,7 +8,6 @@
 
 mod cli;
 mod commands;
-mod nbd;
 mod output;
 
 use std::io;

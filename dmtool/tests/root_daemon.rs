@@ -395,3 +395,47 @@ fn root_daemon_commits_on_sigterm_and_recovers_after_kill_9() {
     env.ok(&["pool", "stop"]);
     assert_pool_clean(&env);
 }
+
+#[test]
+fn root_daemon_serves_nbd_while_serve_runs() {
+    let env = Env::new();
+    new_pool(&env);
+    env.ok(&["pool", "start"]);
+    let socket = env.dir.path().join("nbd.sock");
+    let pool = env.pool();
+    let mut serve = Command::new(DMTOOL)
+        .args(["serve", "--pool", &pool, "--nbd"])
+        .arg(format!("unix:{}", socket.display()))
+        .arg("1")
+        .env("THINBOX_RUN_ROOT", &env.run_root)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the daemon listens for NBD", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    let uri = format!("nbd+unix:///one?socket={}", socket.display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 1M 3M", "-c", "flush"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let serve_alive = serve.try_wait().unwrap().is_none();
+    let _ = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status();
+    let status = serve.wait().unwrap();
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("fail"));
+    assert!(
+        serve_alive && status.success(),
+        "serve ran until SIGTERM: {status}"
+    );
+    wait_until("the daemon stopped listening", || !socket.exists());
+    let back = env.ok_bytes(&["thin", "read", "1", "--offset", "1M", "--length", "3M"]);
+    assert!(
+        back.iter().all(|&b| b == 0x5a),
+        "the daemon's pool has the NBD client's writes"
+    );
+    env.ok(&["pool", "stop"]);
+    assert_pool_clean(&env);
+}

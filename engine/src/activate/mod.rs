@@ -7,7 +7,8 @@
 //!   kernel sees a real block device (`/dev/loopN`) on a machine without device-mapper;
 //! - [`dm`] + [`kernel`]: the kernel's device-mapper, driven by DM ioctls where
 //!   `/dev/mapper/control` works; the kernel then owns the pool;
-//! - NBD exports (in dmtool) for qemu and other NBD clients.
+//! - [`nbd`]: NBD exports for qemu and other NBD clients, served by `dmtool serve` or by
+//!   the pool daemon.
 //!
 //! This layer sits above [`crate::thin`] and [`crate::store`] and below the binaries.
 
@@ -17,5 +18,6 @@ pub mod dm;
 pub mod fuse;
 pub mod kernel;
 pub mod loopdev;
+pub mod nbd;
 
 pub use control::{Activation, ControlStatus, Local, PoolControl, ThinInfo};

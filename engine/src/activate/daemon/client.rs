@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::protocol::{receive, send, Reply, Request, MAX_PAYLOAD};
 use crate::activate::control::{Activation, ControlStatus, PoolControl, ThinInfo};
+use crate::activate::nbd::Listen;
 use crate::error::{Error, Result};
 use crate::units::ThinId;
 
@@ -70,6 +71,23 @@ impl Client {
     /// Asks the daemon to stop (see [`Request::Stop`]).
     pub fn stop(&mut self, force: bool) -> Result<()> {
         self.call(&Request::Stop { force }, &[]).map(drop)
+    }
+
+    /// Has the daemon serve thins over NBD at `listen` until this client is dropped; returns
+    /// the exports as `1 (base), 2`.
+    pub fn serve_nbd(
+        &mut self,
+        listen: &Listen,
+        ids: &[ThinId],
+        read_only: bool,
+    ) -> Result<String> {
+        let request = Request::ServeNbd {
+            listen: listen.clone(),
+            ids: ids.iter().map(|id| id.get()).collect(),
+            read_only,
+        };
+        let reply = self.call(&request, &[])?;
+        Self::expect(reply.exports, "the exports")
     }
 
     /// Reads up to [`MAX_PAYLOAD`] bytes at a time.

@@ -15,6 +15,7 @@ use std::io::{self, BufRead, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::activate::control::{Activation, ControlStatus, ThinInfo};
+use crate::activate::nbd::Listen;
 use crate::error::Error;
 use crate::units::ThinId;
 
@@ -81,6 +82,13 @@ pub enum Request {
         id: u64,
         deferred: bool,
     },
+    /// Serves thins `ids` (every thin when empty) over NBD at `listen` for as long as this
+    /// connection stays open. Reply: `exports`, the names served.
+    ServeNbd {
+        listen: Listen,
+        ids: Vec<u64>,
+        read_only: bool,
+    },
     /// Stops the daemon after deactivating every thin. Without `force` it is refused while
     /// any active thin is in use; with it, busy thins are detached when their users close
     /// them and their filesystems see IO errors once the daemon is gone.
@@ -103,6 +111,8 @@ pub struct Reply {
     pub activation: Option<Activation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exports: Option<String>,
     /// Bytes that follow the line (a `read`'s data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u64>,

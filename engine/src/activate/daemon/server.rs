@@ -27,6 +27,7 @@ use super::RunDir;
 use crate::activate::control::{Activation, Local, PoolControl};
 use crate::activate::fuse::{ExportOptions, FuseExport};
 use crate::activate::loopdev::{LoopDevice, LoopOptions};
+use crate::activate::nbd::{self, Listen, NbdListener};
 use crate::error::{Error, Result};
 use crate::store::Volumes;
 use crate::thin::files::PoolPaths;
@@ -230,6 +231,8 @@ impl Daemon {
         };
         let mut reader = BufReader::new(stream);
         let mut buf = Vec::new();
+        // NBD servers started by this client live as long as its connection.
+        let mut nbd_listeners = Vec::new();
         loop {
             let request: Request = match receive(&mut reader) {
                 Ok(Some(r)) => r,
@@ -258,10 +261,23 @@ impl Daemon {
             if matches!(request, Request::Write { .. }) && reader.read_exact(&mut buf).is_err() {
                 return;
             }
-            let reply = match self.handle(&request, &mut buf) {
-                Ok(reply) => reply,
-                Err(e) => Reply::failed(&e),
+            let handled = match &request {
+                Request::ServeNbd {
+                    listen,
+                    ids,
+                    read_only,
+                } => self
+                    .serve_nbd(listen, ids, *read_only)
+                    .map(|(listener, names)| {
+                        nbd_listeners.push(listener);
+                        Reply {
+                            exports: Some(names),
+                            ..Reply::ok()
+                        }
+                    }),
+                _ => self.handle(&request, &mut buf),
             };
+            let reply = handled.unwrap_or_else(|e| Reply::failed(&e));
             let sent = send(&mut writer, &reply).and_then(|()| {
                 if reply.ok && matches!(request, Request::Read { .. }) {
                     writer.write_all(&buf)
@@ -349,6 +365,11 @@ impl Daemon {
             Request::Deactivate { id, deferred } => {
                 self.deactivate(&mut state, thin_id(*id)?, *deferred)?
             }
+            Request::ServeNbd { .. } => {
+                return Err(Error::InvalidArgument(
+                    "serve_nbd is handled per connection".into(),
+                ))
+            }
             Request::Stop { force } => {
                 if !force {
                     let busy: Vec<String> = state
@@ -379,6 +400,29 @@ impl Daemon {
             }
         }
         Ok(reply)
+    }
+
+    fn serve_nbd(
+        &self,
+        listen: &Listen,
+        ids: &[u64],
+        read_only: bool,
+    ) -> Result<(NbdListener, String)> {
+        let state = self.state.lock();
+        if state.stopping {
+            return Err(Error::Activation("the pool daemon is stopping".into()));
+        }
+        let ids = ids
+            .iter()
+            .map(|&id| ThinId::new(id).ok_or(Error::BadThinId(id)))
+            .collect::<Result<Vec<_>>>()?;
+        let volumes = state.local.volumes();
+        let exports = nbd::exports_for(volumes, &ids, read_only)?;
+        let names = nbd::describe(&exports);
+        let server = Arc::new(nbd::Server::new(volumes.pool().clone(), exports));
+        let listener = NbdListener::start(server, listen)?;
+        tracing::info!(%listen, exports = %names, "serving over NBD");
+        Ok((listener, names))
     }
 
     fn activate(&self, state: &mut State, id: ThinId, read_only: bool) -> Result<Activation> {

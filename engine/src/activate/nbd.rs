@@ -7,10 +7,18 @@
 //! every connection completed, and exports advertise CAN_MULTI_CONN.
 
 use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread;
 
-use engine::{Error, ThinId};
-use engine::{Pool, Thin};
+use crate::error::{Error, Result};
+use crate::thin::device::Thin;
+use crate::thin::pool::Pool;
+use crate::units::ThinId;
 
 // ---- protocol constants ----------------------------------------------------------------
 
@@ -385,7 +393,7 @@ impl Connection<'_> {
     }
 
     /// After a change: marks the connection dirty, commits for FUA, and gives the errno.
-    fn done(&mut self, result: engine::Result<()>, fua: bool) -> Option<u32> {
+    fn done(&mut self, result: crate::Result<()>, fua: bool) -> Option<u32> {
         if let Err(e) = result {
             tracing::warn!(thin = %self.export.id, "request failed: {e}");
             self.dirty = true;
@@ -444,7 +452,7 @@ impl Connection<'_> {
         Ok(self.done(result, fua).unwrap_or(0))
     }
 
-    fn write_zeroes(&self, offset: u64, len: u32) -> engine::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u32) -> crate::Result<()> {
         let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
         let mut at = 0u64;
         while at < u64::from(len) {
@@ -491,4 +499,211 @@ mod tests {
         assert_eq!(parse_info_request(&d[..d.len() - 1]), None);
         assert_eq!(parse_info_request(&[0, 0, 0, 9]), None);
     }
+}
+
+/// The exports for thins `ids` of `volumes` (every thin with a record when `ids` is empty),
+/// named by id and by their names.
+pub fn exports_for(
+    volumes: &crate::store::Volumes,
+    ids: &[ThinId],
+    read_only: bool,
+) -> Result<Vec<Export>> {
+    let read_only = read_only || volumes.pool().options().read_only;
+    let ids: Vec<ThinId> = if ids.is_empty() {
+        let mut all: Vec<ThinId> = volumes.store().volumes().map(|v| v.id).collect();
+        all.sort();
+        all
+    } else {
+        ids.to_vec()
+    };
+    if ids.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the pool has no thins to export".into(),
+        ));
+    }
+    ids.into_iter()
+        .map(|id| {
+            let volume = volumes.volume(id)?;
+            Ok(Export {
+                id,
+                alias: volume.name.clone(),
+                size: volume.size_bytes,
+                read_only,
+            })
+        })
+        .collect()
+}
+
+/// How exports are named in messages: `1 (base), 2`.
+pub fn describe(exports: &[Export]) -> String {
+    exports
+        .iter()
+        .map(|e| match &e.alias {
+            Some(n) => format!("{} ({n})", e.id),
+            None => e.id.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---- listening --------------------------------------------------------------------------
+
+/// Where an NBD server listens.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Listen {
+    Unix(PathBuf),
+    /// `HOST:PORT`.
+    Tcp(String),
+}
+
+impl Listen {
+    /// `unix:PATH` or `tcp:HOST:PORT`.
+    pub fn parse(text: &str) -> Option<Listen> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            (!path.is_empty()).then(|| Listen::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = text.strip_prefix("tcp:") {
+            addr.rsplit_once(':').map(|_| Listen::Tcp(addr.to_string()))
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A listening NBD server: one thread accepts, one per connection serves. [`NbdListener::stop`]
+/// (or dropping it) stops accepting and removes a unix socket; connections already open
+/// run on until their clients disconnect.
+pub struct NbdListener {
+    listen: Listen,
+    stopping: Arc<AtomicBool>,
+}
+
+fn listen_error(listen: &Listen, e: io::Error) -> Error {
+    Error::ActivationIo {
+        what: format!("failed to listen on {listen}"),
+        source: e,
+    }
+}
+
+impl NbdListener {
+    /// Listens on `listen` and serves `server` there. A unix socket left behind by a server
+    /// that died is replaced; any other file in the way is refused.
+    pub fn start(server: Arc<Server>, listen: &Listen) -> Result<NbdListener> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        match listen {
+            Listen::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(Error::InvalidArgument(format!(
+                            "{} exists and is not a socket",
+                            path.display()
+                        )));
+                    }
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(Error::Busy {
+                            what: path.display().to_string(),
+                            holder: "another server listens there".into(),
+                        });
+                    }
+                    std::fs::remove_file(path).map_err(|e| listen_error(listen, e))?;
+                }
+                let listener = UnixListener::bind(path).map_err(|e| listen_error(listen, e))?;
+                let stop = stopping.clone();
+                spawn_acceptor(
+                    move || {
+                        let (stream, _) = listener.accept()?;
+                        Ok((!stop.load(Ordering::Acquire)).then_some(stream))
+                    },
+                    server,
+                )?;
+            }
+            Listen::Tcp(addr) => {
+                let listener = TcpListener::bind(addr).map_err(|e| listen_error(listen, e))?;
+                let stop = stopping.clone();
+                spawn_acceptor(
+                    move || {
+                        let (stream, _) = listener.accept()?;
+                        let _ = stream.set_nodelay(true);
+                        Ok((!stop.load(Ordering::Acquire)).then_some(stream))
+                    },
+                    server,
+                )?;
+            }
+        }
+        Ok(NbdListener {
+            listen: listen.clone(),
+            stopping,
+        })
+    }
+
+    pub fn listen(&self) -> &Listen {
+        &self.listen
+    }
+
+    /// Stops accepting (the accept thread is woken by one last connection of ours).
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for NbdListener {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        match &self.listen {
+            Listen::Unix(path) => {
+                let _ = UnixStream::connect(path);
+                let _ = std::fs::remove_file(path);
+            }
+            Listen::Tcp(addr) => {
+                let _ = TcpStream::connect(addr);
+            }
+        }
+    }
+}
+
+/// Runs `accept` in a thread until it returns `Ok(None)` (stopping), serving each stream in
+/// a thread of its own.
+fn spawn_acceptor<S, F>(mut accept: F, server: Arc<Server>) -> Result<()>
+where
+    S: Read + Write + Send + 'static,
+    F: FnMut() -> io::Result<Option<S>> + Send + 'static,
+{
+    thread::Builder::new()
+        .name("nbd-accept".into())
+        .spawn(move || loop {
+            match accept() {
+                Ok(Some(mut stream)) => {
+                    let server = server.clone();
+                    let spawned = thread::Builder::new()
+                        .name("nbd-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = server.serve(&mut stream) {
+                                tracing::info!("nbd connection ended: {e}");
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!("failed to start an nbd connection thread: {e}");
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("nbd accept failed: {e}");
+                    thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::ActivationIo {
+            what: "failed to start the nbd accept thread".into(),
+            source: e,
+        })
 }
