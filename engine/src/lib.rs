@@ -7,7 +7,10 @@
 //! - [`tm`]: the transaction manager (shadowing, commit order);
 //! - [`pdata`]: b-trees and space maps;
 //! - [`thin`]: superblock, details and mapping trees, the pool and thin device IO;
-//! - [`tools`]: check and dump, which read metadata without trusting it.
+//! - [`tools`]: check and dump, which read metadata without trusting it;
+//! - [`store`]: the volume store beside a pool (sizes and names dm-thin does not keep);
+//! - [`activate`]: thins as block devices (FUSE + loop under the pool daemon, the kernel's
+//!   device-mapper) and NBD exports, behind one [`activate::PoolControl`] interface.
 //!
 //! The public entry points are [`Pool`] and [`Thin`].
 
