@@ -1,60 +1,72 @@
-//! A cache of recent mappings for the read path, read without the metadata mutex.
+//! A cache of recent mappings for the read path, read without any lock.
 //!
-//! A read from the page cache costs well under a microsecond; a b-tree walk under the
-//! metadata lock would add a third to it. Entries map (thin, virtual block) to a data block.
+//! A 4 KiB read from the page cache costs about 2 µs; a b-tree walk under the metadata lock
+//! would add a third to it, and even a locked hash map costs a few percent (two atomic
+//! read-modify-writes and a cache miss or two). So each open thin has a [`MappingTable`]: a
+//! three-level radix table of `AtomicU64` entries indexed by virtual block, allocated lazily,
+//! where a hit is three dependent loads and no write to shared memory.
+//!
+//! An entry holds the data block plus one, tagged with the low 24 bits of the pool's epoch
+//! ([`MappingCache`]); 0 means "not cached".
 //!
 //! Why it is never stale:
 //! - a mapping changes only under the block's stripe lock held for writing (provisioning,
 //!   copy-on-write, discard), and whoever changes it invalidates the entry before letting go;
 //!   readers hold the same stripe for reading, so a reader never races a change of its block;
 //! - changes that are not per block (an aborted transaction, a deleted thin whose id may come
-//!   back) clear everything and bump the epoch, under the metadata lock; a reader that looked
-//!   a mapping up before such a clear inserts it only if the epoch it saw, also under the
-//!   metadata lock, is still current.
+//!   back) bump the epoch under the metadata lock, which makes every entry's tag wrong at once;
+//!   a reader that looked a mapping up before such a bump tags its insert with the epoch it saw
+//!   under the metadata lock, so the insert is born stale. When the 24-bit tag wraps, every
+//!   table of an open thin is zeroed as well, so a tag can never match again by coming around.
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
-use parking_lot::RwLock;
+use parking_lot::Mutex;
 
-use crate::tm::BlockHasher;
-use crate::units::ThinId;
+/// Entries per leaf and per middle node; the top node has `TOP` entries.
+const FANOUT_BITS: u32 = 10;
+const FANOUT: usize = 1 << FANOUT_BITS;
+const TOP_BITS: u32 = 8;
+const TOP: usize = 1 << TOP_BITS;
+/// Virtual blocks past this are not cached (2^28 blocks: 16 TiB at 64 KiB).
+const MAX_VBLOCK: u64 = 1 << (TOP_BITS + 2 * FANOUT_BITS);
 
-const SHARDS: usize = 64;
-/// Entries per shard before the shard starts over (64 × 16384 × ~24 bytes ≈ 25 MiB at most).
-const SHARD_CAPACITY: usize = 16_384;
+/// Leaves (8 KiB each, 1024 mappings) all tables of a pool may hold: 32 MiB, 4M mappings.
+/// Past it, reads of blocks in new leaves go to the b-tree.
+const MAX_LEAVES: usize = 4096;
 
-type Shard = HashMap<(u32, u64), u64, BuildHasherDefault<BlockHasher>>;
+const TAG_BITS: u32 = 24;
+const TAG_SHIFT: u32 = 64 - TAG_BITS;
+const BLOCK_MASK: u64 = (1 << TAG_SHIFT) - 1;
 
+type Leaf = Box<[AtomicU64]>;
+type Middle = Box<[OnceLock<Leaf>]>;
+
+/// The pool-wide part: the epoch, the memory budget and the tables (for zeroing them all
+/// when the tag wraps). Lock order: the metadata lock, then `tables`.
 pub(crate) struct MappingCache {
-    shards: Vec<RwLock<Shard>>,
     epoch: AtomicU64,
+    leaves: AtomicUsize,
+    tables: Mutex<Vec<Weak<MappingTable>>>,
 }
 
 impl MappingCache {
     pub(crate) fn new() -> MappingCache {
         MappingCache {
-            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             epoch: AtomicU64::new(0),
+            leaves: AtomicUsize::new(0),
+            tables: Mutex::new(Vec::new()),
         }
     }
 
-    fn shard(&self, id: ThinId, vblock: u64) -> &RwLock<Shard> {
-        let h = (id.get() ^ vblock.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        &self.shards[(h >> 58) as usize % SHARDS]
-    }
-
-    fn key(id: ThinId, vblock: u64) -> (u32, u64) {
-        (id.get() as u32, vblock)
-    }
-
-    /// The data block `vblock` of `id` maps to, if cached.
-    pub(crate) fn get(&self, id: ThinId, vblock: u64) -> Option<u64> {
-        self.shard(id, vblock)
-            .read()
-            .get(&Self::key(id, vblock))
-            .copied()
+    /// A new, empty table for a thin being opened.
+    pub(crate) fn new_table(&self) -> Arc<MappingTable> {
+        let table = Arc::new(MappingTable::new());
+        let mut tables = self.tables.lock();
+        tables.retain(|t| t.strong_count() > 0);
+        tables.push(Arc::downgrade(&table));
+        table
     }
 
     /// The epoch to pass to `insert`; read it under the metadata lock, with the lookup.
@@ -62,30 +74,177 @@ impl MappingCache {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Caches a mapping looked up at `epoch` (dropped if the cache was cleared since).
-    pub(crate) fn insert(&self, id: ThinId, vblock: u64, block: u64, epoch: u64) {
-        let mut shard = self.shard(id, vblock).write();
-        if self.epoch.load(Ordering::Acquire) != epoch {
+    fn tag(epoch: u64) -> u64 {
+        epoch & ((1 << TAG_BITS) - 1)
+    }
+
+    /// Makes every cached mapping stale (the caller holds the metadata lock).
+    pub(crate) fn clear(&self) {
+        let new = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        if Self::tag(new) == 0 {
+            // The tag came around: an old entry could match again, so none may survive.
+            for table in self.tables.lock().iter().filter_map(Weak::upgrade) {
+                table.zero();
+            }
+        }
+    }
+}
+
+/// One open thin's cached mappings.
+pub(crate) struct MappingTable {
+    top: Box<[OnceLock<Middle>]>,
+}
+
+fn split(vblock: u64) -> Option<(usize, usize, usize)> {
+    (vblock < MAX_VBLOCK).then(|| {
+        let mask = FANOUT as u64 - 1;
+        (
+            (vblock >> (2 * FANOUT_BITS)) as usize,
+            ((vblock >> FANOUT_BITS) & mask) as usize,
+            (vblock & mask) as usize,
+        )
+    })
+}
+
+impl MappingTable {
+    fn new() -> MappingTable {
+        MappingTable {
+            top: (0..TOP).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn entry(&self, vblock: u64) -> Option<&AtomicU64> {
+        let (t, m, l) = split(vblock)?;
+        Some(&self.top[t].get()?[m].get()?[l])
+    }
+
+    /// The data block `vblock` maps to, if cached and current.
+    pub(crate) fn get(&self, cache: &MappingCache, vblock: u64) -> Option<u64> {
+        let entry = self.entry(vblock)?.load(Ordering::Acquire);
+        let tag = MappingCache::tag(cache.epoch());
+        (entry != 0 && entry >> TAG_SHIFT == tag).then(|| (entry & BLOCK_MASK) - 1)
+    }
+
+    /// Caches a mapping looked up at `epoch` (born stale if the pool's epoch moved since).
+    pub(crate) fn insert(&self, cache: &MappingCache, vblock: u64, block: u64, epoch: u64) {
+        if block >= BLOCK_MASK {
             return;
         }
-        if shard.len() >= SHARD_CAPACITY {
-            shard.clear();
-        }
-        shard.insert(Self::key(id, vblock), block);
+        let Some((t, m, l)) = split(vblock) else {
+            return;
+        };
+        let middle = self.top[t].get_or_init(|| (0..FANOUT).map(|_| OnceLock::new()).collect());
+        let leaf = match middle[m].get() {
+            Some(leaf) => leaf,
+            None => {
+                if cache.leaves.fetch_add(1, Ordering::Relaxed) >= MAX_LEAVES {
+                    cache.leaves.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                let mut fresh = Some((0..FANOUT).map(|_| AtomicU64::new(0)).collect());
+                let leaf = middle[m].get_or_init(|| fresh.take().expect("taken once"));
+                if fresh.is_some() {
+                    // Another reader allocated it first; ours was never counted twice.
+                    cache.leaves.fetch_sub(1, Ordering::Relaxed);
+                }
+                leaf
+            }
+        };
+        leaf[l].store(
+            (MappingCache::tag(epoch) << TAG_SHIFT) | (block + 1),
+            Ordering::Release,
+        );
     }
 
     /// Forgets one mapping (the caller holds the block's stripe for writing).
-    pub(crate) fn invalidate(&self, id: ThinId, vblock: u64) {
-        self.shard(id, vblock)
-            .write()
-            .remove(&Self::key(id, vblock));
+    pub(crate) fn invalidate(&self, vblock: u64) {
+        if let Some(entry) = self.entry(vblock) {
+            entry.store(0, Ordering::Release);
+        }
     }
 
-    /// Forgets everything (the caller holds the metadata lock).
-    pub(crate) fn clear(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        for shard in &self.shards {
-            shard.write().clear();
+    /// Forgets everything (after the epoch's tag wrapped around).
+    fn zero(&self) {
+        for middle in self.top.iter().filter_map(OnceLock::get) {
+            for leaf in middle.iter().filter_map(OnceLock::get) {
+                for entry in leaf.iter() {
+                    entry.store(0, Ordering::Release);
+                }
+            }
         }
+    }
+
+    /// Gives the leaves back to the pool's budget (the thin's last handle closed).
+    pub(crate) fn release(&self, cache: &MappingCache) {
+        let leaves = self
+            .top
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(|middle| middle.iter().filter(|l| l.get().is_some()).count())
+            .sum::<usize>();
+        cache.leaves.fetch_sub(leaves, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_misses_invalidation_and_epochs() {
+        let cache = MappingCache::new();
+        let table = cache.new_table();
+        assert_eq!(table.get(&cache, 7), None);
+        table.insert(&cache, 7, 1234, cache.epoch());
+        table.insert(&cache, MAX_VBLOCK - 1, 0, cache.epoch());
+        assert_eq!(table.get(&cache, 7), Some(1234));
+        assert_eq!(table.get(&cache, MAX_VBLOCK - 1), Some(0));
+        assert_eq!(table.get(&cache, 8), None);
+        table.invalidate(7);
+        assert_eq!(table.get(&cache, 7), None);
+
+        // An insert looked up before a clear is born stale; one after it is current.
+        let before = cache.epoch();
+        cache.clear();
+        table.insert(&cache, 9, 5, before);
+        assert_eq!(table.get(&cache, 9), None);
+        assert_eq!(table.get(&cache, MAX_VBLOCK - 1), None, "clear staled it");
+        table.insert(&cache, 9, 5, cache.epoch());
+        assert_eq!(table.get(&cache, 9), Some(5));
+
+        // Out of range: never cached, never a panic.
+        table.insert(&cache, MAX_VBLOCK, 1, cache.epoch());
+        assert_eq!(table.get(&cache, MAX_VBLOCK), None);
+        table.insert(&cache, 10, BLOCK_MASK, cache.epoch());
+        assert_eq!(table.get(&cache, 10), None);
+    }
+
+    #[test]
+    fn the_tag_wrapping_around_zeroes_every_table() {
+        let cache = MappingCache::new();
+        cache.epoch.store((1 << TAG_BITS) - 2, Ordering::Relaxed);
+        let table = cache.new_table();
+        // Tagged 0: without zeroing it would match again once the tag comes around.
+        table.insert(&cache, 1, 2, 0);
+        cache.clear();
+        cache.clear();
+        assert_eq!(MappingCache::tag(cache.epoch()), 0);
+        assert_eq!(table.get(&cache, 1), None);
+    }
+
+    #[test]
+    fn the_leaf_budget_bounds_memory() {
+        let cache = MappingCache::new();
+        let table = cache.new_table();
+        for i in 0..(MAX_LEAVES as u64 + 10) {
+            table.insert(&cache, i * FANOUT as u64, i, cache.epoch());
+        }
+        assert_eq!(cache.leaves.load(Ordering::Relaxed), MAX_LEAVES);
+        assert_eq!(
+            table.get(&cache, (MAX_LEAVES as u64 + 5) * FANOUT as u64),
+            None
+        );
+        table.release(&cache);
+        assert_eq!(cache.leaves.load(Ordering::Relaxed), 0);
     }
 }

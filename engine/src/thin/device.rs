@@ -160,7 +160,7 @@ impl Thin {
     fn read_one(&self, buf: &mut [u8], vblock: u64, within: u64) -> Result<()> {
         let bs = self.pool.block_size().bytes();
         let _stripe = self.pool.stripe(self.id, vblock).read();
-        if let Some(block) = self.pool.mappings.get(self.id, vblock) {
+        if let Some(block) = self.gate.table.get(&self.pool.mappings, vblock) {
             return self.read_data(buf, block * bs + within);
         }
         let (mapping, epoch) = {
@@ -173,7 +173,9 @@ impl Thin {
         };
         match mapping {
             Some(bt) => {
-                self.pool.mappings.insert(self.id, vblock, bt.block, epoch);
+                self.gate
+                    .table
+                    .insert(&self.pool.mappings, vblock, bt.block, epoch);
                 self.read_data(buf, bt.block * bs + within)
             }
             None => {
@@ -282,7 +284,7 @@ impl Thin {
             return Err(e);
         }
         for ((p, _), &block) in pieces.iter().zip(&blocks) {
-            pool.mappings.invalidate(self.id, p.vblock);
+            self.gate.table.invalidate(p.vblock);
             let r = md.insert(self.id, p.vblock, BlockTime { block, time });
             if let Err(e) = r {
                 pool.metadata_failed(&mut md, &e);
@@ -417,7 +419,7 @@ impl Thin {
             for (vb, _) in mapped {
                 let _stripe = self.pool.stripe(self.id, vb).write();
                 let mut md = self.pool.metadata();
-                self.pool.mappings.invalidate(self.id, vb);
+                self.gate.table.invalidate(vb);
                 match md.remove(self.id, vb) {
                     Ok(Some((_, freed))) => freed_any |= freed,
                     Ok(None) => {}

@@ -8,7 +8,10 @@
 //!    sees a block that a discard freed and someone else reused;
 //! 3. the provisioning gate (read from allocating a data block until its mapping is inserted;
 //!    write for commit), so that a commit never records a block allocated but not yet mapped;
-//! 4. the metadata mutex, held only for metadata work, never across data I/O.
+//! 4. the metadata mutex, held only for metadata work, never across data I/O;
+//! 5. the mapping cache's table list (only to register a thin's table, or to zero them all
+//!    when the cache's epoch tag wraps). The open-thins map is taken before 4 and 5, never
+//!    after them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -154,6 +157,8 @@ const STRIPES: usize = 1024;
 
 pub(crate) struct ThinGate {
     pub(crate) io: RwLock<()>,
+    /// The thin's cached mappings (see `thin::cache`), shared by its handles.
+    pub(crate) table: Arc<crate::thin::cache::MappingTable>,
 }
 
 pub struct Pool {
@@ -716,6 +721,7 @@ impl Pool {
             (
                 Arc::new(ThinGate {
                     io: RwLock::new(()),
+                    table: self.mappings.new_table(),
                 }),
                 0,
             )
@@ -729,6 +735,7 @@ impl Pool {
         if let Some(e) = open.get_mut(&id) {
             e.1 -= 1;
             if e.1 == 0 {
+                e.0.table.release(&self.mappings);
                 open.remove(&id);
             }
         }
