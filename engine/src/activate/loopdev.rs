@@ -399,6 +399,17 @@ fn open_node(path: &Path, exclusive: bool) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Every mount point in this mount namespace.
+pub(crate) fn mount_points() -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(unescape_mountinfo(point)))
+        .collect()
+}
+
 /// Mount points in `mountinfo` whose source is the device `major:minor`.
 fn mounts_of(mountinfo: &str, major: u32, minor: u32) -> Vec<PathBuf> {
     let dev = format!("{major}:{minor}");

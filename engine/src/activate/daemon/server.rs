@@ -15,7 +15,7 @@ use std::fs;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use super::protocol::{receive, send, Reply, Request, MAX_PAYLOAD};
 use super::RunDir;
 use crate::activate::control::{Activation, Local, PoolControl};
 use crate::activate::fuse::{ExportOptions, FuseExport};
-use crate::activate::loopdev::{LoopDevice, LoopOptions};
+use crate::activate::loopdev::{self, LoopDevice, LoopOptions};
 use crate::activate::nbd::{self, Listen, NbdListener};
 use crate::error::{Error, Result};
 use crate::store::Volumes;
@@ -560,7 +560,7 @@ fn clean_stale(run: &RunDir) -> Result<()> {
             device.detach_deferred()?;
         }
     }
-    if is_mount_point(&mountpoint) {
+    if loopdev::mount_points().contains(&mountpoint) {
         tracing::warn!(mount = %mountpoint.display(), "detaching the FUSE mount of a daemon that died");
         nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
             activation_error(
@@ -576,15 +576,4 @@ fn clean_stale(run: &RunDir) -> Result<()> {
         })?;
     }
     Ok(())
-}
-
-/// Whether `path` is a mount point in this mount namespace.
-fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let target = path.to_string_lossy();
-    info.lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|point| point == target)
 }
