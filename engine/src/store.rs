@@ -1104,6 +1104,60 @@ mod tests {
     }
 
     #[test]
+    fn kernel_crash_between_message_and_transaction_id_is_decided_by_what_exists() {
+        // The kernel path (activate::kernel_control) commits the pool message and
+        // set_transaction_id separately; a crash between leaves the pool at the store's id.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = VolumeStore::new(&store_path(&dir));
+        store.transaction_id = Some(4);
+        store
+            .begin_intent(
+                Intent::Create {
+                    id: id(7),
+                    size_bytes: 1 << 20,
+                    name: Some("made".into()),
+                    origin: None,
+                },
+                4,
+            )
+            .unwrap();
+        let mut view = PoolView {
+            transaction_id: 4,
+            thin_ids: [id(7)].into_iter().collect(),
+            read_only: false,
+        };
+        let mut reloaded = VolumeStore::load(store.path()).unwrap();
+        let report = reloaded.reconcile_with(&view).unwrap();
+        assert!(report.pending.unwrap().applied);
+        assert!(report.orphans.is_empty());
+        assert_eq!(reloaded.get(id(7)).unwrap().name.as_deref(), Some("made"));
+
+        // A delete whose thin is gone at the same id is applied too; one whose thin is still
+        // there never happened.
+        reloaded
+            .begin_intent(Intent::Delete { id: id(7) }, 4)
+            .unwrap();
+        let mut deleted = VolumeStore::load(reloaded.path()).unwrap();
+        let mut kept = deleted.clone();
+        view.thin_ids.clear();
+        assert!(
+            deleted
+                .reconcile_with(&view)
+                .unwrap()
+                .pending
+                .unwrap()
+                .applied
+        );
+        assert!(deleted.get(id(7)).is_none());
+        view.thin_ids.insert(id(7));
+        assert!(!kept.reconcile_with(&view).unwrap().pending.unwrap().applied);
+        assert!(kept.get(id(7)).is_some());
+
+        // begin_intent refuses a store that is not at the pool's id.
+        assert!(kept.begin_intent(Intent::Delete { id: id(7) }, 9).is_err());
+    }
+
+    #[test]
     fn crash_after_the_pool_commit_applies_the_intent() {
         let dir = tempfile::tempdir().unwrap();
         let mut v = fresh(&dir);

@@ -746,3 +746,40 @@ impl PoolControl for KernelControl {
         self.pool.deactivate(id, deferred)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_status_becomes_the_engines_status_with_the_same_line() {
+        let line = "6 141/16384 60/8192 - rw discard_passdown queue_if_no_space - 1024";
+        let k: KernelPoolStatus = line.parse().unwrap();
+        let s = pool_status(&k, 128, true);
+        assert_eq!(s.to_string(), line);
+        assert_eq!(
+            s.kernel_line(),
+            format!("0 {} thin-pool {line}", 8192 * 128)
+        );
+        assert_eq!((s.data_block_sectors, s.zero_new_blocks), (128, true));
+
+        let held = "7 200/1024 61/1024 177 ro no_discard_passdown error_if_no_space needs_check";
+        let s = pool_status(&held.parse().unwrap(), 256, false);
+        assert_eq!(s.held_root, Some(177));
+        assert_eq!(s.mode, "ro");
+        assert!(!s.discard_passdown && s.error_if_no_space && s.needs_check);
+    }
+
+    #[test]
+    fn finding_a_pool_here_is_none_without_device_mapper() {
+        if KernelPool::available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PoolPaths::in_dir(dir.path());
+        std::fs::write(&paths.metadata, [0u8; 4096]).unwrap();
+        std::fs::write(&paths.data, [0u8; 4096]).unwrap();
+        assert!(find(&paths).unwrap().is_none());
+        assert_eq!(owner_of_metadata(&paths.metadata).unwrap(), None);
+    }
+}
