@@ -138,6 +138,17 @@ refused stop_active dmtool pool stop $L
 for t in 1 2 4 5; do dmtool thin deactivate $L $t; done
 dmtool pool stop $L
 echo "KV mapper_after_stop $(ls /dev/mapper | tr '\n' ' ')"
+# A pool on regular files: loop devices attached at start, found again by backing file,
+# detached at stop (--force deactivates the idle thin).
+F="--pool /tmp/filepool"
+dmtool pool create $F --data-size 64M --metadata-size 8M
+dmtool thin create $F 1 --size 4M
+dmtool pool start --backend kernel $F
+echo "KV file_loops $(cat /sys/block/loop*/loop/backing_file 2>/dev/null | tr '\n' ' ')"
+echo "KV file_dev $(dmtool thin activate $F 1)"
+dmtool pool stop --force $F
+echo "KV file_loops_after $(cat /sys/block/loop*/loop/backing_file 2>/dev/null | tr '\n' ' ')"
+dmtool check /tmp/filepool/metadata > /dev/null && echo "KV file_check ok"
 echo "KV guest_seconds $(( $(date +%s) - start ))"
 echo "BEGIN volumes"
 cat /tmp/state/volumes.json
@@ -273,6 +284,21 @@ fn root_kernel_dmtool_drives_the_pool_through_device_mapper() {
         );
     }
     assert!(!kv["mapper_after_stop"].contains("thinbox-"), "{report}");
+
+    assert!(
+        kv["file_loops"].contains("/tmp/filepool/metadata")
+            && kv["file_loops"].contains("/tmp/filepool/data"),
+        "{report}"
+    );
+    assert!(
+        kv["file_dev"].starts_with("/dev/mapper/thinbox-"),
+        "{report}"
+    );
+    assert!(
+        !kv["file_loops_after"].contains("/tmp/filepool"),
+        "{report}"
+    );
+    assert_eq!(kv["file_check"], "ok", "{report}");
 
     let ls: serde_json::Value = serde_json::from_str(section(&out, "ls")).unwrap();
     let rows = ls.as_array().unwrap();
