@@ -59,13 +59,14 @@ pub enum PoolCommand {
     /// Show the kernel status line and space usage
     #[command(after_help = "Example: dmtool pool status --pool /srv/pool --json")]
     Status(pool::StatusArgs),
-    /// Start the pool daemon, which owns the pool while its thins are active
+    /// Hand the pool to an owner that keeps it while its thins are active
     ///
-    /// Every other verb then goes through the daemon (over its unix socket) instead of
-    /// opening the pool itself. `thin activate` starts the daemon when none runs.
-    #[command(after_help = "Example: dmtool pool start --pool /srv/pool")]
+    /// The owner is the kernel's device-mapper where it works (loop devices are attached to
+    /// regular files), else the userspace pool daemon. Every other verb then goes through the
+    /// owner instead of opening the pool itself. `thin activate` starts one when none runs.
+    #[command(after_help = "Example: dmtool pool start --pool /srv/pool --backend kernel")]
     Start(daemon::StartArgs),
-    /// Stop the pool daemon: deactivate every thin, commit, release the pool
+    /// Take the pool back from its owner: deactivate every thin, commit, release the pool
     #[command(after_help = "Example: dmtool pool stop --pool /srv/pool")]
     Stop(daemon::StopArgs),
 }
@@ -95,10 +96,10 @@ pub enum ThinCommand {
     /// List thin devices: id, name, size, mapped space, origin, block device
     #[command(after_help = "Example: dmtool thin ls --pool /srv/pool --json")]
     Ls(thin::LsArgs),
-    /// Make a thin a block device and print its path (starts the pool daemon if needed)
+    /// Make a thin a block device and print its path (starts an owner if needed)
     ///
-    /// The thin is served as a file over FUSE by the pool daemon, with a loop device on top
-    /// (this host has no device-mapper).
+    /// In the kernel the thin is a device-mapper `thin` device (/dev/mapper/...); with the
+    /// userspace daemon it is served as a file over FUSE, with a loop device on top.
     #[command(after_help = "Example: mkfs.ext4 $(dmtool thin activate --pool /srv/pool 1)")]
     Activate(activate::ActivateArgs),
     /// Remove a thin's block device; refused while it is mounted or open, unless --deferred

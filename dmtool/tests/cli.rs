@@ -668,3 +668,35 @@ fn a_damaged_store_is_an_error_that_names_it() {
         &format!("state store {}", store.display()),
     );
 }
+
+#[test]
+fn kernel_backend_is_refused_clearly_without_device_mapper() {
+    if engine::activate::kernel::KernelPool::available() {
+        eprintln!("skipped: this host has device-mapper");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let p = pool.to_str().unwrap();
+    ok(run(&[
+        "pool",
+        "create",
+        "--pool",
+        p,
+        "--data-size",
+        "64M",
+        "--metadata-size",
+        "8M",
+    ]));
+    for args in [
+        &["pool", "start", "--backend", "kernel", "--pool", p][..],
+        &["thin", "activate", "--backend", "kernel", "--pool", p, "0"][..],
+    ] {
+        fails(&run(args), 1, "device-mapper");
+        let err = stderr(&run(args));
+        assert!(err.contains("unavailable here"), "{err}");
+    }
+    // Nothing was started: the pool is still offline.
+    let status = stdout(&ok(run(&["pool", "status", "--pool", p])));
+    assert!(status.contains("none (offline)"), "{status}");
+}

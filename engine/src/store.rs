@@ -38,8 +38,12 @@
 //!
 //! [`VolumeStore::reconcile`] runs on every open. A pending intent is applied when the pool is
 //! at the store's transaction id + 1 (step 2 committed) and dropped when it is at the store's
-//! (it did not). When the pool's id is anything else, someone else changed the pool: a create
-//! is applied if the thin exists, a delete if it does not, a rename or resize is dropped. Then
+//! (it did not), except that a create whose thin exists, or a delete whose thin is gone, is
+//! applied at the store's id too: our engine makes the operation and the new id one commit, but
+//! the kernel commits after every pool message, so a crash between `create_thin` (or `delete`)
+//! and `set_transaction_id` leaves exactly that (see `activate::kernel_control`). When the
+//! pool's id is anything else, someone else changed the pool: a create is applied if the thin
+//! exists, a delete if it does not, a rename or resize is dropped. Then
 //! ids are cross-checked: thins without a record are reported as orphans (kept; their size is
 //! unknown), records without a thin are dropped and reported. The store is written only when
 //! something changed, and never for a pool opened read-only.
@@ -191,6 +195,26 @@ impl ReconcileReport {
             && self.orphans.is_empty()
             && self.dropped.is_empty()
             && self.transaction_id_moved.is_none()
+    }
+}
+
+/// What reconciling needs to know about a pool: its committed transaction id and thin ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolView {
+    pub transaction_id: u64,
+    pub thin_ids: BTreeSet<ThinId>,
+    /// The store is then reconciled in memory only (never written).
+    pub read_only: bool,
+}
+
+impl PoolView {
+    /// The view of a pool our engine opened.
+    pub fn of(pool: &Pool) -> PoolView {
+        PoolView {
+            transaction_id: pool.superblock().transaction_id,
+            thin_ids: pool.thin_ids().into_iter().collect(),
+            read_only: pool.options().read_only,
+        }
     }
 }
 
@@ -427,6 +451,50 @@ impl VolumeStore {
             .find(|v| v.name.as_deref() == Some(name))
     }
 
+    /// Step 1 of the protocol for an owner that is not our engine (the kernel): records
+    /// `intent` as pending at transaction id `n`, the pool's current one, which must be the
+    /// store's too (reconcile first). On `Ok` the intent is durable.
+    pub fn begin_intent(&mut self, intent: Intent, n: u64) -> Result<()> {
+        if self.pending.is_some() || self.transaction_id != Some(n) {
+            return Err(store_err(
+                &self.path,
+                format!(
+                    "cannot record a change at transaction id {n}: the store is at {:?}{} \
+                     (reconcile it first)",
+                    self.transaction_id,
+                    if self.pending.is_some() {
+                        " with a change pending"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        self.pending = Some(intent);
+        if let Err(e) = self.save() {
+            self.pending = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Drops the pending intent: the pool refused the operation and did not change.
+    pub fn abandon_intent(&mut self) -> Result<()> {
+        if self.pending.take().is_some() {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Step 3: applies the pending intent, clears it and records `new_tid`.
+    pub fn finish_intent(&mut self, new_tid: u64) -> Result<()> {
+        if let Some(intent) = self.pending.take() {
+            self.apply(&intent);
+        }
+        self.transaction_id = Some(new_tid);
+        self.save()
+    }
+
     fn apply(&mut self, intent: &Intent) {
         match intent.clone() {
             Intent::Create {
@@ -466,7 +534,13 @@ impl VolumeStore {
     /// when something changed, unless the pool was opened read-only (then the reconciled
     /// state is only in memory).
     pub fn reconcile(&mut self, pool: &Pool) -> Result<ReconcileReport> {
-        let pool_tid = pool.superblock().transaction_id;
+        self.reconcile_with(&PoolView::of(pool))
+    }
+
+    /// [`VolumeStore::reconcile`] against what is known of a pool some other owner (the
+    /// kernel) holds: its transaction id and thin ids.
+    pub fn reconcile_with(&mut self, pool: &PoolView) -> Result<ReconcileReport> {
+        let pool_tid = pool.transaction_id;
         let mut report = ReconcileReport::default();
         let mut changed = false;
         let mut explained = false;
@@ -481,12 +555,28 @@ impl VolumeStore {
                 )
             } else if store_tid == pool_tid {
                 explained = true;
-                (
-                    false,
-                    format!("the pool never committed it (transaction id {pool_tid})"),
-                )
+                let exists = pool.thin_ids.contains(&intent.id());
+                match intent {
+                    Intent::Create { .. } if exists => (
+                        true,
+                        format!(
+                            "the pool made the thin but its transaction id stayed at {pool_tid}"
+                        ),
+                    ),
+                    Intent::Delete { .. } if !exists => (
+                        true,
+                        format!(
+                            "the pool deleted the thin but its transaction id stayed at \
+                             {pool_tid}"
+                        ),
+                    ),
+                    _ => (
+                        false,
+                        format!("the pool never committed it (transaction id {pool_tid})"),
+                    ),
+                }
             } else {
-                let exists = pool.exists(intent.id());
+                let exists = pool.thin_ids.contains(&intent.id());
                 let (applied, what) = match intent {
                     Intent::Create { .. } if exists => (true, "the thin exists"),
                     Intent::Create { .. } => (false, "the thin does not exist"),
@@ -518,7 +608,7 @@ impl VolumeStore {
             self.transaction_id = Some(pool_tid);
             changed = true;
         }
-        let in_pool: BTreeSet<ThinId> = pool.thin_ids().into_iter().collect();
+        let in_pool = &pool.thin_ids;
         report.orphans = in_pool
             .iter()
             .filter(|id| !self.volumes.contains_key(id))
@@ -536,7 +626,7 @@ impl VolumeStore {
                 changed = true;
             }
         }
-        if changed && !pool.options().read_only {
+        if changed && !pool.read_only {
             self.save()?;
             report.written = true;
         }
@@ -1011,6 +1101,60 @@ mod tests {
         assert_eq!(v.store().transaction_id(), Some(1));
         let on_disk = VolumeStore::load(v.store().path()).unwrap();
         assert_eq!(on_disk.pending(), None);
+    }
+
+    #[test]
+    fn kernel_crash_between_message_and_transaction_id_is_decided_by_what_exists() {
+        // The kernel path (activate::kernel_control) commits the pool message and
+        // set_transaction_id separately; a crash between leaves the pool at the store's id.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = VolumeStore::new(&store_path(&dir));
+        store.transaction_id = Some(4);
+        store
+            .begin_intent(
+                Intent::Create {
+                    id: id(7),
+                    size_bytes: 1 << 20,
+                    name: Some("made".into()),
+                    origin: None,
+                },
+                4,
+            )
+            .unwrap();
+        let mut view = PoolView {
+            transaction_id: 4,
+            thin_ids: [id(7)].into_iter().collect(),
+            read_only: false,
+        };
+        let mut reloaded = VolumeStore::load(store.path()).unwrap();
+        let report = reloaded.reconcile_with(&view).unwrap();
+        assert!(report.pending.unwrap().applied);
+        assert!(report.orphans.is_empty());
+        assert_eq!(reloaded.get(id(7)).unwrap().name.as_deref(), Some("made"));
+
+        // A delete whose thin is gone at the same id is applied too; one whose thin is still
+        // there never happened.
+        reloaded
+            .begin_intent(Intent::Delete { id: id(7) }, 4)
+            .unwrap();
+        let mut deleted = VolumeStore::load(reloaded.path()).unwrap();
+        let mut kept = deleted.clone();
+        view.thin_ids.clear();
+        assert!(
+            deleted
+                .reconcile_with(&view)
+                .unwrap()
+                .pending
+                .unwrap()
+                .applied
+        );
+        assert!(deleted.get(id(7)).is_none());
+        view.thin_ids.insert(id(7));
+        assert!(!kept.reconcile_with(&view).unwrap().pending.unwrap().applied);
+        assert!(kept.get(id(7)).is_some());
+
+        // begin_intent refuses a store that is not at the pool's id.
+        assert!(kept.begin_intent(Intent::Delete { id: id(7) }, 9).is_err());
     }
 
     #[test]

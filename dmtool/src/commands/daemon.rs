@@ -1,4 +1,9 @@
-//! `pool start` and `pool stop`: the pool daemon's life.
+//! `pool start` and `pool stop`: handing a pool to an owner that keeps it while its thins are
+//! active (the kernel's device-mapper, or our userspace pool daemon) and taking it back.
+//!
+//! With the kernel backend `pool start` attaches loop devices to regular files, loads the
+//! `thin-pool` table through DM ioctls and returns; the kernel then owns the pool until
+//! `pool stop`, which removes the pool device and detaches those loop devices.
 //!
 //! `pool start` runs this same binary again as `pool start --foreground` in a session of its
 //! own (so that no terminal hang-up or exiting shell takes it down), with its output in the
@@ -16,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use engine::activate::daemon::{Daemon, DaemonConfig, RunDir};
+use engine::activate::kernel::KernelPool;
+use engine::activate::kernel_control::KernelControl;
 use engine::activate::PoolControl;
 use engine::PoolOptions;
 use nix::sys::signal::{SigSet, Signal};
@@ -29,10 +36,42 @@ pub const DEFAULT_FUSE_WORKERS: u16 = 8;
 /// How long `pool start` waits for a new daemon to answer, and `pool stop` for one to go.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Who takes the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The kernel where device-mapper works (/dev/mapper/control), else the userspace daemon
+    Auto,
+    /// The kernel's device-mapper (dm-thin), driven through DM ioctls
+    Kernel,
+    /// The userspace pool daemon: each active thin a FUSE file with a loop device on top
+    Userspace,
+}
+
+impl Backend {
+    /// `Auto` made concrete for this machine; `Kernel` fails here without device-mapper.
+    pub fn resolve(self) -> anyhow::Result<Backend> {
+        let available = KernelPool::available();
+        match self {
+            Backend::Auto if available => Ok(Backend::Kernel),
+            Backend::Auto => Ok(Backend::Userspace),
+            Backend::Kernel if !available => bail!(
+                "the kernel backend needs device-mapper with the thin-pool target, and it is \
+                 unavailable here (/dev/mapper/control does not answer or knows no thin-pool); \
+                 use --backend userspace"
+            ),
+            other => Ok(other),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct StartArgs {
     #[command(flatten)]
     pub loc: PoolLocation,
+
+    /// Who owns the pool while it runs
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
 
     /// Run in the foreground (logs on stderr) instead of detaching
     #[arg(long)]
@@ -52,8 +91,9 @@ pub struct StopArgs {
     #[command(flatten)]
     pub loc: PoolLocation,
 
-    /// Stop even while thins are mounted or open: their devices detach when their users close
-    /// them, and their filesystems see IO errors until then
+    /// Stop even while thins are active. The daemon detaches devices in use when their users
+    /// close them (their filesystems see IO errors until then); the kernel deactivates the idle
+    /// ones and still refuses while one is open
     #[arg(long)]
     pub force: bool,
 }
@@ -68,8 +108,16 @@ pub fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
             pid.map_or_else(|| "unknown".into(), |p| p.to_string())
         );
     }
-    if args.foreground {
+    if args.foreground || args.detached_child {
+        if args.backend == Backend::Kernel {
+            bail!("--foreground runs the userspace daemon; the kernel needs no process");
+        }
         return run_foreground(&args, run);
+    }
+    if args.backend.resolve()? == Backend::Kernel {
+        let pool = start_kernel(&args.loc)?;
+        tracing::info!("kernel pool started: {}", pool.pool().node().display());
+        return Ok(ExitCode::SUCCESS);
     }
     let pid = spawn_detached(&args.loc, args.fuse_workers, &run)?;
     eprintln!(
@@ -77,6 +125,16 @@ pub fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
         run.log_file().display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Hands the pool at `loc` to the kernel, after reconciling its volume store with our
+/// engine (the kernel knows nothing of it).
+pub fn start_kernel(loc: &PoolLocation) -> anyhow::Result<KernelControl> {
+    let volumes = super::open_volumes(loc, super::Access::Change)?;
+    let options = volumes.pool().options();
+    drop(volumes);
+    KernelControl::start(&loc.paths(), &loc.store_path(), options)
+        .with_context(|| format!("failed to start pool {} in the kernel", loc.name()))
 }
 
 /// Launches a detached daemon for `loc` and waits until it answers; returns its pid.
@@ -194,7 +252,16 @@ fn run_foreground(args: &StartArgs, run: RunDir) -> anyhow::Result<ExitCode> {
 pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     let run = RunDir::for_pool(&args.loc.paths());
     let Some(mut client) = run.connect()? else {
-        bail!("no pool daemon runs for pool {}", args.loc.name());
+        if let Some(kernel) = super::kernel(&args.loc)? {
+            kernel.stop(args.force).with_context(|| {
+                format!("failed to stop pool {} in the kernel", args.loc.name())
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        bail!(
+            "pool {} is not running (no pool daemon, not in the kernel)",
+            args.loc.name()
+        );
     };
     let pid = client.status().ok().and_then(|s| s.daemon_pid);
     client

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use engine::activate::daemon::RunDir;
+use engine::activate::kernel_control::{self, KernelControl};
 use engine::activate::{Local, PoolControl};
 use engine::store::{ReconcileReport, Volumes};
 use engine::{Error, PoolOptions};
@@ -50,8 +51,9 @@ pub enum Access {
     Look,
 }
 
-/// The pool at `loc` through whoever owns it: its daemon when one runs, otherwise opened
-/// here as its one owner (see [`open_volumes`]).
+/// The pool at `loc` through whoever owns it, in this order: its userspace daemon when one
+/// answers on its socket, the kernel when it has the pool, otherwise opened here as its one
+/// owner (see [`open_volumes`]).
 pub fn control(loc: &PoolLocation, access: Access) -> anyhow::Result<Box<dyn PoolControl>> {
     let run = RunDir::for_pool(&loc.paths());
     if let Some(client) = run
@@ -61,13 +63,47 @@ pub fn control(loc: &PoolLocation, access: Access) -> anyhow::Result<Box<dyn Poo
         tracing::debug!(socket = %run.socket().display(), "going through the pool daemon");
         return Ok(Box::new(client));
     }
+    if let Some(kernel) = kernel(loc)? {
+        tracing::debug!(pool = %kernel.pool().node().display(), "going through the kernel");
+        return Ok(Box::new(kernel));
+    }
     Ok(Box::new(Local::new(open_volumes(loc, access)?)))
+}
+
+/// The pool at `loc` as the kernel owns it, with its volume store reconciled; `None` when
+/// the kernel does not have it (or this machine has no device-mapper).
+pub fn kernel(loc: &PoolLocation) -> anyhow::Result<Option<KernelControl>> {
+    let found = kernel_control::find(&loc.paths())
+        .with_context(|| format!("failed to look for pool {} in the kernel", loc.name()))?;
+    let Some((pool, devices)) = found else {
+        return Ok(None);
+    };
+    let control = KernelControl::open(pool, devices, &loc.store_path())
+        .with_context(|| format!("failed to open pool {} in the kernel", loc.name()))?;
+    note_reconcile(control.reconcile_report());
+    Ok(Some(control))
+}
+
+/// Fails, naming the owner, when the kernel has the pool whose metadata is `metadata`: the
+/// offline tools and opening the pool here must not touch it then.
+pub fn refuse_if_kernel_owns(metadata: &std::path::Path) -> anyhow::Result<()> {
+    let owner = kernel_control::owner_of_metadata(metadata)
+        .with_context(|| format!("failed to look for {} in the kernel", metadata.display()))?;
+    match owner {
+        Some(node) => anyhow::bail!(
+            "pool metadata {} is active in the kernel as {}; stop it first (dmtool pool stop)",
+            metadata.display(),
+            node.display()
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Opens the pool at `loc` as its one owner, with its volume store reconciled, and says on
 /// stderr what reconciling found.
 pub fn open_volumes(loc: &PoolLocation, access: Access) -> anyhow::Result<Volumes> {
     let paths = loc.paths();
+    refuse_if_kernel_owns(&paths.metadata)?;
     let store = loc.store_path();
     let opened = match Volumes::open(&paths, &store, PoolOptions::default()) {
         Err(Error::NeedsCheck) if access == Access::Look => {
@@ -144,6 +180,7 @@ pub fn open_metadata(
     } else {
         path.to_path_buf()
     };
+    refuse_if_kernel_owns(&path)?;
     let dev = FileDevice::open(&path, OpenMode::ReadOnly)
         .with_context(|| format!("failed to open metadata {}", path.display()))?;
     if !exclusive {

@@ -53,6 +53,9 @@ pub struct StatusArgs {
 
 pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let paths = args.loc.paths();
+    if paths.metadata.exists() {
+        super::refuse_if_kernel_owns(&paths.metadata)?;
+    }
     if let Some(dir) = &args.loc.pool {
         fs::create_dir_all(dir)
             .with_context(|| format!("failed to create pool directory {}", dir.display()))?;
@@ -75,6 +78,15 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     );
     commit(&volumes, &args.loc)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who owns the pool, for the status table.
+fn owner(report: &StatusReport) -> String {
+    match (&report.kernel_device, report.daemon_pid) {
+        (Some(node), _) => format!("kernel device-mapper, {}", node.display()),
+        (None, Some(pid)) => format!("pool daemon, pid {pid}"),
+        (None, None) => "none (offline)".into(),
+    }
 }
 
 /// Bytes used, total and available in one of the pool's two spaces.
@@ -105,6 +117,8 @@ struct StatusReport {
     thin_count: usize,
     /// The pool daemon that owns the pool, if one runs.
     daemon_pid: Option<u32>,
+    /// The kernel's pool device, when the kernel owns the pool.
+    kernel_device: Option<std::path::PathBuf>,
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -113,6 +127,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         status,
         thin_count,
         daemon_pid,
+        kernel_device,
     } = pool
         .status()
         .with_context(|| format!("failed to read the status of pool {}", args.loc.name()))?;
@@ -131,6 +146,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         ),
         thin_count,
         daemon_pid,
+        kernel_device,
         status,
     };
     if args.json {
@@ -153,13 +169,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         vec!["Thin Devices:".into(), report.thin_count.to_string()],
         vec!["Mode:".into(), report.status.mode.clone()],
         vec!["Needs Check:".into(), report.status.needs_check.to_string()],
-        vec![
-            "Owner:".into(),
-            report.daemon_pid.map_or_else(
-                || "none (offline)".into(),
-                |pid| format!("pool daemon, pid {pid}"),
-            ),
-        ],
+        vec!["Owner:".into(), owner(&report)],
     ];
     output::table(&["", ""], &[], &rows[..])?;
     Ok(ExitCode::SUCCESS)

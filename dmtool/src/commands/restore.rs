@@ -33,6 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         args.output.clone()
     };
+    super::refuse_if_kernel_owns(&path)?;
     // Like thin_restore, the output must exist: its size is the metadata device's size.
     let dev = FileDevice::open(&path, OpenMode::ReadWrite)
         .with_context(|| format!("failed to open metadata {}", path.display()))?;

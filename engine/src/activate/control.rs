@@ -50,6 +50,9 @@ pub struct ControlStatus {
     pub thin_count: usize,
     /// `None` when the pool was opened by this process; the daemon's pid otherwise.
     pub daemon_pid: Option<u32>,
+    /// The kernel's pool device (`/dev/mapper/thinbox-<hash>-pool`) when the kernel owns it.
+    #[serde(default)]
+    pub kernel_device: Option<PathBuf>,
 }
 
 /// What every owner of a pool answers to. Each change is committed before the call returns
@@ -141,6 +144,7 @@ impl PoolControl for Local {
             status: pool.status(),
             thin_count: pool.thin_ids().len(),
             daemon_pid: None,
+            kernel_device: None,
         })
     }
 
@@ -229,7 +233,7 @@ impl PoolControl for Local {
 
     fn activate(&mut self, _id: ThinId, _read_only: bool) -> Result<Activation> {
         Err(Error::Activation(
-            "activation needs the pool daemon (dmtool pool start) or the kernel".to_string(),
+            "activation needs the pool daemon or the kernel (dmtool pool start)".to_string(),
         ))
     }
 

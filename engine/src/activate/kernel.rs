@@ -64,6 +64,19 @@ pub struct KernelPoolStatus {
     pub raw: String,
 }
 
+/// The pool's live `thin-pool` table, field by field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelPoolTable {
+    /// The pool's length: the data device's usable size.
+    pub length_sectors: u64,
+    pub metadata_dev: DevId,
+    pub data_dev: DevId,
+    pub data_block_sectors: u32,
+    pub low_water_blocks: u64,
+    /// `skip_block_zeroing`, `no_discard_passdown`, `read_only`, `error_if_no_space`, ...
+    pub features: Vec<String>,
+}
+
 /// The pool's mode in its status line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPoolMode {
@@ -367,7 +380,12 @@ impl KernelPool {
     /// * `Ok(None)`: no such device, or no device-mapper here at all (no control node).
     /// * `Err(InvalidArgument)`: a device of the pool's name exists but is no thin-pool.
     pub fn find(paths: &PoolPaths) -> Result<Option<KernelPool>> {
-        let meta = canonical(DeviceRole::Metadata, &paths.metadata)?;
+        Self::find_by_metadata(&paths.metadata)
+    }
+
+    /// [`KernelPool::find`] by the metadata device alone (all the name depends on).
+    pub fn find_by_metadata(metadata: &Path) -> Result<Option<KernelPool>> {
+        let meta = canonical(DeviceRole::Metadata, metadata)?;
         let prefix = prefix_for(&meta);
         let name = format!("{prefix}-pool");
         let ctl = match DmControl::open() {
@@ -649,6 +667,125 @@ impl KernelPool {
                 holder: format!("it is open (open count {open_count})"),
             }),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What device-mapper says about thin `id`'s device; `None` when it is not active.
+    pub fn thin_info(&self, id: ThinId) -> Result<Option<dm::DeviceInfo>> {
+        Ok(self.ctl.info(&self.thin_name(id))?)
+    }
+
+    /// The sectors thin `id` maps, from its `thin` status line (`<mapped sectors> <highest
+    /// mapped sector>`); `None` when the thin is not active.
+    ///
+    /// * `Err(Dm(BadStatus))`: the thin reports `Fail`, or the line does not parse.
+    pub fn thin_mapped_sectors(&self, id: ThinId) -> Result<Option<u64>> {
+        let name = self.thin_name(id);
+        let targets = match self.ctl.status(&name) {
+            Ok(t) => t,
+            Err(DmError::NoSuchDevice(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let bad = |line: &str, reason: &str| DmError::BadStatus {
+            target: THIN_TARGET,
+            device: name.clone(),
+            line: line.to_string(),
+            reason: reason.to_string(),
+        };
+        let [target] = &targets[..] else {
+            // Created but never resumed: no live table, nothing mapped through it.
+            return Ok(None);
+        };
+        let first = target.params.split_whitespace().next().unwrap_or("");
+        first
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| bad(&target.params, "field 1 (mapped sectors) is not a number").into())
+    }
+
+    /// The pool's live table: `thin-pool <metadata dev> <data dev> <block sectors> <low water
+    /// blocks> [<#features> <feature>...]`.
+    pub fn table(&self) -> Result<KernelPoolTable> {
+        let table = self.ctl.table(&self.name)?;
+        let bad = |reason: String| -> Error {
+            DmError::BadStatus {
+                target: POOL_TARGET,
+                device: self.name.clone(),
+                line: table
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                reason,
+            }
+            .into()
+        };
+        let [t] = &table[..] else {
+            return Err(bad(format!("{} targets, expected one", table.len())));
+        };
+        let p: Vec<&str> = t.params.split_whitespace().collect();
+        if p.len() < 4 {
+            return Err(bad("fewer than 4 thin-pool arguments".into()));
+        }
+        let dev = |i: usize| -> Result<DevId> {
+            p[i].split_once(':')
+                .and_then(|(a, b)| {
+                    Some(DevId {
+                        major: a.parse().ok()?,
+                        minor: b.parse().ok()?,
+                    })
+                })
+                .ok_or_else(|| {
+                    bad(format!(
+                        "argument {} ({:?}) is not major:minor",
+                        i + 1,
+                        p[i]
+                    ))
+                })
+        };
+        let number = |i: usize| -> Result<u64> {
+            p[i].parse()
+                .map_err(|_| bad(format!("argument {} ({:?}) is not a number", i + 1, p[i])))
+        };
+        Ok(KernelPoolTable {
+            length_sectors: t.length_sectors,
+            metadata_dev: dev(0)?,
+            data_dev: dev(1)?,
+            data_block_sectors: number(2)? as u32,
+            low_water_blocks: number(3)?,
+            features: p.iter().skip(5).map(|f| f.to_string()).collect(),
+        })
+    }
+
+    /// Reloads the pool's table with a data length of `data_sectors` (suspend, load,
+    /// resume): the kernel then grows into a larger data device, and into a larger metadata
+    /// device if that grew too. The pool is resumed even when the load fails.
+    ///
+    /// * `Err(Dm(TableRejected))`: the kernel refused (a shrink, or a length past the data
+    ///   device's end).
+    pub fn reload(&self, data_sectors: u64) -> Result<()> {
+        let mut table = self.ctl.table(&self.name)?;
+        let [t] = &mut table[..] else {
+            return Err(Error::InvalidArgument(format!(
+                "kernel pool {} has {} targets, expected one",
+                self.name,
+                table.len()
+            )));
+        };
+        t.length_sectors = data_sectors;
+        tracing::debug!(pool = %self.name, table = %t, "reload kernel pool");
+        self.ctl.suspend(&self.name)?;
+        let loaded = self.ctl.load_table(&self.name, &table, false);
+        let resumed = self.ctl.resume(&self.name);
+        match (loaded, resumed) {
+            (Ok(_), Ok(_)) => Ok(()),
+            (Err(cause), Ok(_)) => Err(cause.into()),
+            (Ok(_), Err(e)) => Err(e.into()),
+            (Err(cause), Err(cleanup)) => Err(DmError::CleanupFailed {
+                cause: Box::new(cause.into()),
+                cleanup: Box::new(cleanup.into()),
+            }
+            .into()),
         }
     }
 

@@ -6,7 +6,8 @@
 //!   active thin as a file in a FUSE mount of its own and attaches a loop device on top, so the
 //!   kernel sees a real block device (`/dev/loopN`) on a machine without device-mapper;
 //! - [`dm`] + [`kernel`]: the kernel's device-mapper, driven by DM ioctls where
-//!   `/dev/mapper/control` works; the kernel then owns the pool;
+//!   `/dev/mapper/control` works; the kernel then owns the pool, and [`kernel_control`]
+//!   drives it through the same [`PoolControl`] as the other owners;
 //! - [`nbd`]: NBD exports for qemu and other NBD clients, served by `dmtool serve` or by
 //!   the pool daemon.
 //!
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod dm;
 pub mod fuse;
 pub mod kernel;
+pub mod kernel_control;
 pub mod loopdev;
 pub mod nbd;
 

@@ -57,6 +57,52 @@ pub enum DumpError {
     Output(#[source] io::Error),
 }
 
+/// The superblock and the device-details tree (thin id and details, in id order), read
+/// straight from `dev` like [`dump`]: from the held metadata snapshot with
+/// `use_metadata_snap`, else from the live superblock.
+///
+/// This is how a pool the kernel owns is read: reserve a metadata snapshot (a pool message),
+/// read through its root, release it (the kernel's `thin-provisioning.rst` endorses reading
+/// the metadata this way while the pool is live).
+///
+/// * `Err(NoMetadataSnap)`: `use_metadata_snap` without a held snapshot.
+/// * `Err(Corrupt | Io)`: as for [`dump`].
+pub fn device_details(
+    dev: &dyn BlockDevice,
+    use_metadata_snap: bool,
+) -> Result<(Superblock, Vec<(u64, DeviceDetails)>), Error> {
+    let mut reader = Reader {
+        dev,
+        end: raw::device_blocks(dev),
+        trees: HashMap::new(),
+    };
+    let live = reader.superblock(0, 0)?;
+    let (sb, sb_loc) = if use_metadata_snap {
+        if live.held_root == 0 {
+            return Err(Error::NoMetadataSnap);
+        }
+        (reader.superblock(0, live.held_root)?, live.held_root)
+    } else {
+        (live, 0)
+    };
+    let mut details = Vec::new();
+    let walked = reader.walk(
+        sb_loc,
+        sb.device_details_root,
+        TreeKind::Details,
+        &mut |_, dev_id, v| {
+            details.push((dev_id, DeviceDetails::decode(v)));
+            Ok(())
+        },
+    );
+    match walked {
+        Ok(()) => Ok((sb, details)),
+        Err(DumpError::Metadata(e)) => Err(e),
+        // The visitor above writes nothing.
+        Err(DumpError::Output(e)) => unreachable!("no output while reading details: {e}"),
+    }
+}
+
 /// Dumps the metadata on `dev` to `out`.
 ///
 /// `Ok` means the whole dump was written; the bytes equal what `thin_dump` 0.9.0 prints
