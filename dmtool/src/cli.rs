@@ -59,6 +59,9 @@ pub enum PoolCommand {
     /// Show the kernel status line and space usage
     #[command(after_help = "Example: dmtool pool status --pool /srv/pool --json")]
     Status(pool::StatusArgs),
+    /// Grow the data and/or metadata space (a file is extended sparse; pools never shrink)
+    #[command(after_help = "Example: dmtool pool resize --pool /srv/pool --data-size 200G")]
+    Resize(pool::ResizeArgs),
     /// Hand the pool to an owner that keeps it while its thins are active
     ///
     /// The owner is the kernel's device-mapper where it works (loop devices are attached to

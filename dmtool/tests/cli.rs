@@ -700,3 +700,36 @@ fn kernel_backend_is_refused_clearly_without_device_mapper() {
     let status = stdout(&ok(run(&["pool", "status", "--pool", p])));
     assert!(status.contains("none (offline)"), "{status}");
 }
+
+#[test]
+fn resize_grows_data_and_metadata_and_never_shrinks() {
+    let pool = TestPool::new();
+    let totals = |pool: &TestPool| {
+        let out = ok(pool.cmd("pool", "status", &["--json"]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["status"]["total_data_blocks"].as_u64().unwrap(),
+            v["status"]["total_metadata_blocks"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(totals(&pool), (1024, 1024));
+    ok(pool.cmd(
+        "pool",
+        "resize",
+        &["--data-size", "128M", "--metadata-size", "8M"],
+    ));
+    assert_eq!(totals(&pool), (2048, 2048));
+    assert_eq!(
+        std::fs::metadata(pool.dir.join("data")).unwrap().len(),
+        128 << 20
+    );
+    fails(
+        &pool.cmd("pool", "resize", &["--data-size", "64M"]),
+        1,
+        "cannot shrink",
+    );
+    fails(&pool.cmd("pool", "resize", &[]), 1, "nothing to do");
+    assert_eq!(totals(&pool), (2048, 2048));
+    let check = ok(run(&["check", pool.metadata().to_str().unwrap()]));
+    assert!(check.status.success());
+}

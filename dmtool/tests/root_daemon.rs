@@ -234,7 +234,13 @@ fn root_daemon_runs_every_verb_and_activates_filesystems() {
     assert_eq!(check.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&check.stderr).contains(&format!("pid {pid}")));
 
-    // Pool messages through the daemon.
+    // Pool messages through the daemon, and a resize.
+    env.ok(&["pool", "resize", "--data-size", "5G"]);
+    assert_eq!(
+        env.status_json()["status"]["total_data_blocks"].as_u64(),
+        Some(5 << 14),
+        "the daemon's pool grew to 5 GiB of 64 KiB blocks"
+    );
     env.ok(&["thin", "create", "2", "--size", "512M"]);
     let data = pattern(3 << 20, 7);
     let input = env.dir.path().join("input");

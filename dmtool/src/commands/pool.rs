@@ -42,6 +42,20 @@ pub struct CreateArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ResizeArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// New size of the data device (files grow sparse; pools never shrink)
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub data_size: Option<u64>,
+
+    /// New size of the metadata device
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub metadata_size: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub loc: PoolLocation,
@@ -87,6 +101,50 @@ fn owner(report: &StatusReport) -> String {
         (None, Some(pid)) => format!("pool daemon, pid {pid}"),
         (None, None) => "none (offline)".into(),
     }
+}
+
+pub fn resize(args: ResizeArgs) -> anyhow::Result<ExitCode> {
+    if args.data_size.is_none() && args.metadata_size.is_none() {
+        // A block device that grew is taken at its new size when the pool is next opened.
+        anyhow::bail!("nothing to do: give --data-size and/or --metadata-size");
+    }
+    let mut pool = control(&args.loc, Access::Change)?;
+    let before = pool.status()?.status;
+    let data_block = u64::from(before.data_block_sectors) * 512;
+    let spaces = [
+        (
+            "data",
+            args.data_size,
+            before.total_data_blocks * data_block,
+        ),
+        (
+            "metadata",
+            args.metadata_size,
+            before.total_metadata_blocks * METADATA_BLOCK_SIZE,
+        ),
+    ];
+    for (space, wanted, now) in spaces {
+        if let Some(bytes) = wanted.filter(|&b| b < now) {
+            anyhow::bail!(
+                "pool {} has {} of {space} space; it cannot shrink to {}",
+                args.loc.name(),
+                format_size(now),
+                format_size(bytes)
+            );
+        }
+    }
+    pool.resize_pool(args.data_size, args.metadata_size)
+        .with_context(|| format!("failed to resize pool {}", args.loc.name()))?;
+    let after = pool.status()?.status;
+    eprintln!(
+        "dmtool: pool {}: data {} -> {}, metadata {} -> {}",
+        args.loc.name(),
+        format_size(before.total_data_blocks * data_block),
+        format_size(after.total_data_blocks * data_block),
+        format_size(before.total_metadata_blocks * METADATA_BLOCK_SIZE),
+        format_size(after.total_metadata_blocks * METADATA_BLOCK_SIZE),
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Bytes used, total and available in one of the pool's two spaces.
