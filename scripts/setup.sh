@@ -6,6 +6,9 @@
 #   fio                      IO workloads (benchmarks)
 #   qemu-system-x86, busybox-static, cpio, dmsetup
 #                            a real Linux kernel with dm-thin under qemu (fixtures/kernel/)
+#   docker-registry, skopeo, umoci
+#                            a real registry, and the tools that build and push the runtime's
+#                            fixture images (busybox-static is their content)
 #   libnbd-bin               nbdinfo and nbdcopy, real NBD clients for `dmtool serve`
 #   xfsprogs, e2fsprogs, util-linux
 #                            mkfs.xfs, mkfs.ext4, losetup and fstrim on activated thins
@@ -15,7 +18,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin xfsprogs e2fsprogs util-linux)
+packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin xfsprogs e2fsprogs util-linux
+          docker-registry skopeo umoci)
 missing=()
 for p in "${packages[@]}"; do
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")

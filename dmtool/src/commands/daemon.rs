@@ -9,32 +9,24 @@
 //! own (so that no terminal hang-up or exiting shell takes it down), with its output in the
 //! run directory's `daemon.log`, and returns once the daemon answers on its socket.
 //!
-//! In the foreground the daemon blocks SIGTERM and SIGINT before any thread starts, so one
-//! thread can wait for them with sigwait and ask for a clean stop: every thin deactivated,
-//! the pool committed, the FUSE export unmounted, the socket removed.
+//! The launching and the foreground loop are `engine::activate::daemon::launch`, shared with
+//! thinbox.
 
-use std::fs::{self, OpenOptions};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context};
-use engine::activate::daemon::{Daemon, DaemonConfig, RunDir};
+use engine::activate::daemon::{launch, DaemonConfig, RunDir};
 use engine::activate::kernel::KernelPool;
 use engine::activate::kernel_control::KernelControl;
 use engine::activate::PoolControl;
 use engine::PoolOptions;
-use nix::sys::signal::{SigSet, Signal};
 
 use crate::cli::PoolLocation;
 
 /// FUSE worker threads unless `--fuse-workers` says otherwise (the export's measured sweet
 /// spot on 2 cores: 1 worker gave 35k 4 KiB writes/s at qd32, 2 gave 44k, 8 gave 72k).
 pub const DEFAULT_FUSE_WORKERS: u16 = 8;
-
-/// How long `pool start` waits for a new daemon to answer, and `pool stop` for one to go.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Who takes the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -139,52 +131,13 @@ pub fn start_kernel(loc: &PoolLocation) -> anyhow::Result<KernelControl> {
 
 /// Launches a detached daemon for `loc` and waits until it answers; returns its pid.
 pub fn spawn_detached(loc: &PoolLocation, fuse_workers: u16, run: &RunDir) -> anyhow::Result<u32> {
-    fs::create_dir_all(run.path())
-        .with_context(|| format!("failed to create {}", run.path().display()))?;
-    let log_path = run.log_file();
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("failed to open {}", log_path.display()))?;
     let exe = std::env::current_exe().context("failed to find the dmtool binary")?;
     let mut command = Command::new(exe);
     command
         .args(["-v", "pool", "start", "--foreground", "--detached-child"])
         .args(["--fuse-workers", &fuse_workers.to_string()])
-        .args(location_args(loc))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().context("failed to share the log file")?)
-        .stderr(log);
-    let mut child = command.spawn().context("failed to start the pool daemon")?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child
-            .try_wait()
-            .context("failed to watch the pool daemon")?
-        {
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            bail!(
-                "the pool daemon exited ({status}) before it was ready:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        if let Some(mut client) = run.connect()? {
-            if client.status().is_ok() {
-                return Ok(child.id());
-            }
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!(
-                "the pool daemon did not answer within {} s (see {})",
-                READY_TIMEOUT.as_secs(),
-                log_path.display()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+        .args(location_args(loc));
+    Ok(launch::spawn_detached(run, command)?)
 }
 
 /// The command-line arguments that name `loc` again.
@@ -204,18 +157,6 @@ fn location_args(loc: &PoolLocation) -> Vec<PathBuf> {
 }
 
 fn run_foreground(args: &StartArgs, run: RunDir) -> anyhow::Result<ExitCode> {
-    if args.detached_child {
-        // Our own session: no controlling terminal, no hang-up from the parent's shell.
-        nix::unistd::setsid().context("failed to start a new session")?;
-    }
-    // Before any thread exists, so that every thread inherits the mask.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGHUP);
-    signals
-        .thread_block()
-        .context("failed to block SIGTERM, SIGINT and SIGHUP")?;
     let config = DaemonConfig {
         paths: args.loc.paths(),
         store_path: args.loc.store_path(),
@@ -223,35 +164,14 @@ fn run_foreground(args: &StartArgs, run: RunDir) -> anyhow::Result<ExitCode> {
         options: PoolOptions::default(),
         fuse_workers: usize::from(args.fuse_workers),
     };
-    let daemon = Daemon::start(config)
-        .with_context(|| format!("failed to start the daemon of pool {}", args.loc.name()))?;
-    {
-        let daemon = daemon.clone();
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Ok(signal) = signals.wait() {
-                    tracing::info!("{signal:?}: stopping");
-                    daemon.request_stop();
-                }
-            })
-            .context("failed to start the signal thread")?;
-    }
-    tracing::info!(pid = std::process::id(), pool = %args.loc.name(), "pool daemon ready");
-    daemon.wait_for_stop();
-    daemon.shutdown().with_context(|| {
-        format!(
-            "failed to stop the daemon of pool {} cleanly",
-            args.loc.name()
-        )
-    })?;
-    tracing::info!("pool daemon stopped; everything is committed");
+    launch::serve_in_foreground(config, args.detached_child)
+        .with_context(|| format!("failed to run the daemon of pool {}", args.loc.name()))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     let run = RunDir::for_pool(&args.loc.paths());
-    let Some(mut client) = run.connect()? else {
+    if run.connect()?.is_none() {
         if let Some(kernel) = super::kernel(&args.loc)? {
             kernel.stop(args.force).with_context(|| {
                 format!("failed to stop pool {} in the kernel", args.loc.name())
@@ -262,25 +182,11 @@ pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
             "pool {} is not running (no pool daemon, not in the kernel)",
             args.loc.name()
         );
-    };
-    let pid = client.status().ok().and_then(|s| s.daemon_pid);
-    client
-        .stop(args.force)
+    }
+    let stopped = launch::stop(&run, args.force)
         .with_context(|| format!("failed to stop the daemon of pool {}", args.loc.name()))?;
-    drop(client);
-    // Done when the process is gone (it removes its socket before it exits).
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while pid.is_some_and(|p| PathBuf::from(format!("/proc/{p}")).exists()) || run.socket().exists()
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "the daemon of pool {} did not stop within {} s (see {})",
-                args.loc.name(),
-                READY_TIMEOUT.as_secs(),
-                run.log_file().display()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
+    if !stopped {
+        bail!("no pool daemon runs for pool {}", args.loc.name());
     }
     Ok(ExitCode::SUCCESS)
 }

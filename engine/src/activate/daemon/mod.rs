@@ -13,6 +13,7 @@
 //! [`PoolControl`]: crate::activate::PoolControl
 
 mod client;
+pub mod launch;
 pub mod protocol;
 mod server;
 

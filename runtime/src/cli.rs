@@ -1,0 +1,71 @@
+//! The command line: global options (state directory, storage options) and the verbs.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser, Subcommand};
+
+use crate::commands::{daemon, images, info, inspect, login, pull, rmi};
+
+/// Docker-style images on a thin pool: each layer a snapshot of its parent's thin device.
+#[derive(Debug, Parser)]
+#[command(name = "thinbox", version, propagate_version = true)]
+#[command(after_help = "Example: thinbox pull 127.0.0.1:5000/library/busybox:latest")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every verb takes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Global {
+    /// State directory: the pool (ROOT/devicemapper), image and layer records, blobs
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/var/lib/thinbox"
+    )]
+    pub root: PathBuf,
+
+    /// Storage driver options, Docker's names: dm.basesize, dm.fs, dm.mkfsarg, dm.mountopt,
+    /// dm.blocksize, dm.loopdatasize, dm.loopmetadatasize, dm.thinpooldev, dm.min_free_space
+    /// (used when the storage is first created; later runs keep what was chosen then, except
+    /// dm.mountopt and dm.min_free_space)
+    #[arg(long = "storage-opt", global = true, value_name = "KEY=VALUE")]
+    pub storage_opts: Vec<String>,
+
+    /// More diagnostics on stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides)
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Download an image from a registry
+    #[command(after_help = "Example: thinbox pull 127.0.0.1:5000/test/busybox:base")]
+    Pull(pull::Args),
+    /// List images
+    #[command(after_help = "Example: thinbox images --format '{{.Repository}}:{{.Tag}}'")]
+    Images(images::Args),
+    /// Remove one or more images (and the thin devices of layers no image uses any more)
+    #[command(after_help = "Example: thinbox rmi 127.0.0.1:5000/test/busybox:base")]
+    Rmi(rmi::Args),
+    /// Show an image's details as JSON, in Docker's shape
+    #[command(after_help = "Example: thinbox inspect --format '{{.Id}}' busybox")]
+    Inspect(inspect::Args),
+    /// Show the storage driver's state: pool, base device, space
+    #[command(after_help = "Example: thinbox info --format json")]
+    Info(info::Args),
+    /// Store credentials for a registry
+    #[command(after_help = "Example: thinbox login -u alice --password-stdin 127.0.0.1:5000")]
+    Login(login::LoginArgs),
+    /// Forget the credentials of a registry
+    #[command(after_help = "Example: thinbox logout 127.0.0.1:5000")]
+    Logout(login::LogoutArgs),
+    /// The pool daemon (started on demand; `stop` ends it)
+    #[command(hide = true, subcommand)]
+    PoolDaemon(daemon::Command),
+}

@@ -1,0 +1,448 @@
+//! `pull NAME[:TAG|@DIGEST]`: manifests (and indexes, for linux/amd64), the config and every
+//! layer, each verified against its digest and size before it is used; each new layer
+//! becomes a thin snapshot of its parent's with the layer applied.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use engine::activate::daemon::Client;
+use engine::activate::PoolControl;
+use engine::ThinId;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::cli::Global;
+use crate::image::{
+    parse_manifest, pick_platform, Compression, ConfigSummary, Descriptor, Digest, HashingReader,
+    HashingWriter, ManifestKind, Reference,
+};
+use crate::registry::{auth, Registry};
+use crate::storage::{unpack, Storage};
+use crate::store::{BlobRef, ImageRecord, LayerRecord, LayerState, Store};
+
+/// Configs larger than this are refused.
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The image: [REGISTRY[:PORT]/]NAME[:TAG|@DIGEST]
+    pub name: String,
+
+    /// No progress output
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let reference = Reference::parse(&args.name)?;
+    if reference.tag.is_none() && reference.digest.is_none() && !args.quiet {
+        println!("Using default tag: latest");
+    }
+    let credentials = auth::lookup(&global.root, &reference.registry)?;
+    let mut registry = Registry::new(&reference, credentials);
+    let mut store = Store::lock(&global.root)?;
+    let storage = Storage::open(global)?;
+    let mut client = storage.control()?;
+    reconcile(&mut store, &mut client)?;
+
+    let started = Instant::now();
+    let (manifest_bytes, manifest_digest, config, layers) =
+        fetch_manifest(&mut registry, &reference)?;
+    if !args.quiet {
+        println!(
+            "{}: Pulling from {}",
+            reference
+                .tag_or_default()
+                .unwrap_or(manifest_digest.as_str()),
+            reference.path
+        );
+    }
+    let config_bytes = fetch_small_blob(&mut registry, &config, MAX_CONFIG_BYTES)
+        .context("failed to fetch the image config")?;
+    let summary = ConfigSummary::parse(&config_bytes)?;
+    if summary.os != "linux" || summary.architecture != "amd64" {
+        tracing::warn!(
+            os = %summary.os,
+            architecture = %summary.architecture,
+            "the image is not linux/amd64"
+        );
+    }
+    if summary.rootfs.diff_ids.len() != layers.len() {
+        bail!(
+            "the config lists {} layers, the manifest {}",
+            summary.rootfs.diff_ids.len(),
+            layers.len()
+        );
+    }
+    let image_id = config.digest.clone();
+    let existed = store.images.contains_key(&image_id);
+
+    let progress = MultiProgress::new();
+    if args.quiet {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut parent: Option<Digest> = None;
+    let mut chain_ids = Vec::new();
+    for (layer, diff_id) in layers.iter().zip(&summary.rootfs.diff_ids) {
+        let chain_id = Digest::chain(parent.as_ref(), diff_id);
+        let short = &layer.digest.hex()[..12];
+        let ready = store
+            .layers
+            .get(&chain_id)
+            .is_some_and(|l| l.state == LayerState::Ready);
+        if ready {
+            if !args.quiet {
+                println!("{short}: Already exists");
+            }
+        } else {
+            let bar = progress.add(ProgressBar::new(layer.size));
+            bar.set_style(
+                ProgressStyle::with_template("{prefix}: {msg:12} [{bar:30}] {bytes}/{total_bytes}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(short.to_string());
+            bar.set_message("Downloading");
+            let t0 = Instant::now();
+            download_layer(&mut registry, &store, layer, &bar)?;
+            let downloaded = t0.elapsed();
+            bar.set_message("Extracting");
+            let t1 = Instant::now();
+            let record = apply_layer(
+                &storage,
+                &mut client,
+                &mut store,
+                parent.as_ref(),
+                &chain_id,
+                diff_id,
+                layer,
+            )?;
+            bar.finish_and_clear();
+            tracing::info!(
+                layer = %layer.digest,
+                thin_id = record.thin_id,
+                bytes = layer.size,
+                download_ms = downloaded.as_millis() as u64,
+                apply_ms = t1.elapsed().as_millis() as u64,
+                "layer pulled"
+            );
+            if !args.quiet {
+                println!("{short}: Pull complete");
+            }
+        }
+        chain_ids.push(chain_id.clone());
+        parent = Some(chain_id);
+    }
+
+    write_blob(&store, &manifest_digest, &manifest_bytes)?;
+    write_blob(&store, &image_id, &config_bytes)?;
+    store.images.insert(
+        image_id.clone(),
+        ImageRecord {
+            id: image_id.clone(),
+            manifest_digest: Some(manifest_digest.clone()),
+            layers: chain_ids,
+            created: summary.created.clone(),
+        },
+    );
+    let repo = reference.repository();
+    let was_tagged = reference
+        .tag_or_default()
+        .and_then(|tag| store.repositories.get(&format!("{repo}:{tag}")))
+        == Some(&image_id);
+    if let Some(tag) = reference.tag_or_default() {
+        store
+            .repositories
+            .set(&repo, format!("{repo}:{tag}"), &image_id);
+    }
+    store
+        .repositories
+        .set(&repo, format!("{repo}@{manifest_digest}"), &image_id);
+    store.save_images()?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "pull finished"
+    );
+    if !args.quiet {
+        println!("Digest: {manifest_digest}");
+        if existed && was_tagged {
+            println!("Status: Image is up to date for {reference}");
+        } else {
+            println!("Status: Downloaded newer image for {reference}");
+        }
+    }
+    println!("{reference}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Drops what an interrupted pull left: layers still `Preparing` (their thins are deleted).
+fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Result<()> {
+    let stale: Vec<LayerRecord> = store
+        .layers
+        .values()
+        .filter(|l| l.state == LayerState::Preparing)
+        .cloned()
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let thins = client.list()?;
+    for layer in stale {
+        if let Some(t) = thins
+            .iter()
+            .find(|t| t.id == layer.thin_id && t.name.as_deref() == Some(&layer.device_name))
+        {
+            let id = ThinId::new(t.id).context("bad thin id")?;
+            if t.active.is_some() {
+                let _ = client.deactivate(id, false);
+            }
+            client.delete(id).with_context(|| {
+                format!(
+                    "failed to delete the thin of unfinished layer {}",
+                    layer.chain_id
+                )
+            })?;
+        }
+        tracing::warn!(layer = %layer.chain_id, "dropped a layer an interrupted pull left");
+        store.layers.remove(&layer.chain_id);
+    }
+    store.save_layers()
+}
+
+/// The image manifest (following an index to linux/amd64): its bytes, digest, config and
+/// layers. Every manifest's digest is checked: against the reference's digest, the index
+/// entry, or the registry's `Docker-Content-Digest`.
+fn fetch_manifest(
+    registry: &mut Registry,
+    reference: &Reference,
+) -> anyhow::Result<(Vec<u8>, Digest, Descriptor, Vec<Descriptor>)> {
+    let top = registry.manifest(&reference.manifest_reference())?;
+    let top_digest = Digest::of(&top.bytes);
+    if let Some(expected) = &reference.digest {
+        if *expected != top_digest {
+            bail!("manifest digest mismatch: asked for {expected}, the registry sent {top_digest}");
+        }
+    }
+    let (bytes, digest, kind) = match parse_manifest(&top.bytes, &top.content_type)? {
+        ManifestKind::Index(manifests) => {
+            let entry = pick_platform(&manifests)?.clone();
+            let m = registry.manifest(entry.digest.as_str())?;
+            entry
+                .digest
+                .verify(&m.bytes, Some(entry.size))
+                .context("the platform manifest does not match the index")?;
+            let kind = parse_manifest(&m.bytes, &m.content_type)?;
+            (m.bytes, entry.digest, kind)
+        }
+        kind => (top.bytes, top_digest, kind),
+    };
+    match kind {
+        ManifestKind::Image { config, layers } => Ok((bytes, digest, config, layers)),
+        ManifestKind::Index(_) => bail!("an index points to another index"),
+    }
+}
+
+/// Fetches a small blob whole and verifies it.
+fn fetch_small_blob(
+    registry: &mut Registry,
+    d: &Descriptor,
+    limit: u64,
+) -> anyhow::Result<Vec<u8>> {
+    if d.size > limit {
+        bail!(
+            "blob {} is {} bytes, more than the {limit} allowed",
+            d.digest,
+            d.size
+        );
+    }
+    let mut bytes = Vec::new();
+    registry.blob(&d.digest, d.size)?.read_to_end(&mut bytes)?;
+    d.digest.verify(&bytes, Some(d.size))?;
+    Ok(bytes)
+}
+
+fn write_blob(store: &Store, digest: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
+    let path = store.blob_path(digest);
+    if !path.exists() {
+        crate::store::write_atomic(&path, bytes)?;
+    }
+    Ok(())
+}
+
+/// Downloads a layer blob into the content store, verified: it goes to a temporary file and
+/// is renamed into place only when its size and digest match the descriptor; on a mismatch
+/// nothing is kept. A blob already in the store is checked again before it is trusted.
+fn download_layer(
+    registry: &mut Registry,
+    store: &Store,
+    layer: &Descriptor,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
+    if layer.urls.as_ref().is_some_and(|u| !u.is_empty()) {
+        bail!(
+            "layer {} is a foreign layer (fetched from other URLs): not supported",
+            layer.digest
+        );
+    }
+    let path = store.blob_path(&layer.digest);
+    if path.exists() {
+        let file =
+            File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
+        let mut hashing = HashingReader::new(BufReader::new(file));
+        io::copy(&mut hashing, &mut io::sink())?;
+        let (digest, size) = hashing.finish();
+        if digest == layer.digest && size == layer.size {
+            bar.set_position(size);
+            return Ok(());
+        }
+        tracing::warn!(blob = %layer.digest, "a stored blob was damaged; fetching it again");
+        fs::remove_file(&path)?;
+    }
+    let dir = path.parent().context("blob path without a directory")?;
+    fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.partial", layer.digest.hex()));
+    let result = (|| -> anyhow::Result<()> {
+        let file =
+            File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
+        let mut out = HashingWriter::new(BufWriter::new(file));
+        let mut body = registry.blob(&layer.digest, layer.size)?;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = body
+                .read(&mut buf)
+                .with_context(|| format!("failed to download blob {}", layer.digest))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])?;
+            bar.set_position(out.count());
+        }
+        let (digest, size, writer) = out.finish();
+        if size != layer.size {
+            bail!(
+                "blob {} has {size} bytes, the manifest says {}: refused",
+                layer.digest,
+                layer.size
+            );
+        }
+        if digest != layer.digest {
+            bail!(
+                "blob digest mismatch: expected {}, got {digest}: refused",
+                layer.digest
+            );
+        }
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&tmp, &path).with_context(|| format!("failed to store {}", path.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Makes the layer's thin: a snapshot of the parent layer's thin (or of the base device),
+/// mounted, with the blob applied, its diff id checked. The record is saved `Preparing`
+/// before the thin exists and `Ready` once it is complete; on failure the thin and the
+/// record go.
+fn apply_layer(
+    storage: &Storage,
+    client: &mut Client,
+    store: &mut Store,
+    parent: Option<&Digest>,
+    chain_id: &Digest,
+    diff_id: &Digest,
+    layer: &Descriptor,
+) -> anyhow::Result<LayerRecord> {
+    let origin = match parent {
+        None => storage.base(),
+        Some(p) => {
+            let record = store
+                .layers
+                .get(p)
+                .context("the parent layer has no record")?;
+            ThinId::new(record.thin_id).context("bad thin id")?
+        }
+    };
+    let name = format!("thinbox-{}", chain_id.hex());
+    let mut record = LayerRecord {
+        chain_id: chain_id.clone(),
+        diff_id: diff_id.clone(),
+        parent: parent.cloned(),
+        thin_id: 0,
+        device_name: name.clone(),
+        size: 0,
+        blob: Some(BlobRef {
+            digest: layer.digest.clone(),
+            media_type: layer.media_type.clone(),
+            size: layer.size,
+        }),
+        state: LayerState::Preparing,
+    };
+    // Intent first: a crash from here on leaves a record the next pull cleans up.
+    store.layers.insert(chain_id.clone(), record.clone());
+    store.save_layers()?;
+    let result = storage
+        .create_snapshot(client, origin, &name)
+        .and_then(|id| {
+            record.thin_id = id.get();
+            store.layers.insert(chain_id.clone(), record.clone());
+            store.save_layers()?;
+            let blob = store.blob_path(&layer.digest);
+            storage.with_mounted(client, id, |root| {
+                unpack_blob(&blob, &layer.media_type, diff_id, root)
+            })
+        });
+    match result {
+        Ok(applied) => {
+            record.size = applied.bytes;
+            record.state = LayerState::Ready;
+            store.layers.insert(chain_id.clone(), record.clone());
+            store.save_layers()?;
+            Ok(record)
+        }
+        Err(e) => {
+            if record.thin_id != 0 {
+                if let Some(id) = ThinId::new(record.thin_id) {
+                    if let Err(d) = client.delete(id) {
+                        tracing::warn!(thin_id = %id, "failed to delete the thin of a failed layer: {d}");
+                    }
+                }
+            }
+            store.layers.remove(chain_id);
+            store.save_layers()?;
+            Err(e.context(format!("failed to apply layer {}", layer.digest)))
+        }
+    }
+}
+
+/// Decompresses the blob at `path` and applies it onto `root`, checking its diff id.
+fn unpack_blob(
+    path: &Path,
+    media_type: &str,
+    diff_id: &Digest,
+    root: &Path,
+) -> anyhow::Result<unpack::Applied> {
+    let mut file = BufReader::new(
+        File::open(path).with_context(|| format!("failed to open {}", path.display()))?,
+    );
+    let head = io::BufRead::fill_buf(&mut file)?.to_vec();
+    let decoded: Box<dyn Read> = match Compression::of_layer(media_type, &head)? {
+        Compression::None => Box::new(file),
+        Compression::Gzip => Box::new(flate2::bufread::GzDecoder::new(file)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
+    };
+    let mut tar = HashingReader::new(decoded);
+    let applied = unpack::apply_layer(root, &mut tar)?;
+    // The tar's end-of-archive blocks and any padding count toward the diff id too.
+    io::copy(&mut tar, &mut io::sink()).context("failed to read the rest of the layer")?;
+    let (actual, _) = tar.finish();
+    if actual != *diff_id {
+        bail!("layer content digest mismatch: the config says {diff_id}, the tar is {actual}");
+    }
+    Ok(applied)
+}

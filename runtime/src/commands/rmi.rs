@@ -1,0 +1,182 @@
+//! `rmi IMAGE...`: untags, deletes images left without a name, then deletes the thin of
+//! every layer no image uses any more (children before parents) and the blobs only they
+//! used.
+
+use std::collections::HashSet;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use engine::activate::PoolControl;
+use engine::ThinId;
+
+use crate::cli::Global;
+use crate::image::{Digest, Reference};
+use crate::storage::Storage;
+use crate::store::Store;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Images (name[:tag], name@digest, or id)
+    #[arg(required = true)]
+    pub images: Vec<String>,
+
+    /// Remove an image by id even when several repositories name it
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let mut store = Store::lock(&global.root)?;
+    let mut failed = false;
+    for name in &args.images {
+        if let Err(e) = remove_one(&mut store, name, args.force) {
+            eprintln!("Error response from daemon: {e:#}");
+            failed = true;
+        }
+    }
+    store.save_images()?;
+    collect_garbage(&mut store, global)?;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn remove_one(store: &mut Store, name: &str, force: bool) -> anyhow::Result<()> {
+    let image = store
+        .find_image(name)
+        .with_context(|| format!("No such image: {name}"))?
+        .clone();
+    let by_reference = store.repositories.get(name).is_some()
+        || Reference::parse(name).is_ok_and(|r| store.repositories.get(&r.to_string()).is_some());
+    let refs = store.repositories.of(&image.id);
+    if by_reference {
+        let full = if store.repositories.get(name).is_some() {
+            name.to_string()
+        } else {
+            Reference::parse(name)?.to_string()
+        };
+        store.repositories.remove(&full);
+        println!("Untagged: {full}");
+        // Digest references of the same repository go with the last tag.
+        let repo = full.split(['@']).next().unwrap_or_default();
+        let repo = repo
+            .rsplit_once(':')
+            .filter(|(_, t)| !t.contains('/'))
+            .map_or(repo, |(r, _)| r);
+        let tags_left = store
+            .repositories
+            .of(&image.id)
+            .iter()
+            .any(|r| !r.contains('@') && r.starts_with(repo));
+        if !tags_left {
+            for r in store.repositories.of(&image.id) {
+                if r.starts_with(&format!("{repo}@")) {
+                    store.repositories.remove(&r);
+                    println!("Untagged: {r}");
+                }
+            }
+        }
+    } else {
+        let repos: HashSet<&str> = refs
+            .iter()
+            .map(|r| r.split(['@', ':']).next().unwrap_or_default())
+            .collect();
+        if repos.len() > 1 && !force {
+            bail!(
+                "conflict: unable to delete {} (must be forced) - image is referenced in multiple repositories",
+                image.id.short()
+            );
+        }
+        for r in &refs {
+            store.repositories.remove(r);
+            println!("Untagged: {r}");
+        }
+    }
+    if store.repositories.of(&image.id).is_empty() {
+        store.images.remove(&image.id);
+        println!("Deleted: {}", image.id);
+    }
+    Ok(())
+}
+
+/// Deletes layers (thins, records) and blobs that no image uses.
+fn collect_garbage(store: &mut Store, global: &Global) -> anyhow::Result<()> {
+    let used: HashSet<&Digest> = store
+        .images
+        .values()
+        .flat_map(|i| i.layers.iter())
+        .collect();
+    let mut unused: Vec<Digest> = store
+        .layers
+        .keys()
+        .filter(|l| !used.contains(l))
+        .cloned()
+        .collect();
+    if unused.is_empty() {
+        return remove_unused_blobs(store);
+    }
+    // Children first: a layer is deleted after every layer above it.
+    fn depth<'s>(store: &'s Store, mut l: &'s Digest) -> usize {
+        let mut n = 0;
+        while let Some(p) = store.layers.get(l).and_then(|r| r.parent.as_ref()) {
+            n += 1;
+            l = p;
+        }
+        n
+    }
+    unused.sort_by_key(|l| std::cmp::Reverse(depth(store, l)));
+    let storage = Storage::open(global)?;
+    let mut client = storage.control()?;
+    let thins = client.list()?;
+    for chain_id in unused {
+        let Some(layer) = store.layers.get(&chain_id).cloned() else {
+            continue;
+        };
+        let exists = thins
+            .iter()
+            .any(|t| t.id == layer.thin_id && t.name.as_deref() == Some(&layer.device_name));
+        if exists {
+            let id = ThinId::new(layer.thin_id).context("bad thin id")?;
+            client
+                .delete(id)
+                .with_context(|| format!("failed to delete thin {id} of layer {chain_id}"))?;
+        }
+        store.layers.remove(&chain_id);
+        store.save_layers()?;
+        println!("Deleted: {chain_id}");
+    }
+    remove_unused_blobs(store)
+}
+
+fn remove_unused_blobs(store: &Store) -> anyhow::Result<()> {
+    let mut keep: HashSet<String> = HashSet::new();
+    for image in store.images.values() {
+        keep.insert(image.id.hex().to_string());
+        if let Some(m) = &image.manifest_digest {
+            keep.insert(m.hex().to_string());
+        }
+    }
+    for layer in store.layers.values() {
+        if let Some(b) = &layer.blob {
+            keep.insert(b.digest.hex().to_string());
+        }
+    }
+    let dir = store
+        .blob_path(&Digest::of(b""))
+        .parent()
+        .map(|p| p.to_path_buf());
+    let Some(dir) = dir else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name) && !name.starts_with('.') {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("failed to remove blob {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! `thinbox pull` and friends end to end, as root, against a real `docker-registry` on
+//! 127.0.0.1 with busybox images built from the host's busybox-static: the pool daemon,
+//! real loop devices, FUSE, mkfs and mounts. CI runs these one at a time (`root_`).
+//!
+//! Each test has its own temporary `--root` and `THINBOX_RUN_ROOT`; a guard stops the pool
+//! daemon, unmounts and detaches whatever is left, and kills the registry, even when the
+//! test fails, so every test can run again right away.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use engine::activate::daemon::{Client, RunDir};
+use engine::activate::PoolControl;
+use engine::{PoolPaths, ThinId};
+use fixtures::registry::{busybox_layout, run, Registry, RegistryAuth};
+use sha2::{Digest, Sha256};
+
+const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
+
+/// Small sizes keep mkfs and the pool quick.
+const STORAGE_OPTS: [&str; 4] = [
+    "--storage-opt=dm.basesize=512M",
+    "--storage-opt=dm.loopdatasize=4G",
+    "--storage-opt=dm.loopmetadatasize=64M",
+    "--storage-opt=dm.min_free_space=1%",
+];
+
+struct Env {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    run_root: PathBuf,
+    mounts: std::cell::RefCell<Vec<PathBuf>>,
+    // Fields drop after Drop::drop's body: the registry is killed after the cleanup.
+    registry: Option<Registry>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        Env {
+            root: dir.path().join("root"),
+            run_root: dir.path().join("run"),
+            dir,
+            mounts: Default::default(),
+            registry: None,
+        }
+    }
+
+    fn thinbox(&self, args: &[&str]) -> Output {
+        Command::new(THINBOX)
+            .arg("--root")
+            .arg(&self.root)
+            .args(STORAGE_OPTS)
+            .args(args)
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("thinbox runs")
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.thinbox(args);
+        assert!(
+            out.status.success(),
+            "thinbox {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[track_caller]
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.thinbox(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "thinbox {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn registry(&self) -> &Registry {
+        self.registry.as_ref().unwrap()
+    }
+
+    fn client(&self) -> Client {
+        let socket = self.run_dir().socket();
+        Client::connect(&socket)
+            .unwrap()
+            .expect("the pool daemon runs")
+    }
+
+    fn run_dir(&self) -> RunDir {
+        let paths = PoolPaths::in_dir(&self.root.join("devicemapper"));
+        let key = engine::activate::daemon::pool_key(&paths);
+        RunDir::new(self.run_root.join(format!("pool-{key}")))
+    }
+
+    /// Names of the thins in the pool.
+    fn thin_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .client()
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.unwrap_or_default())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Activates thin `id` read-only, mounts it, runs `check` on the mount, cleans up.
+    fn with_layer<T>(&self, id: u64, check: impl FnOnce(&Path) -> T) -> T {
+        let id = ThinId::new(id).unwrap();
+        let mut client = self.client();
+        let activation = client.activate(id, true).unwrap();
+        let mnt = self.dir.path().join(format!("mnt-{id}"));
+        fs::create_dir_all(&mnt).unwrap();
+        run(Command::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(&activation.device)
+            .arg(&mnt));
+        self.mounts.borrow_mut().push(mnt.clone());
+        let result = check(&mnt);
+        run(Command::new("umount").arg(&mnt));
+        self.mounts.borrow_mut().retain(|m| *m != mnt);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.deactivate(id, false).is_err() {
+            assert!(Instant::now() < deadline, "thin {id} stays busy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        result
+    }
+
+    fn inspect(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
+        v[0].clone()
+    }
+
+    fn daemon_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.run_dir().pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for mnt in self.mounts.borrow().iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(mnt).status();
+        }
+        // Layer mounts thinbox itself may have left after a failure.
+        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+            let mnt = self.root.join("mnt");
+            let mut points: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(mnt.to_str().unwrap()))
+                .collect();
+            points.reverse();
+            for p in points {
+                let _ = Command::new("umount").args(["-l", p]).status();
+            }
+        }
+        // A clean stop first; a kill if that fails.
+        let _ = Command::new(THINBOX)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["pool-daemon", "stop", "--force"])
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .stdin(Stdio::null())
+            .output();
+        if let Some(pid) = self.daemon_pid() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        if let Ok(out) = Command::new("losetup")
+            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let mut f = line.split_whitespace();
+                if let (Some(name), Some(back)) = (f.next(), f.next()) {
+                    if back.starts_with(self.run_root.to_str().unwrap()) {
+                        let _ = Command::new("losetup").args(["-d", name]).status();
+                    }
+                }
+            }
+        }
+        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+            for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+                if point.starts_with(self.run_root.to_str().unwrap()) {
+                    let _ = Command::new("umount").args(["-l", point]).status();
+                }
+            }
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A registry holding `test/busybox:base` and `test/busybox:v2`.
+fn env_with_images(auth: RegistryAuth) -> Env {
+    let mut env = Env::new();
+    let layout = busybox_layout(env.dir.path());
+    let registry = Registry::start(env.dir.path(), auth);
+    let l = layout.display();
+    registry.push(&format!("oci:{l}:base"), "test/busybox:base");
+    registry.push(&format!("oci:{l}:v2"), "test/busybox:v2");
+    env.registry = Some(registry);
+    env
+}
+
+fn device_id(info: &serde_json::Value) -> u64 {
+    info["GraphDriver"]["Data"]["DeviceId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
+    let env = env_with_images(RegistryAuth::None);
+    let host = env.registry().host();
+    let base = format!("{host}/test/busybox:base");
+    let v2 = format!("{host}/test/busybox:v2");
+
+    let t = Instant::now();
+    let out = env.ok(&["pull", &base]);
+    eprintln!(
+        "first pull (creates the pool and base device): {:?}",
+        t.elapsed()
+    );
+    assert!(out.contains("Pull complete"), "{out}");
+    assert!(out.trim_end().ends_with(&base), "{out}");
+
+    let images = env.ok(&["images"]);
+    let header = images.lines().next().unwrap();
+    assert!(header.starts_with("REPOSITORY"), "{images}");
+    for col in ["TAG", "IMAGE ID", "CREATED", "SIZE"] {
+        assert!(header.contains(col), "{images}");
+    }
+    assert!(images.contains(&format!("{host}/test/busybox")), "{images}");
+    assert!(images.contains("base"), "{images}");
+
+    let info = env.inspect(&base);
+    assert_eq!(info["RepoTags"][0], base.as_str());
+    assert!(info["RepoDigests"][0]
+        .as_str()
+        .unwrap()
+        .contains("@sha256:"));
+    assert_eq!(info["Config"]["Cmd"][2], "cat /data/keep.txt");
+    assert_eq!(info["Config"]["Env"][0], "PATH=/bin");
+    assert_eq!(info["RootFS"]["Type"], "layers");
+    assert_eq!(info["RootFS"]["Layers"].as_array().unwrap().len(), 1);
+    assert_eq!(info["GraphDriver"]["Name"], "devicemapper");
+    assert_eq!(
+        info["GraphDriver"]["Data"]["DeviceSize"],
+        (512u64 << 20).to_string()
+    );
+    let base_thin = device_id(&info);
+
+    // The layer device holds the files: busybox byte for byte.
+    let host_busybox = sha256_hex(&fs::read("/bin/busybox").unwrap());
+    env.with_layer(base_thin, |mnt| {
+        assert_eq!(
+            sha256_hex(&fs::read(mnt.join("bin/busybox")).unwrap()),
+            host_busybox
+        );
+        assert_eq!(
+            fs::read_link(mnt.join("bin/sh")).unwrap(),
+            Path::new("busybox")
+        );
+        assert_eq!(
+            fs::read_to_string(mnt.join("data/keep.txt")).unwrap(),
+            "original\n"
+        );
+        assert!(mnt.join("data/opaque/a").exists());
+    });
+
+    // The second image shares the first layer: stored once, one thin for it.
+    let t = Instant::now();
+    let out = env.ok(&["pull", &v2]);
+    eprintln!("second pull (one new 10 KiB layer): {:?}", t.elapsed());
+    assert!(out.contains("Already exists"), "{out}");
+    let info2 = env.inspect(&v2);
+    assert_eq!(info2["RootFS"]["Layers"].as_array().unwrap().len(), 2);
+    assert_eq!(info2["RootFS"]["Layers"][0], info["RootFS"]["Layers"][0]);
+    assert_eq!(info2["Config"]["Cmd"][0], "/bin/cat");
+    let names = env.thin_names();
+    assert_eq!(
+        names.len(),
+        3,
+        "base device + one thin per layer: {names:?}"
+    );
+    let v2_thin = device_id(&info2);
+    assert_ne!(v2_thin, base_thin);
+    env.with_layer(v2_thin, |mnt| {
+        assert_eq!(
+            sha256_hex(&fs::read(mnt.join("bin/busybox")).unwrap()),
+            host_busybox
+        );
+        assert_eq!(
+            fs::read_to_string(mnt.join("data/keep.txt")).unwrap(),
+            "changed\n"
+        );
+        assert!(!mnt.join("data/delete-me.txt").exists(), "whiteout applied");
+        assert!(!mnt.join("data/opaque/a").exists(), "opaque dir applied");
+        assert!(!mnt.join("data/opaque/b").exists(), "opaque dir applied");
+        assert_eq!(
+            fs::read_to_string(mnt.join("data/opaque/c")).unwrap(),
+            "c\n"
+        );
+        assert!(!mnt.join("data/opaque/.wh..wh..opq").exists());
+    });
+    // The lower layer did not change.
+    env.with_layer(base_thin, |mnt| {
+        assert_eq!(
+            fs::read_to_string(mnt.join("data/keep.txt")).unwrap(),
+            "original\n"
+        );
+    });
+
+    // Pulling again changes nothing.
+    let out = env.ok(&["pull", &v2]);
+    assert!(out.contains("Image is up to date"), "{out}");
+
+    let info_out = env.ok(&["info"]);
+    for field in [
+        "Storage Driver: devicemapper",
+        "Pool Name:",
+        "Pool Blocksize: 65.54kB",
+        "Base Device Size: 536.9MB",
+        "Backing Filesystem: extfs",
+        "Data file:",
+        "Metadata file:",
+        "Data Space Used:",
+        "Data Space Total:",
+        "Data Space Available:",
+        "Metadata Space Used:",
+        "Metadata Space Total:",
+        "Metadata Space Available:",
+        "Thin Pool Minimum Free Space:",
+        "Deferred Removal Enabled: true",
+    ] {
+        assert!(info_out.contains(field), "{field} missing in {info_out}");
+    }
+    let used_before = env.client().status().unwrap().status.used_data_blocks;
+
+    // rmi of v2 frees its own layer only; rmi of base frees the shared one.
+    let out = env.ok(&["rmi", &v2]);
+    assert!(out.contains(&format!("Untagged: {v2}")), "{out}");
+    assert_eq!(env.thin_names().len(), 2, "{:?}", env.thin_names());
+    assert_eq!(env.ok(&["images", "-q"]).lines().count(), 1);
+    env.ok(&["rmi", &base]);
+    assert_eq!(env.thin_names(), ["thinbox-base"]);
+    assert_eq!(env.ok(&["images", "-q"]), "");
+    let used_after = env.client().status().unwrap().status.used_data_blocks;
+    assert!(used_after < used_before, "{used_after} < {used_before}");
+    let fails = env.fails(&["inspect", &base]);
+    assert!(fails.contains("No such image"), "{fails}");
+}
+
+#[test]
+fn root_pull_with_basic_auth_needs_login() {
+    let env = env_with_images(RegistryAuth::Basic {
+        user: "alice".into(),
+        password: "s3cret".into(),
+    });
+    let host = env.registry().host();
+    let base = format!("{host}/test/busybox:base");
+    let err = env.fails(&["pull", &base]);
+    assert!(err.contains("credentials"), "{err}");
+
+    let err = env.fails(&["login", "-u", "alice", "-p", "wrong", &host]);
+    assert!(err.contains("login"), "{err}");
+    let out = env.ok(&["login", "-u", "alice", "-p", "s3cret", &host]);
+    assert!(out.contains("Login Succeeded"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(env.root.join("auth.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    env.ok(&["pull", &base]);
+    assert!(env.ok(&["images"]).contains("base"));
+
+    let out = env.ok(&["logout", &host]);
+    assert!(out.contains("Removing login credentials"), "{out}");
+    let err = env.fails(&["pull", &format!("{host}/test/busybox:v2")]);
+    assert!(err.contains("credentials"), "{err}");
+}
+
+#[test]
+fn root_pull_refuses_a_blob_with_the_wrong_digest() {
+    let env = env_with_images(RegistryAuth::None);
+    let host = env.registry().host();
+    let base = format!("{host}/test/busybox:base");
+    // Find the layer blob through the registry's manifest, then flip a byte in its storage
+    // (same size, other content).
+    let manifest = run(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{base}"),
+    ]));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let file = env
+        .registry()
+        .blob_file(layer.strip_prefix("sha256:").unwrap());
+    let mut bytes = fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&file, &bytes).unwrap();
+
+    let err = env.fails(&["pull", &base]);
+    assert!(err.contains("digest mismatch"), "{err}");
+    // Nothing kept: no image, no layer thin, no blob, no partial download.
+    assert_eq!(env.ok(&["images", "-q"]), "");
+    assert_eq!(env.thin_names(), ["thinbox-base"]);
+    let left: Vec<_> = fs::read_dir(env.root.join("blobs/sha256"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let layers = fs::read_to_string(env.root.join("layers.json")).unwrap_or_default();
+    assert!(!layers.contains("sha256"), "{layers}");
+}
