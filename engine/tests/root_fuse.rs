@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,6 +26,55 @@ fn export_in(dir: &Path, workers: usize) -> FuseExport {
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     FuseExport::mount(&mnt, ExportOptions { workers }).unwrap()
+}
+
+/// A memory pool of `data_blocks` 64 KiB blocks with thins `thins`, and an empty export with
+/// `workers` workers in a temporary directory.
+struct MemExport {
+    pool: Arc<Pool>,
+    export: FuseExport,
+    _dir: tempfile::TempDir,
+}
+
+impl MemExport {
+    fn new(data_blocks: u64, thins: &[u64], workers: usize) -> MemExport {
+        let dir = tempfile::tempdir().unwrap();
+        let MemPool { pool, .. } = mem_pool(
+            8 * MIB,
+            data_blocks,
+            DataBlockSize::DEFAULT,
+            Default::default(),
+        );
+        for &t in thins {
+            pool.create_thin(id(t)).unwrap();
+        }
+        let export = export_in(dir.path(), workers);
+        MemExport {
+            pool,
+            export,
+            _dir: dir,
+        }
+    }
+
+    /// Unmounts; a failure is the test's.
+    fn unmount(self) {
+        self.export.unmount().unwrap();
+    }
+
+    /// Publishes thin `thin` as `name`, `size` bytes.
+    fn add(&self, name: &str, thin: u64, size: u64, read_only: bool) -> PathBuf {
+        let thin = self.pool.open_thin(id(thin)).unwrap();
+        self.export.add(name, thin, size, read_only).unwrap()
+    }
+}
+
+/// Opens `path` for reading and writing.
+fn open_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
 }
 
 /// A pool on sparse files in `dir`, with thin 1 created and committed.
@@ -137,10 +186,8 @@ impl Drop for Mounted {
 
 #[test]
 fn root_fuse_files_read_and_write_like_the_thin() {
-    let dir = tempfile::tempdir().unwrap();
-    let MemPool { pool, .. } = mem_pool(8 * MIB, 256, DataBlockSize::DEFAULT, Default::default());
-    pool.create_thin(id(1)).unwrap();
-    let export = export_in(dir.path(), 2);
+    let fx = MemExport::new(256, &[1], 2);
+    let (pool, export) = (&fx.pool, &fx.export);
     let size = 16 * MIB;
     let path = export
         .add("1", pool.open_thin(id(1)).unwrap(), size, false)
@@ -209,33 +256,24 @@ fn root_fuse_files_read_and_write_like_the_thin() {
     let mut got = vec![0u8; 3 << 20];
     thin.read(&mut got, 5 * MIB).unwrap();
     assert!(got == direct.get());
-    export.unmount().unwrap();
+    fx.unmount();
 }
 
 #[test]
 fn root_fuse_punch_hole_frees_pool_blocks() {
-    let dir = tempfile::tempdir().unwrap();
-    let MemPool { pool, .. } = mem_pool(8 * MIB, 256, DataBlockSize::DEFAULT, Default::default());
-    pool.create_thin(id(1)).unwrap();
-    let export = export_in(dir.path(), 2);
-    let path = export
-        .add("1", pool.open_thin(id(1)).unwrap(), 16 * MIB, false)
-        .unwrap();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let fx = MemExport::new(256, &[1], 2);
+    let pool = &fx.pool;
+    let f = open_rw(&fx.add("1", 1, 16 * MIB, false));
     f.write_all_at(&vec![0x5a; 8 << 20], 0).unwrap();
     let used = pool.status().used_data_blocks;
     assert_eq!(used, 128);
 
     let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    nix::fcntl::fallocate(f.as_fd().as_raw_fd_compat(), punch, 0, 4 << 20).unwrap();
+    nix::fcntl::fallocate(f.as_raw_fd(), punch, 0, 4 << 20).unwrap();
     assert_eq!(pool.status().used_data_blocks, used - 64);
     // ZERO_RANGE discards too; partial blocks at its edges are zeroed in place.
     let zero = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    nix::fcntl::fallocate(f.as_fd().as_raw_fd_compat(), zero, (4 << 20) + 100, 1 << 20).unwrap();
+    nix::fcntl::fallocate(f.as_raw_fd(), zero, (4 << 20) + 100, 1 << 20).unwrap();
     assert_eq!(pool.status().used_data_blocks, used - 64 - 15);
     let mut back = vec![0u8; 6 << 20];
     f.read_exact_at(&mut back, 0).unwrap();
@@ -246,28 +284,10 @@ fn root_fuse_punch_hole_frees_pool_blocks() {
         .all(|&b| b == 0));
     assert!(back[(5 << 20) + 100..].iter().all(|&b| b == 0x5a));
     // Allocating modes have nothing to do on a thin.
-    let e = nix::fcntl::fallocate(
-        f.as_fd().as_raw_fd_compat(),
-        FallocateFlags::empty(),
-        0,
-        4096,
-    )
-    .unwrap_err();
+    let e = nix::fcntl::fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, 4096).unwrap_err();
     assert_eq!(e, nix::errno::Errno::EOPNOTSUPP);
     drop(f);
-    export.unmount().unwrap();
-}
-
-/// `nix::fcntl::fallocate` takes a raw fd in nix 0.29.
-trait RawFdCompat {
-    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd;
-}
-
-impl RawFdCompat for std::os::fd::BorrowedFd<'_> {
-    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.as_raw_fd()
-    }
+    fx.unmount();
 }
 
 #[test]
@@ -308,19 +328,10 @@ fn root_fuse_fsync_commits_the_pool() {
 
 #[test]
 fn root_fuse_remove_while_open_fails_with_eio_and_readd_is_a_new_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let MemPool { pool, .. } = mem_pool(8 * MIB, 256, DataBlockSize::DEFAULT, Default::default());
-    pool.create_thin(id(1)).unwrap();
-    pool.create_thin(id(2)).unwrap();
-    let export = export_in(dir.path(), 2);
-    let path = export
-        .add("x", pool.open_thin(id(1)).unwrap(), 4 * MIB, false)
-        .unwrap();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let fx = MemExport::new(256, &[1, 2], 2);
+    let export = &fx.export;
+    let path = fx.add("x", 1, 4 * MIB, false);
+    let f = open_rw(&path);
     f.write_all_at(&[1u8; 4096], 0).unwrap();
     let ino = f.metadata().unwrap().ino();
     assert_eq!(export.open_handles("x"), Some(1));
@@ -341,9 +352,7 @@ fn root_fuse_remove_while_open_fails_with_eio_and_readd_is_a_new_file() {
     assert_eq!(buf, [1u8; 4096]);
 
     // The same name again, another thin: a new inode with the new contents.
-    export
-        .add("x", pool.open_thin(id(2)).unwrap(), 8 * MIB, false)
-        .unwrap();
+    fx.add("x", 2, 8 * MIB, false);
     let mut g = File::open(&path).unwrap();
     assert_ne!(g.metadata().unwrap().ino(), ino);
     assert_eq!(g.metadata().unwrap().len(), 8 * MIB);
@@ -352,22 +361,18 @@ fn root_fuse_remove_while_open_fails_with_eio_and_readd_is_a_new_file() {
     // The old handle stays dead.
     assert!(f.read_at(&mut buf, 0).is_err());
     drop((f, g));
-    export.unmount().unwrap();
+    fx.unmount();
 }
 
 #[test]
 fn root_fuse_read_only_export_refuses_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let MemPool { pool, .. } = mem_pool(8 * MIB, 256, DataBlockSize::DEFAULT, Default::default());
-    pool.create_thin(id(1)).unwrap();
-    {
-        let thin = pool.open_thin(id(1)).unwrap();
-        thin.write(&[9u8; 4096], 0).unwrap();
-    }
-    let export = export_in(dir.path(), 1);
-    let path = export
-        .add("ro", pool.open_thin(id(1)).unwrap(), 4 * MIB, true)
+    let fx = MemExport::new(256, &[1], 1);
+    fx.pool
+        .open_thin(id(1))
+        .unwrap()
+        .write(&[9u8; 4096], 0)
         .unwrap();
+    let path = fx.add("ro", 1, 4 * MIB, true);
     assert_eq!(std::fs::metadata(&path).unwrap().mode(), 0o100400);
     // Root passes permission bits, so the refusal is the export's own.
     let e = OpenOptions::new().write(true).open(&path).unwrap_err();
@@ -375,40 +380,30 @@ fn root_fuse_read_only_export_refuses_writes() {
     let mut buf = [0u8; 4096];
     File::open(&path).unwrap().read_exact(&mut buf).unwrap();
     assert_eq!(buf, [9u8; 4096]);
-    export.unmount().unwrap();
+    fx.unmount();
 }
 
 #[test]
 fn root_fuse_full_pool_gives_enospc() {
-    let dir = tempfile::tempdir().unwrap();
     // 16 blocks of 64 KiB: 1 MiB of data space behind a 16 MiB file.
-    let MemPool { pool, .. } = mem_pool(8 * MIB, 16, DataBlockSize::DEFAULT, Default::default());
-    pool.create_thin(id(1)).unwrap();
-    let export = export_in(dir.path(), 2);
-    let path = export
-        .add("1", pool.open_thin(id(1)).unwrap(), 16 * MIB, false)
-        .unwrap();
-    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    let fx = MemExport::new(16, &[1], 2);
+    let f = open_rw(&fx.add("1", 1, 16 * MIB, false));
     let e = f.write_all_at(&vec![1u8; 2 << 20], 0).unwrap_err();
     assert_eq!(errno(&e), Some(nix::libc::ENOSPC), "{e}");
     // A discard gives space back and writes work again.
     let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    nix::fcntl::fallocate(f.as_fd().as_raw_fd_compat(), punch, 0, 16 * MIB as i64).unwrap();
+    nix::fcntl::fallocate(f.as_raw_fd(), punch, 0, 16 * MIB as i64).unwrap();
     f.write_all_at(&[2u8; 4096], 8 * MIB).unwrap();
     drop(f);
-    export.unmount().unwrap();
+    fx.unmount();
 }
 
 #[test]
 fn root_fuse_unmount_while_a_file_is_open_is_busy_and_drop_detaches() {
-    let dir = tempfile::tempdir().unwrap();
-    let MemPool { pool, .. } = mem_pool(8 * MIB, 64, DataBlockSize::DEFAULT, Default::default());
-    pool.create_thin(id(1)).unwrap();
-    let export = export_in(dir.path(), 2);
+    let fx = MemExport::new(64, &[1], 2);
+    let path = fx.add("1", 1, 4 * MIB, false);
+    let MemExport { export, .. } = fx;
     let mnt = export.mountpoint().to_path_buf();
-    let path = export
-        .add("1", pool.open_thin(id(1)).unwrap(), 4 * MIB, false)
-        .unwrap();
     let f = File::open(&path).unwrap();
     let e = export.unmount().unwrap_err();
     assert!(matches!(e, engine::Error::Busy { .. }), "{e}");
