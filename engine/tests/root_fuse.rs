@@ -217,7 +217,7 @@ fn root_fuse_files_read_and_write_like_the_thin() {
         f.read_exact_at(&mut back, 12_345).unwrap();
         assert!(back == odd, "buffered read back differs");
     }
-    wait_for_handles(&export, "1", 0);
+    wait_for_handles(export, "1", 0);
 
     // O_DIRECT, aligned: 3 MiB (more than one 1 MiB request) at 5 MiB.
     let mut direct = Aligned::new(3 << 20);
