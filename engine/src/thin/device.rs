@@ -163,14 +163,11 @@ impl Thin {
         if let Some(block) = self.gate.table.get(&self.pool.mappings, vblock) {
             return self.read_data(buf, block * bs + within);
         }
-        let (mapping, epoch) = {
-            let mut md = self.pool.metadata();
+        // The epoch is read under the metadata lock, with the lookup (see `thin::cache`).
+        let (mapping, epoch) = self.pool.on_metadata(|md| {
             let epoch = self.pool.mappings.epoch();
-            let mapping = md
-                .lookup(self.id, vblock)
-                .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?;
-            (mapping, epoch)
-        };
+            Ok((md.lookup(self.id, vblock)?, epoch))
+        })?;
         match mapping {
             Some(bt) => {
                 self.gate
@@ -200,9 +197,8 @@ impl Thin {
     }
 
     fn lookup_range(&self, first: u64, last: u64) -> Result<Vec<(u64, BlockTime)>> {
-        let mut md = self.pool.metadata();
-        md.lookup_range(self.id, first, last, usize::MAX)
-            .inspect_err(|e| self.pool.metadata_failed(&mut md, e))
+        self.pool
+            .on_metadata(|md| md.lookup_range(self.id, first, last, usize::MAX))
     }
 
     /// Writes `buf` at `offset`, provisioning and copying blocks as needed.
@@ -228,14 +224,13 @@ impl Thin {
         let (first, last) = (batch[0].vblock, batch[batch.len() - 1].vblock + 1);
         let stripes = pool.stripes_for(self.id, first..last);
         let _guards: Vec<_> = stripes.iter().map(|s| s.write()).collect();
-        let (mappings, snapshotted_time) = {
-            let mut md = pool.metadata();
+        let (mappings, snapshotted_time) = pool.on_metadata(|md| {
             let snap_time = md.device(self.id)?.snapshotted_time;
-            let mappings = md
-                .lookup_range(self.id, first, last, usize::MAX)
-                .inspect_err(|e| pool.metadata_failed(&mut md, e))?;
-            (mappings, snap_time)
-        };
+            Ok((
+                md.lookup_range(self.id, first, last, usize::MAX)?,
+                snap_time,
+            ))
+        })?;
         let mut mapped = mappings.iter().peekable();
         let mut in_place = Runs::default();
         let mut to_provision: Vec<(&Piece, Option<BlockTime>)> = Vec::new();
@@ -408,11 +403,9 @@ impl Thin {
         let mut v = first_full;
         while v < last_full {
             // Walk only mapped blocks, a batch at a time.
-            let mapped = {
-                let mut md = self.pool.metadata();
-                md.lookup_range(self.id, v, last_full, 1024)
-                    .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
-            };
+            let mapped = self
+                .pool
+                .on_metadata(|md| md.lookup_range(self.id, v, last_full, 1024))?;
             let Some(&(last_seen, _)) = mapped.last() else {
                 break;
             };
@@ -456,11 +449,7 @@ impl Thin {
         let bs = self.pool.block_size().bytes();
         let zeros = vec![0u8; len as usize];
         for p in pieces(offset, zeros.len(), bs) {
-            let mapped = {
-                let mut md = self.pool.metadata();
-                md.lookup(self.id, p.vblock)
-                    .inspect_err(|e| self.pool.metadata_failed(&mut md, e))?
-            };
+            let mapped = self.pool.on_metadata(|md| md.lookup(self.id, p.vblock))?;
             if mapped.is_some() {
                 self.write_block(p.vblock, p.within, &zeros[p.at..p.at + p.len])?;
             }

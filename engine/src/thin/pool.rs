@@ -471,6 +471,14 @@ impl Pool {
         self.with_metadata(f)
     }
 
+    /// Runs a metadata step of the data path (a lookup, a mapping change) under the metadata
+    /// lock; a failure goes through the failure policy. No writability check: reads work on a
+    /// read-only pool.
+    pub(crate) fn on_metadata<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
+        let mut md = self.md.lock();
+        f(&mut md).inspect_err(|e| self.metadata_failed(&mut md, e))
+    }
+
     /// Runs a metadata operation under the metadata lock, with the failure policy above.
     /// Operations that free space or grow it run even when metadata space is short.
     fn with_metadata<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
