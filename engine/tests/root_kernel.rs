@@ -7,12 +7,10 @@
 //! host the real `thin_check` and ours are clean and our engine reads the kernel's changes
 //! and keeps writing. Privileged and slow: named `root_`.
 
-use std::path::Path;
-
 use engine::thin::files;
-use engine::tools::check::{check, CheckOptions};
 use engine::{DataBlockSize, NewPool, PoolOptions, PoolPaths, ThinId};
 use fixtures::kernel;
+use fixtures::pools::{assert_both_checkers_clean, read_thin, write_round_trip_thins};
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 64 * 1024;
@@ -24,18 +22,7 @@ fn id(n: u64) -> ThinId {
 }
 
 fn read_all(pool: &std::sync::Arc<engine::Pool>, thin: u64) -> Vec<u8> {
-    let t = pool.open_thin(id(thin)).unwrap();
-    let mut all = vec![0u8; THIN_BYTES as usize];
-    t.read(&mut all, 0).unwrap();
-    all
-}
-
-fn assert_clean(meta: &Path) {
-    let real = fixtures::tools::thin_check(meta, &[]);
-    assert_eq!(real.rc, 0, "thin_check: {}{}", real.stdout, real.stderr);
-    let dev = engine::io::FileDevice::open(meta, engine::io::OpenMode::ReadOnly).unwrap();
-    let ours = check(&dev, &CheckOptions::default());
-    assert!(ours.is_clean(), "our check: {:?}", ours.findings);
+    read_thin(pool, thin, THIN_BYTES)
 }
 
 const GUEST: &str = r#"
@@ -72,29 +59,18 @@ fn root_kernel_reads_our_pool_and_we_read_its_changes() {
     let mut want = std::collections::BTreeMap::new();
     {
         let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
-        pool.create_thin(id(1)).unwrap();
-        let t1 = pool.open_thin(id(1)).unwrap();
-        t1.write(&kernel::pattern("origin-from-thinbox", 3 * MIB as usize), 0)
+        write_round_trip_thins(&pool, 90 * MIB + 123);
+        pool.open_thin(id(3))
+            .unwrap()
+            .discard(BS, 4 * BS + 100)
             .unwrap();
-        t1.write(&kernel::pattern("far-block", 5000), 90 * MIB + 123)
-            .unwrap();
-        pool.create_snap(id(2), id(1)).unwrap();
-        let t2 = pool.open_thin(id(2)).unwrap();
-        t2.write(&kernel::pattern("snapshot-cow", 4096), MIB + 8192)
-            .unwrap();
-        pool.create_thin(id(3)).unwrap();
-        let t3 = pool.open_thin(id(3)).unwrap();
-        t3.write(&kernel::pattern("scratch", 2 * MIB as usize), 0)
-            .unwrap();
-        t3.discard(BS, 4 * BS + 100).unwrap();
         pool.set_transaction_id(0, 5).unwrap();
-        drop((t1, t2, t3));
         pool.commit().unwrap();
         for t in 1..=3 {
             want.insert(format!("t{t}"), kernel::sha256_hex(&read_all(&pool, t)));
         }
     }
-    assert_clean(&paths.metadata);
+    assert_both_checkers_clean(&paths.metadata);
 
     let run = kernel::run_guest(GUEST, &[&paths.metadata, &paths.data], &[]).unwrap();
     assert!(run.ok, "the guest failed\n{}", run.report());
@@ -113,7 +89,7 @@ fn root_kernel_reads_our_pool_and_we_read_its_changes() {
     assert_eq!(statuses.len(), 2, "two pool status lines\n{}", run.report());
     assert_eq!(statuses[0].transaction_id, 5);
     assert_eq!(statuses.last().unwrap().transaction_id, 6);
-    assert_clean(&paths.metadata);
+    assert_both_checkers_clean(&paths.metadata);
 
     // Back on our side: the kernel's writes, snapshot and delete are all there.
     let pool = files::open(&paths, PoolOptions::default()).unwrap();
@@ -143,5 +119,5 @@ fn root_kernel_reads_our_pool_and_we_read_its_changes() {
     pool.delete(id(2)).unwrap();
     pool.commit().unwrap();
     drop(pool);
-    assert_clean(&paths.metadata);
+    assert_both_checkers_clean(&paths.metadata);
 }

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use engine::activate::dm::{self, DmControl};
 use engine::activate::kernel::{KernelPool, KernelPoolMode};
 use engine::thin::files;
-use engine::tools::check::{check, CheckOptions};
 use engine::{DataBlockSize, Error, NewPool, PoolOptions, PoolPaths, ThinId};
 use fixtures::kernel;
+use fixtures::pools::{assert_both_checkers_clean, read_thin, write_round_trip_thins};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -311,18 +311,7 @@ fn guest_side() {
 // Host side
 
 fn read_all(pool: &std::sync::Arc<engine::Pool>, thin: u64) -> Vec<u8> {
-    let t = pool.open_thin(id(thin)).unwrap();
-    let mut all = vec![0u8; THIN_BYTES as usize];
-    t.read(&mut all, 0).unwrap();
-    all
-}
-
-fn assert_clean(meta: &Path) {
-    let real = fixtures::tools::thin_check(meta, &[]);
-    assert_eq!(real.rc, 0, "thin_check: {}{}", real.stdout, real.stderr);
-    let dev = engine::io::FileDevice::open(meta, engine::io::OpenMode::ReadOnly).unwrap();
-    let ours = check(&dev, &CheckOptions::default());
-    assert!(ours.is_clean(), "our check: {:?}", ours.findings);
+    read_thin(pool, thin, THIN_BYTES)
 }
 
 /// The `KV <key> <value>` lines the guest printed.
@@ -373,29 +362,15 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     let mut want = BTreeMap::new();
     let (t1_host, t2_host) = {
         let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
-        pool.create_thin(id(1)).unwrap();
-        let t1 = pool.open_thin(id(1)).unwrap();
-        t1.write(&kernel::pattern("origin-from-thinbox", 3 * MIB as usize), 0)
-            .unwrap();
-        t1.write(&kernel::pattern("far-block", 5000), 30 * MIB + 123)
-            .unwrap();
-        pool.create_snap(id(2), id(1)).unwrap();
-        let t2 = pool.open_thin(id(2)).unwrap();
-        t2.write(&kernel::pattern("snapshot-cow", 4096), MIB + 8192)
-            .unwrap();
-        pool.create_thin(id(3)).unwrap();
-        let t3 = pool.open_thin(id(3)).unwrap();
-        t3.write(&kernel::pattern("scratch", 2 * MIB as usize), 0)
-            .unwrap();
+        write_round_trip_thins(&pool, 30 * MIB + 123);
         pool.set_transaction_id(0, HOST_TID).unwrap();
-        drop((t1, t2, t3));
         pool.commit().unwrap();
         for t in 1..=3 {
             want.insert(format!("t{t}"), sha_hex(&read_all(&pool, t)));
         }
         (read_all(&pool, 1), read_all(&pool, 2))
     };
-    assert_clean(&paths.metadata);
+    assert_both_checkers_clean(&paths.metadata);
 
     let bin = guest_binary(dir.path());
     let booted = Instant::now();
@@ -525,7 +500,7 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     );
 
     // Back on our side: the pool holds exactly the guest's changes.
-    assert_clean(&paths.metadata);
+    assert_both_checkers_clean(&paths.metadata);
     let pool = files::open(&paths, PoolOptions::default()).unwrap();
     assert_eq!(pool.superblock().transaction_id, GUEST_TID);
     assert_eq!(pool.thin_ids(), vec![id(1), id(2), id(7), id(8)]);
@@ -578,5 +553,5 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     pool.delete(id(8)).unwrap();
     pool.commit().unwrap();
     drop(pool);
-    assert_clean(&paths.metadata);
+    assert_both_checkers_clean(&paths.metadata);
 }
