@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser, Subcommand};
 
 use crate::commands::{daemon, images, info, inspect, login, pull, rmi};
-use crate::commands::{exec, kill, logs, ps, rm, run, start, stop};
+use crate::commands::{diff, exec, kill, logs, ps, rm, run, start, stop};
 
 /// Docker-style images on a thin pool: each layer a snapshot of its parent's thin device.
 #[derive(Debug, Parser)]
@@ -93,6 +93,9 @@ pub enum Command {
     /// Run a command in a running container
     #[command(after_help = "Example: thinbox exec web cat /etc/hostname")]
     Exec(exec::Args),
+    /// Show a container's changes against its image (A added, C changed, D deleted)
+    #[command(after_help = "Example: thinbox diff web")]
+    Diff(diff::Args),
     /// A detached container's supervisor (started by run -d and start)
     #[command(hide = true)]
     ContainerShim(start::ShimArgs),

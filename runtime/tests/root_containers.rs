@@ -503,6 +503,16 @@ fn root_containers_write_to_their_own_snapshots() {
             "changed\n"
         );
     });
+    // diff: A/C/D against the image, without the runner's mount points.
+    let diff = env.ok(&["diff", "ca"]);
+    let lines: Vec<&str> = diff.lines().collect();
+    assert_eq!(
+        lines,
+        ["C /data", "C /data/keep.txt", "A /data/new.txt"],
+        "{diff}"
+    );
+    let diff = env.ok(&["diff", "cc"]);
+    assert_eq!(diff, "", "cc only read");
     // The image's layer did not change.
     env.with_thin(image_thin, |mnt| {
         assert_eq!(

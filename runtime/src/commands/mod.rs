@@ -1,6 +1,7 @@
 //! One module per verb: parse, call the storage, store and registry, format the output.
 
 pub mod daemon;
+pub mod diff;
 pub mod exec;
 pub mod images;
 pub mod info;
@@ -43,5 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => logs::run(args, &global),
         Command::Exec(args) => exec::run(args, &global),
         Command::ContainerShim(args) => start::shim(args, &global),
+        Command::Diff(args) => diff::run(args, &global),
     }
 }

@@ -18,6 +18,7 @@
 //! without recording the exit, [`Container::refresh`] notices that the pid is gone.
 
 pub mod create;
+pub mod diff;
 pub mod logs;
 pub mod oci;
 pub mod rootfs;

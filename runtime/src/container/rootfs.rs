@@ -120,3 +120,43 @@ pub fn etc_files(c: &Container, root: &Path) -> anyhow::Result<Vec<(PathBuf, &'s
         (resolv, "etc/resolv.conf"),
     ])
 }
+
+/// Activates thin `id` read-only, mounts it read-only on `target` (no journal replay), runs
+/// `work` on it, then unmounts and deactivates whatever `work` returned.
+pub fn with_readonly<T>(
+    storage: &Storage,
+    client: &mut Client,
+    id: u64,
+    target: &Path,
+    work: impl FnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    use nix::mount::MsFlags;
+    let thin = ThinId::new(id).context("bad thin id")?;
+    let activation = client
+        .activate(thin, true)
+        .with_context(|| format!("failed to activate thin {id} read-only"))?;
+    fs::create_dir_all(target)?;
+    let fs_type = storage.options().fs.name();
+    let data = match storage.options().fs {
+        crate::storage::Filesystem::Ext4 => "noload",
+        crate::storage::Filesystem::Xfs => "norecovery,nouuid",
+    };
+    let mounted = nix::mount::mount(
+        Some(activation.device.as_path()),
+        target,
+        Some(fs_type),
+        MsFlags::MS_RDONLY,
+        Some(data),
+    )
+    .with_context(|| format!("failed to mount thin {id} read-only"));
+    let result = mounted.and_then(|()| {
+        let result = work(target);
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::empty());
+        result
+    });
+    let _ = fs::remove_dir(target);
+    let deactivated = storage::deactivate(client, thin);
+    let result = result?;
+    deactivated?;
+    Ok(result)
+}
