@@ -9,6 +9,7 @@
 #   docker-registry, skopeo, umoci
 #                            a real registry, and the tools that build and push the runtime's
 #                            fixture images (busybox-static is their content)
+#   runc, crun               external OCI runtimes thinbox hands bundles to (`run --runtime`)
 #   libnbd-bin               nbdinfo and nbdcopy, real NBD clients for `dmtool serve`
 #   xfsprogs, e2fsprogs, util-linux
 #                            mkfs.xfs, mkfs.ext4, losetup and fstrim on activated thins
@@ -19,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin xfsprogs e2fsprogs util-linux
-          docker-registry skopeo umoci)
+          docker-registry skopeo umoci runc crun)
 missing=()
 for p in "${packages[@]}"; do
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")

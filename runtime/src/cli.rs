@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser, Subcommand};
 
 use crate::commands::{daemon, images, info, inspect, login, pull, rmi};
+use crate::commands::{diff, exec, kill, logs, ps, rm, run, start, stop};
 
 /// Docker-style images on a thin pool: each layer a snapshot of its parent's thin device.
 #[derive(Debug, Parser)]
@@ -65,6 +66,39 @@ pub enum Command {
     /// Forget the credentials of a registry
     #[command(after_help = "Example: thinbox logout 127.0.0.1:5000")]
     Logout(login::LogoutArgs),
+    /// Create a container (a writable snapshot of the image's top layer) without starting it
+    #[command(after_help = "Example: thinbox create --name web busybox sleep 100")]
+    Create(run::CreateArgs),
+    /// Create and run a container
+    #[command(after_help = "Example: thinbox run --rm busybox sh -c 'echo hi'")]
+    Run(run::RunArgs),
+    /// List containers
+    #[command(after_help = "Example: thinbox ps -a")]
+    Ps(ps::Args),
+    /// Start stopped containers
+    #[command(after_help = "Example: thinbox start -a web")]
+    Start(start::Args),
+    /// Stop running containers (SIGTERM, then SIGKILL)
+    #[command(after_help = "Example: thinbox stop -t 2 web")]
+    Stop(stop::Args),
+    /// Send a signal to running containers
+    #[command(after_help = "Example: thinbox kill -s TERM web")]
+    Kill(kill::Args),
+    /// Remove containers (their thins return their space to the pool)
+    #[command(after_help = "Example: thinbox rm -f web")]
+    Rm(rm::Args),
+    /// Show a container's output
+    #[command(after_help = "Example: thinbox logs -f web")]
+    Logs(logs::Args),
+    /// Run a command in a running container
+    #[command(after_help = "Example: thinbox exec web cat /etc/hostname")]
+    Exec(exec::Args),
+    /// Show a container's changes against its image (A added, C changed, D deleted)
+    #[command(after_help = "Example: thinbox diff web")]
+    Diff(diff::Args),
+    /// A detached container's supervisor (started by run -d and start)
+    #[command(hide = true)]
+    ContainerShim(start::ShimArgs),
     /// The pool daemon (started on demand; `stop` ends it)
     #[command(hide = true, subcommand)]
     PoolDaemon(daemon::Command),

@@ -6,10 +6,12 @@
 //! Exit codes: 0 ok, 1 the operation failed, 2 usage error. Data goes to stdout,
 //! diagnostics to stderr; a closed stdout (a broken pipe) ends quietly.
 
-#![forbid(unsafe_code)]
+// Unsafe code lives in container::sys only (it allows it there).
+#![deny(unsafe_code)]
 
 mod cli;
 mod commands;
+mod container;
 mod image;
 mod registry;
 mod storage;

@@ -1,12 +1,21 @@
 //! One module per verb: parse, call the storage, store and registry, format the output.
 
 pub mod daemon;
+pub mod diff;
+pub mod exec;
 pub mod images;
 pub mod info;
 pub mod inspect;
+pub mod kill;
 pub mod login;
+pub mod logs;
+pub mod ps;
 pub mod pull;
+pub mod rm;
 pub mod rmi;
+pub mod run;
+pub mod start;
+pub mod stop;
 
 mod format;
 
@@ -25,5 +34,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Login(args) => login::login(args, &global),
         Command::Logout(args) => login::logout(args, &global),
         Command::PoolDaemon(command) => daemon::run(command, &global),
+        Command::Create(args) => run::create_cmd(args, &global),
+        Command::Run(args) => run::run(args, &global),
+        Command::Ps(args) => ps::run(args, &global),
+        Command::Start(args) => start::run(args, &global),
+        Command::Stop(args) => stop::run(args, &global),
+        Command::Kill(args) => kill::run(args, &global),
+        Command::Rm(args) => rm::run(args, &global),
+        Command::Logs(args) => logs::run(args, &global),
+        Command::Exec(args) => exec::run(args, &global),
+        Command::ContainerShim(args) => start::shim(args, &global),
+        Command::Diff(args) => diff::run(args, &global),
     }
 }

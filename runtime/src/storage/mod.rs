@@ -283,6 +283,14 @@ impl Storage {
     }
 }
 
+impl Storage {
+    /// Mounts the active thin `device` on `target` with the storage's filesystem and
+    /// `dm.mountopt` (containers keep their rootfs mounted while they run).
+    pub fn mount_device(&self, device: &Path, target: &Path) -> anyhow::Result<()> {
+        mount(&self.options, device, target)
+    }
+}
+
 /// The next free thin id: one above the highest in the pool.
 fn new_thin_id(client: &mut Client) -> anyhow::Result<ThinId> {
     let highest = client.list()?.iter().map(|t| t.id).max().unwrap_or(0);

@@ -1,0 +1,45 @@
+//! `diff CONTAINER`: A/C/D lines, the container's filesystem against its image's top layer.
+
+use std::process::ExitCode;
+
+use crate::cli::Global;
+use crate::container::diff::changes;
+use crate::container::{find, rootfs};
+use crate::storage::Storage;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    pub container: String,
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let root = &global.root;
+    let c = find(root, &args.container)?;
+    let storage = Storage::open(global)?;
+    let mut client = storage.control()?;
+    let parent_mnt = root.join("mnt").join(format!("{}-diff-parent", c.id));
+    let list = rootfs::with_readonly(
+        &storage,
+        &mut client,
+        c.origin_thin_id,
+        &parent_mnt,
+        |parent| {
+            let live = c.mountpoint(root);
+            if c.is_running() && rootfs::is_mounted(&live) {
+                return Ok(changes(parent, &live)?);
+            }
+            let mut client = storage.control()?;
+            let own = root.join("mnt").join(format!("{}-diff", c.id));
+            rootfs::with_readonly(&storage, &mut client, c.thin_id, &own, |mine| {
+                Ok(changes(parent, mine)?)
+            })
+        },
+    )?;
+    let mut out = String::new();
+    for (kind, path) in list {
+        out.push_str(&format!("{} {path}\n", kind.letter()));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,52 @@
+//! `kill [-s SIGNAL] CONTAINER...`: signals a running container's first process.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::cli::Global;
+use crate::container::{find, parse_signal, Container};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The signal (name or number)
+    #[arg(short, long, default_value = "KILL")]
+    pub signal: String,
+
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// Sends `signal` to `c`'s first process.
+pub fn signal(c: &Container, signal: Signal) -> anyhow::Result<()> {
+    let (true, Some(pid)) = (c.is_running(), c.state.pid) else {
+        bail!(
+            "Cannot kill container: {}: Container {} is not running",
+            c.name,
+            c.id
+        );
+    };
+    kill(Pid::from_raw(pid as i32), signal)?;
+    Ok(())
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let sig = parse_signal(&args.signal)?;
+    let mut failed = false;
+    for name in &args.containers {
+        match find(&global.root, name).and_then(|c| signal(&c, sig)) {
+            Ok(()) => println!("{name}"),
+            Err(e) => {
+                eprintln!("Error response from daemon: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
