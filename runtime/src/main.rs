@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod archive;
 mod cli;
 mod commands;
 mod image;

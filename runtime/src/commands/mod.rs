@@ -1,12 +1,18 @@
 //! One module per verb: parse, call the storage, store and registry, format the output.
 
 pub mod daemon;
+pub mod history;
 pub mod images;
 pub mod info;
 pub mod inspect;
+pub mod load;
 pub mod login;
 pub mod pull;
+pub mod push;
 pub mod rmi;
+pub mod save;
+pub mod system_df;
+pub mod tag;
 
 mod format;
 
@@ -25,5 +31,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Login(args) => login::login(args, &global),
         Command::Logout(args) => login::logout(args, &global),
         Command::PoolDaemon(command) => daemon::run(command, &global),
+        Command::Push(args) => push::run(args, &global),
+        Command::Tag(args) => tag::run(args, &global),
+        Command::History(args) => history::run(args, &global),
+        Command::Save(args) => save::run(args, &global),
+        Command::Load(args) => load::run(args, &global),
+        Command::System(command) => system_df::run(command, &global),
     }
 }

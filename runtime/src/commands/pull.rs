@@ -19,6 +19,7 @@ use crate::image::{
     parse_manifest, pick_platform, Compression, ConfigSummary, Descriptor, Digest, HashingReader,
     HashingWriter, ManifestKind, Reference,
 };
+use crate::registry::sources::Sources;
 use crate::registry::{auth, Registry};
 use crate::storage::{unpack, Storage};
 use crate::store::{BlobRef, ImageRecord, LayerRecord, LayerState, Store};
@@ -162,6 +163,12 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         .repositories
         .set(&repo, format!("{repo}@{manifest_digest}"), &image_id);
     store.save_images()?;
+    // Where these blobs are, for cross-repository mounts on a later push.
+    let mut sources = Sources::load(&global.root)?;
+    for d in layers.iter().map(|l| &l.digest).chain([&image_id]) {
+        sources.add(d, &reference.registry, &reference.path);
+    }
+    sources.save(&global.root)?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "pull finished"
@@ -179,7 +186,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
 }
 
 /// Drops what an interrupted pull left: layers still `Preparing` (their thins are deleted).
-fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Result<()> {
+pub(crate) fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Result<()> {
     let stale: Vec<LayerRecord> = store
         .layers
         .values()
@@ -264,7 +271,7 @@ fn fetch_small_blob(
     Ok(bytes)
 }
 
-fn write_blob(store: &Store, digest: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_blob(store: &Store, digest: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
     let path = store.blob_path(digest);
     if !path.exists() {
         crate::store::write_atomic(&path, bytes)?;
@@ -349,7 +356,7 @@ fn download_layer(
 /// mounted, with the blob applied, its diff id checked. The record is saved `Preparing`
 /// before the thin exists and `Ready` once it is complete; on failure the thin and the
 /// record go.
-fn apply_layer(
+pub(crate) fn apply_layer(
     storage: &Storage,
     client: &mut Client,
     store: &mut Store,

@@ -2,6 +2,7 @@
 //! Docker schema 2 images.
 
 mod digest;
+pub mod local;
 mod reference;
 
 use anyhow::{bail, Context};
