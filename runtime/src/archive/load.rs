@@ -485,3 +485,69 @@ fn verify(
         tags,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            // Written raw: the tar crate refuses to build '..' paths itself.
+            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn entries_that_climb_out_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = tar_with(&[("../evil", b"x")]);
+        let err = Layout::extract(Box::new(io::Cursor::new(bytes)), dir.path().join("x"))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("climbs out"), "{err:#}");
+        assert!(!dir.path().join("evil").exists());
+    }
+
+    #[test]
+    fn links_resolve_inside_the_archive_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = tar_with(&[("a/layer.tar", b"x")]);
+        let mut layout =
+            Layout::extract(Box::new(io::Cursor::new(bytes)), dir.path().join("x")).unwrap();
+        layout.links.insert(
+            PathBuf::from("b/layer.tar"),
+            PathBuf::from("../a/layer.tar"),
+        );
+        layout.links.insert(
+            PathBuf::from("c/layer.tar"),
+            PathBuf::from("../../etc/passwd"),
+        );
+        assert!(layout
+            .resolve("b/layer.tar")
+            .unwrap()
+            .ends_with("a/layer.tar"));
+        assert!(layout.resolve("c/layer.tar").is_err());
+        assert!(layout.resolve("/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn archive_names_give_digests() {
+        let d = Digest::of(b"c");
+        assert_eq!(
+            digest_in_name(&format!("blobs/sha256/{}", d.hex())),
+            Some(d.clone())
+        );
+        assert_eq!(
+            digest_in_name(&format!("{}.json", d.hex())),
+            Some(d.clone())
+        );
+        assert_eq!(digest_in_name("config.json"), None);
+    }
+}

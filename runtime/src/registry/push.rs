@@ -320,3 +320,103 @@ impl Registry {
         Ok(digest)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+    use std::thread;
+
+    use super::*;
+    use crate::image::Reference;
+    use crate::registry::{Auth, Credentials};
+
+    /// Serves one HTTP request on `listener` with `reply`; sends the request's header lines.
+    fn serve_once(listener: TcpListener, reply: String, seen: mpsc::Sender<Vec<String>>) {
+        thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut lines = Vec::new();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                lines.push(line.trim().to_string());
+            }
+            (&stream).write_all(reply.as_bytes()).unwrap();
+            seen.send(lines).unwrap();
+        });
+    }
+
+    fn registry_with_credentials(port: u16) -> Registry {
+        let reference = Reference::parse(&format!("127.0.0.1:{port}/test/x")).unwrap();
+        let mut r = Registry::new(
+            &reference,
+            Some(Credentials {
+                username: "alice".into(),
+                password: "s3cret".into(),
+            }),
+        );
+        r.auth = Auth::Basic;
+        r
+    }
+
+    #[test]
+    fn a_redirected_blob_read_carries_no_credentials_to_the_other_host() {
+        let storage = TcpListener::bind("127.0.0.1:0").unwrap();
+        let storage_port = storage.local_addr().unwrap().port();
+        let registry = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = registry.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        // "localhost" is another host than "127.0.0.1" as far as credentials go.
+        serve_once(
+            registry,
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://localhost:{storage_port}/blob\r\n\
+                 Content-Length: 0\r\n\r\n"
+            ),
+            tx.clone(),
+        );
+        serve_once(
+            storage,
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+            tx,
+        );
+        let mut r = registry_with_credentials(port);
+        let digest = Digest::of(b"hello");
+        let mut body = String::new();
+        r.blob(&digest, 5)
+            .unwrap()
+            .read_to_string(&mut body)
+            .unwrap();
+        assert_eq!(body, "hello");
+        let first = rx.recv().unwrap();
+        let second = rx.recv().unwrap();
+        let has_auth = |lines: &[String]| {
+            lines
+                .iter()
+                .any(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+        };
+        assert!(
+            has_auth(&first),
+            "the registry gets the credentials: {first:?}"
+        );
+        assert!(!has_auth(&second), "the storage host does not: {second:?}");
+    }
+
+    #[test]
+    fn only_urls_on_the_registry_get_credentials() {
+        let r = registry_with_credentials(5000);
+        assert!(r.is_ours("http://127.0.0.1:5000/v2/test/x/blobs/uploads/abc?_state=1"));
+        assert!(!r.is_ours("http://127.0.0.1:50001/v2/"));
+        assert!(!r.is_ours("http://evil.example/v2/"));
+        assert!(!r.is_ours("https://127.0.0.1:5000/v2/"));
+        assert_eq!(
+            r.absolute("/v2/test/x/blobs/uploads/u"),
+            "http://127.0.0.1:5000/v2/test/x/blobs/uploads/u"
+        );
+    }
+}
