@@ -503,6 +503,11 @@ fn root_save_is_read_by_skopeo_and_loads_back_with_the_same_ids() {
     b.ok(&["save", "-o", again.to_str().unwrap(), &v2]);
     assert_eq!(fs::read(&again).unwrap(), fs::read(&tar).unwrap());
 
+    // Without -o the archive goes to stdout, the same bytes.
+    let out = a.output(a.command(&["save", &v2]), None);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, fs::read(&tar).unwrap());
+
     // .gz: gzip output, loaded from stdin on a third root.
     let gz = env.path("v2.tar.gz");
     a.ok(&["save", "-o", gz.to_str().unwrap(), &v2]);
@@ -700,4 +705,112 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[test]
+fn root_load_of_a_layer_that_fails_to_apply_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root {
+        root: dir.path().join("root"),
+        run_root: dir.path().join("run"),
+    };
+    struct Guard<'r>(&'r Root);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.cleanup();
+        }
+    }
+    let _guard = Guard(&root);
+    // Layer 1 a plain file; layer 2 a symlink to a directory outside, then a file through
+    // it. The digests are right: only applying the second layer can refuse it.
+    let d = dir.path();
+    let outside = d.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::create_dir_all(d.join("l1/data")).unwrap();
+    fs::write(d.join("l1/data/ok.txt"), "ok\n").unwrap();
+    fs::create_dir_all(d.join("l2a")).unwrap();
+    std::os::unix::fs::symlink(&outside, d.join("l2a/evil")).unwrap();
+    fs::create_dir_all(d.join("l2b/evil")).unwrap();
+    fs::write(d.join("l2b/evil/x"), "escaped\n").unwrap();
+    let archive = d.join("archive");
+    fs::create_dir_all(&archive).unwrap();
+    let tar = |args: &[&str]| run(Command::new("tar").current_dir(d).args(args));
+    tar(&[
+        "--owner=0",
+        "--group=0",
+        "-cf",
+        "archive/l1.tar",
+        "-C",
+        "l1",
+        "data",
+    ]);
+    tar(&[
+        "--owner=0",
+        "--group=0",
+        "-cf",
+        "archive/l2.tar",
+        "-C",
+        "l2a",
+        "evil",
+    ]);
+    tar(&[
+        "--owner=0",
+        "--group=0",
+        "-rf",
+        "archive/l2.tar",
+        "-C",
+        "l2b",
+        "evil/x",
+    ]);
+    let diff = |name: &str| {
+        format!(
+            "sha256:{}",
+            sha256_hex(&fs::read(archive.join(name)).unwrap())
+        )
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff("l1.tar"), diff("l2.tar")]},
+    });
+    fs::write(
+        archive.join("config.json"),
+        serde_json::to_vec(&config).unwrap(),
+    )
+    .unwrap();
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": ["hostile/image:v1"],
+        "Layers": ["l1.tar", "l2.tar"],
+    }]);
+    fs::write(
+        archive.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    tar(&[
+        "-cf",
+        "hostile.tar",
+        "-C",
+        "archive",
+        "config.json",
+        "manifest.json",
+        "l1.tar",
+        "l2.tar",
+    ]);
+
+    let err = root.fails(&["load", "-i", d.join("hostile.tar").to_str().unwrap()]);
+    assert!(err.contains("symlink") || err.contains("symbolic"), "{err}");
+    assert!(
+        !outside.join("x").exists(),
+        "a file was written through the link"
+    );
+    assert_eq!(root.ok(&["images", "-q"]), "");
+    assert!(root.blobs().is_empty(), "{:?}", root.blobs());
+    let layers = fs::read_to_string(root.root.join("layers.json")).unwrap_or_default();
+    assert!(
+        !layers.contains("sha256"),
+        "the first layer went too: {layers}"
+    );
 }

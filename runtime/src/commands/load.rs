@@ -11,9 +11,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use engine::activate::daemon::Client;
+use engine::activate::PoolControl;
+use engine::ThinId;
 
 use super::pull::{apply_layer, reconcile, write_blob};
-use crate::archive::load::{read_images, Layout, LoadLayer};
+use crate::archive::load::{read_images, Layout, LoadImage, LoadLayer};
 use crate::cli::Global;
 use crate::image::{Digest, HashingReader};
 use crate::storage::Storage;
@@ -31,11 +34,11 @@ pub struct Args {
 }
 
 /// Copies a verified archive blob into the content store, checking it again on the way
-/// (the source may be a directory someone else can write).
-fn store_blob(store: &Store, layer: &LoadLayer) -> anyhow::Result<()> {
+/// (the source may be a directory someone else can write). `true` when it was not there.
+fn store_blob(store: &Store, layer: &LoadLayer) -> anyhow::Result<bool> {
     let path = store.blob_path(&layer.blob.digest);
     if path.exists() {
-        return Ok(());
+        return Ok(false);
     }
     let dir = path.parent().context("blob path without a directory")?;
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
@@ -55,6 +58,72 @@ fn store_blob(store: &Store, layer: &LoadLayer) -> anyhow::Result<()> {
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| true)
+}
+
+/// What loading one image added, so that a failure can take it back.
+#[derive(Default)]
+struct Added {
+    layers: Vec<Digest>,
+    blobs: Vec<Digest>,
+}
+
+/// Applies the layers of `image` that the store does not have; their chain ids.
+fn apply_image(
+    storage: &Storage,
+    client: &mut Client,
+    store: &mut Store,
+    image: &LoadImage,
+    added: &mut Added,
+) -> anyhow::Result<Vec<Digest>> {
+    let mut parent: Option<Digest> = None;
+    let mut chain_ids = Vec::new();
+    for layer in &image.layers {
+        let chain_id = Digest::chain(parent.as_ref(), &layer.diff_id);
+        let ready = store
+            .layers
+            .get(&chain_id)
+            .is_some_and(|l| l.state == LayerState::Ready);
+        if !ready {
+            if store_blob(store, layer)? {
+                added.blobs.push(layer.blob.digest.clone());
+            }
+            let record = apply_layer(
+                storage,
+                client,
+                store,
+                parent.as_ref(),
+                &chain_id,
+                &layer.diff_id,
+                &layer.blob,
+            )?;
+            added.layers.push(chain_id.clone());
+            tracing::info!(layer = %layer.diff_id, thin_id = record.thin_id, "layer loaded");
+        }
+        chain_ids.push(chain_id.clone());
+        parent = Some(chain_id);
+    }
+    Ok(chain_ids)
+}
+
+/// Deletes what a failed image load added: its layers' thins and records (top first) and
+/// the blobs it stored. Returns the first failure, if any.
+fn roll_back(client: &mut Client, store: &mut Store, added: Added) -> anyhow::Result<()> {
+    let mut result = Ok(());
+    for chain_id in added.layers.iter().rev() {
+        if let Some(layer) = store.layers.remove(chain_id) {
+            if let Some(id) = ThinId::new(layer.thin_id) {
+                if let Err(e) = client.delete(id) {
+                    result = result.and(Err(anyhow::Error::new(e)
+                        .context(format!("failed to delete thin {id} of layer {chain_id}"))));
+                }
+            }
+        }
+    }
+    result = result.and(store.save_layers());
+    for digest in &added.blobs {
+        let _ = fs::remove_file(store.blob_path(digest));
     }
     result
 }
@@ -92,30 +161,17 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     reconcile(&mut store, &mut client)?;
     let mut out = io::stdout().lock();
     for image in images {
-        let mut parent: Option<Digest> = None;
-        let mut chain_ids = Vec::new();
-        for layer in &image.layers {
-            let chain_id = Digest::chain(parent.as_ref(), &layer.diff_id);
-            let ready = store
-                .layers
-                .get(&chain_id)
-                .is_some_and(|l| l.state == LayerState::Ready);
-            if !ready {
-                store_blob(&store, layer)?;
-                let record = apply_layer(
-                    &storage,
-                    &mut client,
-                    &mut store,
-                    parent.as_ref(),
-                    &chain_id,
-                    &layer.diff_id,
-                    &layer.blob,
-                )?;
-                tracing::info!(layer = %layer.diff_id, thin_id = record.thin_id, "layer loaded");
+        let mut added = Added::default();
+        let chain_ids = match apply_image(&storage, &mut client, &mut store, &image, &mut added) {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing of a failed image stays (layers other images use are not touched).
+                return Err(match roll_back(&mut client, &mut store, added) {
+                    Ok(()) => e,
+                    Err(r) => e.context(format!("and the roll-back failed: {r:#}")),
+                });
             }
-            chain_ids.push(chain_id.clone());
-            parent = Some(chain_id);
-        }
+        };
         write_blob(&store, &image.id, &image.config)?;
         if let Some((bytes, digest)) = &image.manifest {
             write_blob(&store, digest, bytes)?;
