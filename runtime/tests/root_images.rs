@@ -517,6 +517,21 @@ fn root_save_is_read_by_skopeo_and_loads_back_with_the_same_ids() {
     let out = c.check(&["load"], c.output(c.command(&["load"]), Some(&bytes)));
     assert!(out.contains(&format!("Loaded image: {v2}")), "{out}");
     assert_eq!(c.id(&v2), info["Id"].as_str().unwrap());
+    // Two images in one archive: the shared layer once; both load.
+    let base = format!("{host}/test/busybox:base");
+    a.ok(&["pull", &base]);
+    let both = env.path("both.tar");
+    a.ok(&["save", "-o", both.to_str().unwrap(), &base, &v2]);
+    let listing = run(Command::new("tar").arg("tf").arg(&both));
+    let blobs = listing
+        .lines()
+        .filter(|l| l.starts_with("blobs/sha256/") && l.len() > 14);
+    // base: layer, config, manifest; v2: one more layer, its config and manifest.
+    assert_eq!(blobs.count(), 6, "{listing}");
+    let out = c.ok(&["load", "-i", both.to_str().unwrap()]);
+    assert!(out.contains(&format!("Loaded image: {base}")), "{out}");
+    assert_eq!(c.id(&base), a.id(&base));
+
     // Saving by id names no image.
     let by_id = env.path("by-id.tar");
     a.ok(&[
@@ -565,6 +580,16 @@ fn root_load_reads_skopeo_archives_and_oci_layouts() {
     ]))
     .unwrap();
     assert_eq!(layers_of(&a.inspect(&name)), diff_ids(&config));
+
+    // Pushed from there (layers as the archive had them, uncompressed; a manifest made for
+    // them) and pulled back by digest elsewhere: the same image.
+    let out = a.ok(&["push", &name]);
+    assert_eq!(out.matches(": Pushed").count(), 2, "{out}");
+    let digest = pushed_digest(&out);
+    let b = &env.roots[1];
+    let back = format!("{host}/test/archived@{digest}");
+    b.ok(&["pull", &back]);
+    assert_eq!(b.id(&back), a.id(&name));
 
     // umoci's OCI layout directory: two images, tagged only by bare ref names.
     let out = a.ok(&["load", "-i", env.layout.to_str().unwrap()]);
@@ -686,9 +711,30 @@ fn root_pull_picks_linux_amd64_from_an_index_and_by_digest() {
 
     let multi = format!("{host}/test/multi:latest");
     let out = a.ok(&["pull", &multi]);
-    assert!(out.contains(&format!("Digest: {amd64_digest}")), "{out}");
+    // Docker's repo digest of a multi-arch image is the index's.
+    let index_digest = format!(
+        "sha256:{}",
+        sha256_hex(
+            skopeo(&[
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{multi}")
+            ])
+            .as_bytes()
+        )
+    );
+    assert!(out.contains(&format!("Digest: {index_digest}")), "{out}");
     let info = a.inspect(&multi);
     assert_eq!(info["Architecture"], "amd64");
+    assert_eq!(
+        info["RepoDigests"][0],
+        format!("{host}/test/multi@{index_digest}")
+    );
+    let by_index = format!("{host}/test/multi@{index_digest}");
+    let out = a.ok(&["pull", &by_index]);
+    assert!(out.contains("Already exists"), "{out}");
+    assert_eq!(a.id(&by_index), info["Id"].as_str().unwrap());
 
     // By digest: the amd64 manifest itself, and the same image.
     let by_digest = format!("{host}/test/busybox@{amd64_digest}");

@@ -50,14 +50,14 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     reconcile(&mut store, &mut client)?;
 
     let started = Instant::now();
-    let (manifest_bytes, manifest_digest, config, layers) =
+    // The repo digest is what the tag or digest names (an index for multi-arch images, as
+    // Docker reports it); the manifest digest is the linux/amd64 image manifest's.
+    let (repo_digest, manifest_bytes, manifest_digest, config, layers) =
         fetch_manifest(&mut registry, &reference)?;
     if !args.quiet {
         println!(
             "{}: Pulling from {}",
-            reference
-                .tag_or_default()
-                .unwrap_or(manifest_digest.as_str()),
+            reference.tag_or_default().unwrap_or(repo_digest.as_str()),
             reference.path
         );
     }
@@ -161,7 +161,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     }
     store
         .repositories
-        .set(&repo, format!("{repo}@{manifest_digest}"), &image_id);
+        .set(&repo, format!("{repo}@{repo_digest}"), &image_id);
     store.save_images()?;
     // Where these blobs are, for cross-repository mounts on a later push.
     let mut sources = Sources::load(&global.root)?;
@@ -174,7 +174,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         "pull finished"
     );
     if !args.quiet {
-        println!("Digest: {manifest_digest}");
+        println!("Digest: {repo_digest}");
         if existed && was_tagged {
             println!("Status: Image is up to date for {reference}");
         } else {
@@ -219,13 +219,18 @@ pub(crate) fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Resul
     store.save_layers()
 }
 
-/// The image manifest (following an index to linux/amd64): its bytes, digest, config and
-/// layers. Every manifest's digest is checked: against the reference's digest, the index
-/// entry, or the registry's `Docker-Content-Digest`.
+/// What the registry has for a reference: the digest of what it names (the repo digest),
+/// the image manifest's bytes and digest, its config and its layers.
+type FetchedManifest = (Digest, Vec<u8>, Digest, Descriptor, Vec<Descriptor>);
+
+/// The digest of what `reference` names, and the image manifest (following an index to
+/// linux/amd64): its bytes, digest, config and layers. Every manifest's digest is checked:
+/// against the reference's digest, the index entry, or the registry's
+/// `Docker-Content-Digest`.
 fn fetch_manifest(
     registry: &mut Registry,
     reference: &Reference,
-) -> anyhow::Result<(Vec<u8>, Digest, Descriptor, Vec<Descriptor>)> {
+) -> anyhow::Result<FetchedManifest> {
     let top = registry.manifest(&reference.manifest_reference())?;
     let top_digest = Digest::of(&top.bytes);
     if let Some(expected) = &reference.digest {
@@ -244,10 +249,10 @@ fn fetch_manifest(
             let kind = parse_manifest(&m.bytes, &m.content_type)?;
             (m.bytes, entry.digest, kind)
         }
-        kind => (top.bytes, top_digest, kind),
+        kind => (top.bytes, top_digest.clone(), kind),
     };
     match kind {
-        ManifestKind::Image { config, layers } => Ok((bytes, digest, config, layers)),
+        ManifestKind::Image { config, layers } => Ok((top_digest, bytes, digest, config, layers)),
         ManifestKind::Index(_) => bail!("an index points to another index"),
     }
 }
