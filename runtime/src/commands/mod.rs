@@ -1,20 +1,22 @@
 //! One module per verb: parse, call the storage, store and registry, format the output.
 
 pub mod daemon;
-pub mod history;
 pub mod images;
 pub mod info;
 pub mod inspect;
-pub mod load;
 pub mod login;
 pub mod pull;
-pub mod push;
 pub mod rmi;
+
+mod format;
+
+// Image verbs beyond pull: push, tag, history, system df, save, load.
+pub mod history;
+pub mod load;
+pub mod push;
 pub mod save;
 pub mod system_df;
 pub mod tag;
-
-mod format;
 
 use std::process::ExitCode;
 
