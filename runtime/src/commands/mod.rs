@@ -25,6 +25,12 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     match cli.command {
+        Command::Push(args) => push::run(args, &global),
+        Command::Tag(args) => tag::run(args, &global),
+        Command::History(args) => history::run(args, &global),
+        Command::Save(args) => save::run(args, &global),
+        Command::Load(args) => load::run(args, &global),
+        Command::System(command) => system_df::run(command, &global),
         Command::Pull(args) => pull::run(args, &global),
         Command::Images(args) => images::run(args, &global),
         Command::Rmi(args) => rmi::run(args, &global),
@@ -33,11 +39,5 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Login(args) => login::login(args, &global),
         Command::Logout(args) => login::logout(args, &global),
         Command::PoolDaemon(command) => daemon::run(command, &global),
-        Command::Push(args) => push::run(args, &global),
-        Command::Tag(args) => tag::run(args, &global),
-        Command::History(args) => history::run(args, &global),
-        Command::Save(args) => save::run(args, &global),
-        Command::Load(args) => load::run(args, &global),
-        Command::System(command) => system_df::run(command, &global),
     }
 }
