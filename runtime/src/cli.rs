@@ -102,4 +102,22 @@ pub enum Command {
     /// The pool daemon (started on demand; `stop` ends it)
     #[command(hide = true, subcommand)]
     PoolDaemon(daemon::Command),
+    /// Upload an image to a registry
+    #[command(after_help = "Example: thinbox push 127.0.0.1:5000/test/busybox:base")]
+    Push(crate::commands::push::Args),
+    /// Give an image another name
+    #[command(after_help = "Example: thinbox tag busybox 127.0.0.1:5000/test/busybox:v1")]
+    Tag(crate::commands::tag::Args),
+    /// Show the history of an image
+    #[command(after_help = "Example: thinbox history busybox")]
+    History(crate::commands::history::Args),
+    /// Write images to a tar archive (Docker's and the OCI layout), stdout by default
+    #[command(after_help = "Example: thinbox save -o busybox.tar.gz busybox")]
+    Save(crate::commands::save::Args),
+    /// Load images from an archive or OCI layout, stdin by default
+    #[command(after_help = "Example: thinbox load -i busybox.tar")]
+    Load(crate::commands::load::Args),
+    /// Manage thinbox (`system df`: disk usage)
+    #[command(subcommand)]
+    System(crate::commands::system_df::Command),
 }

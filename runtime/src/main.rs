@@ -9,6 +9,7 @@
 // Unsafe code lives in container::sys only (it allows it there).
 #![deny(unsafe_code)]
 
+mod archive;
 mod cli;
 mod commands;
 mod container;

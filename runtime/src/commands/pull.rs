@@ -19,6 +19,7 @@ use crate::image::{
     parse_manifest, pick_platform, Compression, ConfigSummary, Descriptor, Digest, HashingReader,
     HashingWriter, ManifestKind, Reference,
 };
+use crate::registry::sources::Sources;
 use crate::registry::{auth, Registry};
 use crate::storage::{unpack, Storage};
 use crate::store::{BlobRef, ImageRecord, LayerRecord, LayerState, Store};
@@ -49,14 +50,14 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     reconcile(&mut store, &mut client)?;
 
     let started = Instant::now();
-    let (manifest_bytes, manifest_digest, config, layers) =
+    // The repo digest is what the tag or digest names (an index for multi-arch images, as
+    // Docker reports it); the manifest digest is the linux/amd64 image manifest's.
+    let (repo_digest, manifest_bytes, manifest_digest, config, layers) =
         fetch_manifest(&mut registry, &reference)?;
     if !args.quiet {
         println!(
             "{}: Pulling from {}",
-            reference
-                .tag_or_default()
-                .unwrap_or(manifest_digest.as_str()),
+            reference.tag_or_default().unwrap_or(repo_digest.as_str()),
             reference.path
         );
     }
@@ -160,14 +161,20 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     }
     store
         .repositories
-        .set(&repo, format!("{repo}@{manifest_digest}"), &image_id);
+        .set(&repo, format!("{repo}@{repo_digest}"), &image_id);
     store.save_images()?;
+    // Where these blobs are, for cross-repository mounts on a later push.
+    let mut sources = Sources::load(&global.root)?;
+    for d in layers.iter().map(|l| &l.digest).chain([&image_id]) {
+        sources.add(d, &reference.registry, &reference.path);
+    }
+    sources.save(&global.root)?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "pull finished"
     );
     if !args.quiet {
-        println!("Digest: {manifest_digest}");
+        println!("Digest: {repo_digest}");
         if existed && was_tagged {
             println!("Status: Image is up to date for {reference}");
         } else {
@@ -179,7 +186,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
 }
 
 /// Drops what an interrupted pull left: layers still `Preparing` (their thins are deleted).
-fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Result<()> {
+pub(crate) fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Result<()> {
     let stale: Vec<LayerRecord> = store
         .layers
         .values()
@@ -212,13 +219,18 @@ fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Result<()> {
     store.save_layers()
 }
 
-/// The image manifest (following an index to linux/amd64): its bytes, digest, config and
-/// layers. Every manifest's digest is checked: against the reference's digest, the index
-/// entry, or the registry's `Docker-Content-Digest`.
+/// What the registry has for a reference: the digest of what it names (the repo digest),
+/// the image manifest's bytes and digest, its config and its layers.
+type FetchedManifest = (Digest, Vec<u8>, Digest, Descriptor, Vec<Descriptor>);
+
+/// The digest of what `reference` names, and the image manifest (following an index to
+/// linux/amd64): its bytes, digest, config and layers. Every manifest's digest is checked:
+/// against the reference's digest, the index entry, or the registry's
+/// `Docker-Content-Digest`.
 fn fetch_manifest(
     registry: &mut Registry,
     reference: &Reference,
-) -> anyhow::Result<(Vec<u8>, Digest, Descriptor, Vec<Descriptor>)> {
+) -> anyhow::Result<FetchedManifest> {
     let top = registry.manifest(&reference.manifest_reference())?;
     let top_digest = Digest::of(&top.bytes);
     if let Some(expected) = &reference.digest {
@@ -237,10 +249,10 @@ fn fetch_manifest(
             let kind = parse_manifest(&m.bytes, &m.content_type)?;
             (m.bytes, entry.digest, kind)
         }
-        kind => (top.bytes, top_digest, kind),
+        kind => (top.bytes, top_digest.clone(), kind),
     };
     match kind {
-        ManifestKind::Image { config, layers } => Ok((bytes, digest, config, layers)),
+        ManifestKind::Image { config, layers } => Ok((top_digest, bytes, digest, config, layers)),
         ManifestKind::Index(_) => bail!("an index points to another index"),
     }
 }
@@ -264,7 +276,7 @@ fn fetch_small_blob(
     Ok(bytes)
 }
 
-fn write_blob(store: &Store, digest: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_blob(store: &Store, digest: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
     let path = store.blob_path(digest);
     if !path.exists() {
         crate::store::write_atomic(&path, bytes)?;
@@ -349,7 +361,7 @@ fn download_layer(
 /// mounted, with the blob applied, its diff id checked. The record is saved `Preparing`
 /// before the thin exists and `Ready` once it is complete; on failure the thin and the
 /// record go.
-fn apply_layer(
+pub(crate) fn apply_layer(
     storage: &Storage,
     client: &mut Client,
     store: &mut Store,

@@ -2,6 +2,7 @@
 //! Docker schema 2 images.
 
 mod digest;
+pub mod local;
 mod reference;
 
 use anyhow::{bail, Context};
@@ -179,7 +180,15 @@ pub struct RootFs {
 
 impl ConfigSummary {
     pub fn parse(bytes: &[u8]) -> anyhow::Result<ConfigSummary> {
-        oci_spec::image::ImageConfiguration::from_reader(bytes)
+        // oci-spec 0.7 requires `history`, which the image spec makes optional (and some
+        // tools leave out): validate as if an empty one were there.
+        let mut value: serde_json::Value =
+            serde_json::from_slice(bytes).context("the image config is malformed")?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.entry("history")
+                .or_insert_with(|| serde_json::json!([]));
+        }
+        serde_json::from_value::<oci_spec::image::ImageConfiguration>(value)
             .context("the image config is malformed")?;
         let config: ConfigSummary =
             serde_json::from_slice(bytes).context("the image config is malformed")?;
@@ -217,6 +226,17 @@ mod tests {
             ManifestKind::Index(m) => assert_eq!(pick_platform(&m).unwrap().size, 4),
             ManifestKind::Image { .. } => panic!("not an image"),
         }
+    }
+
+    #[test]
+    fn a_config_without_history_is_accepted() {
+        let d = Digest::of(b"layer");
+        let c = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{d}"]}}}}"#
+        );
+        let summary = ConfigSummary::parse(c.as_bytes()).unwrap();
+        assert_eq!(summary.rootfs.diff_ids, [d]);
+        assert!(ConfigSummary::parse(br#"{"architecture":"amd64"}"#).is_err());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! anonymously otherwise) for the scope asked, and the request is sent again with it.
 
 pub mod auth;
+pub mod push;
+pub mod sources;
 
 use std::io::Read;
 use std::time::Duration;
@@ -119,6 +121,9 @@ impl Registry {
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(300))
             .user_agent(concat!("thinbox/", env!("CARGO_PKG_VERSION")))
+            // Registries redirect blob reads to storage hosts: credentials and tokens are
+            // never carried along (this is ureq's default; said here because it matters).
+            .redirect_auth_headers(ureq::RedirectAuthHeaders::Never)
             .build();
         Registry {
             agent,
@@ -212,7 +217,10 @@ impl Registry {
             .scope
             .clone()
             .or_else(|| (!self.path.is_empty()).then(|| format!("repository:{}:pull", self.path)));
-        if let Some(scope) = &scope {
+        // A challenge can ask for several scopes at once, space-separated (a cross-repository
+        // mount needs push on one repository and pull on the other): each is its own
+        // `scope` parameter, as token servers expect.
+        for scope in scope.iter().flat_map(|s| s.split_whitespace()) {
             request = request.query("scope", scope);
         }
         if let Some(c) = &self.credentials {

@@ -1,0 +1,860 @@
+//! `thinbox push`, `tag`, `history`, `system df`, `save` and `load` end to end, as root,
+//! against real peers on 127.0.0.1: `docker-registry` with no auth, basic auth and bearer
+//! tokens (our token server, peers.md §1c), `skopeo` and `umoci` reading what we write
+//! and writing what we read. The images are busybox images built from the host's
+//! busybox-static (`fixtures::registry::busybox_layout`).
+//!
+//! Each test has its own temporary directory; every thinbox state directory (`--root`,
+//! `THINBOX_RUN_ROOT`) a test uses lives there, and a guard stops their pool daemons,
+//! unmounts and detaches what is left and kills the peers, even when the test fails.
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use fixtures::registry::{busybox_layout, run, Registry, RegistryAuth};
+
+const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
+
+/// Small sizes keep mkfs and the pool quick.
+const STORAGE_OPTS: [&str; 4] = [
+    "--storage-opt=dm.basesize=512M",
+    "--storage-opt=dm.loopdatasize=4G",
+    "--storage-opt=dm.loopmetadatasize=64M",
+    "--storage-opt=dm.min_free_space=1%",
+];
+
+/// One thinbox state directory and its run directory.
+struct Root {
+    root: PathBuf,
+    run_root: PathBuf,
+}
+
+impl Root {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(THINBOX);
+        c.arg("--root")
+            .arg(&self.root)
+            .args(STORAGE_OPTS)
+            .args(args)
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .env_remove("RUST_LOG")
+            .env_remove("THINBOX_PUSH_CHUNK_SIZE");
+        c
+    }
+
+    fn output(&self, mut command: Command, stdin: Option<&[u8]>) -> Output {
+        command
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("thinbox runs");
+        if let Some(bytes) = stdin {
+            child.stdin.take().unwrap().write_all(bytes).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    #[track_caller]
+    fn check(&self, args: &[&str], out: Output) -> String {
+        assert!(
+            out.status.success(),
+            "thinbox {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(self.command(args), None);
+        self.check(args, out)
+    }
+
+    /// Runs and returns stdout and stderr together, whatever the exit status.
+    fn all_output(&self, args: &[&str]) -> (bool, String) {
+        let out = self.output(self.command(args), None);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    #[track_caller]
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.output(self.command(args), None);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "thinbox {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn inspect(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
+        v[0].clone()
+    }
+
+    fn id(&self, name: &str) -> String {
+        self.inspect(name)["Id"].as_str().unwrap().to_string()
+    }
+
+    /// Every blob file in the content store.
+    fn blobs(&self) -> Vec<String> {
+        fs::read_dir(self.root.join("blobs/sha256"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn cleanup(&self) {
+        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+            let mnt = self.root.join("mnt");
+            let mut points: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(mnt.to_str().unwrap()))
+                .collect();
+            points.reverse();
+            for p in points {
+                let _ = Command::new("umount").args(["-l", p]).status();
+            }
+        }
+        let _ = Command::new(THINBOX)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["pool-daemon", "stop", "--force"])
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(out) = Command::new("losetup")
+            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let mut f = line.split_whitespace();
+                if let (Some(name), Some(back)) = (f.next(), f.next()) {
+                    if back.starts_with(self.run_root.to_str().unwrap()) {
+                        let _ = Command::new("losetup").args(["-d", name]).status();
+                    }
+                }
+            }
+        }
+        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+            for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+                if point.starts_with(self.run_root.to_str().unwrap()) {
+                    let _ = Command::new("umount").args(["-l", point]).status();
+                }
+            }
+        }
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    roots: Vec<Root>,
+    layout: PathBuf,
+    // Fields drop after Drop::drop's body: the peers are killed after the cleanup.
+    registries: Vec<Registry>,
+}
+
+impl Env {
+    /// A fixture layout (`base`, `v2`) and a registry holding both as `test/busybox`.
+    fn new(auth: RegistryAuth) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = busybox_layout(dir.path());
+        let mut env = Env {
+            dir,
+            roots: Vec::new(),
+            layout,
+            registries: Vec::new(),
+        };
+        let registry = env.start_registry(auth);
+        let l = env.layout.display().to_string();
+        env.registries[registry].push(&format!("oci:{l}:base"), "test/busybox:base");
+        env.registries[registry].push(&format!("oci:{l}:v2"), "test/busybox:v2");
+        for name in ["a", "b", "c"] {
+            env.roots.push(Root {
+                root: env.dir.path().join(format!("root-{name}")),
+                run_root: env.dir.path().join(format!("run-{name}")),
+            });
+        }
+        env
+    }
+
+    fn start_registry(&mut self, auth: RegistryAuth) -> usize {
+        let n = self.registries.len();
+        let dir = self.dir.path().join(format!("registry-{n}"));
+        fs::create_dir_all(&dir).unwrap();
+        self.registries.push(Registry::start(&dir, auth));
+        n
+    }
+
+    fn registry(&self) -> &Registry {
+        &self.registries[0]
+    }
+
+    fn host(&self) -> String {
+        self.registry().host()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for r in &self.roots {
+            r.cleanup();
+        }
+    }
+}
+
+fn skopeo(args: &[&str]) -> String {
+    run(Command::new("skopeo").args(args))
+}
+
+fn diff_ids(config: &serde_json::Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn layers_of(info: &serde_json::Value) -> Vec<String> {
+    info["RootFS"]["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The `sha256:…` after `digest: ` in push output.
+fn pushed_digest(out: &str) -> String {
+    let line = out
+        .lines()
+        .find(|l| l.contains(": digest: "))
+        .unwrap_or_else(|| panic!("no digest line in {out}"));
+    line.split_whitespace().nth(2).unwrap().to_string()
+}
+
+#[test]
+fn root_push_mounts_skips_uploads_and_pulls_back_by_digest() {
+    let mut env = Env::new(RegistryAuth::None);
+    let host = env.host();
+    let a = &env.roots[0];
+    let v2 = format!("{host}/test/busybox:v2");
+    let out = a.ok(&["pull", &v2]);
+    let pulled_digest = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Digest: "))
+        .unwrap()
+        .to_string();
+
+    // tag, history, system df on what was pulled.
+    let copy = format!("{host}/test/copy:v2");
+    a.ok(&["tag", &v2, &copy]);
+    assert_eq!(a.id(&copy), a.id(&v2));
+    let history = a.ok(&["history", &copy]);
+    let header = history.lines().next().unwrap();
+    for col in ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"] {
+        assert!(header.contains(col), "{history}");
+    }
+    assert!(history.contains("<missing>"), "{history}");
+    assert!(history.contains("1.98"), "busybox layer size: {history}");
+    let df = a.ok(&["system", "df"]);
+    assert!(df.starts_with("TYPE"), "{df}");
+    for row in [
+        "Images          1",
+        "Containers",
+        "Local Volumes",
+        "Build Cache",
+    ] {
+        assert!(df.contains(row), "{row} in {df}");
+    }
+
+    // Every blob test/busybox has is mounted into test/copy, nothing uploaded; the
+    // manifest is the pulled one, byte for byte.
+    let t = Instant::now();
+    let out = a.ok(&["push", &copy]);
+    eprintln!("push by mount: {:?}", t.elapsed());
+    assert!(
+        out.starts_with(&format!("The push refers to repository [{host}/test/copy]")),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches(": Mounted from test/busybox").count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(pushed_digest(&out), pulled_digest, "{out}");
+    assert!(out.contains("v2: digest: sha256:"), "{out}");
+    // Pushing again: every layer is there.
+    let out = a.ok(&["push", &copy]);
+    assert_eq!(out.matches(": Layer already exists").count(), 2, "{out}");
+
+    // A second registry knows nothing: every layer uploaded, in chunks (PATCH) for the
+    // big one when the chunk size is small.
+    let second = env.start_registry(RegistryAuth::None);
+    let host2 = env.registries[second].host();
+    let a = &env.roots[0];
+    let far = format!("{host2}/test/far:v2");
+    a.ok(&["tag", &v2, &far]);
+    let mut command = a.command(&["push", &far]);
+    command.env("THINBOX_PUSH_CHUNK_SIZE", "262144");
+    let t = Instant::now();
+    let out = a.check(&["push", &far], a.output(command, None));
+    eprintln!("push by upload (chunked, 1 MB + 10 KB): {:?}", t.elapsed());
+    assert_eq!(out.matches(": Pushed").count(), 2, "{out}");
+    assert_eq!(pushed_digest(&out), pulled_digest);
+
+    // Pulled back by digest into a fresh root: the same image.
+    let b = &env.roots[1];
+    let by_digest = format!("{host2}/test/far@{pulled_digest}");
+    let out = b.ok(&["pull", &by_digest]);
+    assert!(out.contains(&format!("Digest: {pulled_digest}")), "{out}");
+    assert_eq!(b.id(&by_digest), env.roots[0].id(&v2));
+    let copy_back = format!("{host}/test/copy@{pulled_digest}");
+    b.ok(&["pull", &copy_back]);
+    assert_eq!(b.ok(&["images", "-q"]).lines().count(), 1);
+}
+
+#[test]
+fn root_push_with_basic_auth_needs_login_and_never_shows_the_password() {
+    let env = Env::new(RegistryAuth::Basic {
+        user: "alice".into(),
+        password: "s3cret".into(),
+    });
+    let host = env.host();
+    let a = &env.roots[0];
+    a.ok(&["login", "-u", "alice", "-p", "s3cret", &host]);
+    a.ok(&["pull", &format!("{host}/test/busybox:base")]);
+    let target = format!("{host}/test/pushed:base");
+    a.ok(&["tag", &format!("{host}/test/busybox:base"), &target]);
+    let (ok, out) = a.all_output(&["-vv", "push", &target]);
+    assert!(ok, "{out}");
+    assert!(out.contains("Mounted from test/busybox"), "{out}");
+    assert!(
+        !out.contains("s3cret") && !out.contains("YWxpY2U6czNjcmV0"),
+        "{out}"
+    );
+
+    a.ok(&["logout", &host]);
+    let err = a.fails(&["push", &target]);
+    assert!(err.contains("credentials"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+}
+
+#[test]
+fn root_push_and_pull_with_token_auth() {
+    let env = Env::new(RegistryAuth::Token {
+        user: "alice".into(),
+        password: "s3cret".into(),
+    });
+    let host = env.host();
+    let a = &env.roots[0];
+    // Anonymous tokens can pull.
+    let base = format!("{host}/test/busybox:base");
+    a.ok(&["pull", &base]);
+    let requests = env.registry().token_requests();
+    assert!(
+        requests.contains("user=- scopes=repository:test/busybox:pull"),
+        "{requests}"
+    );
+    // ... and not push.
+    let target = format!("{host}/test/pushed:base");
+    a.ok(&["tag", &base, &target]);
+    let (ok, out) = a.all_output(&["push", &target]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("denied") || out.contains("credentials"),
+        "{out}"
+    );
+
+    a.ok(&["login", "-u", "alice", "-p", "s3cret", &host]);
+    let (ok, out) = a.all_output(&["-vvv", "push", &target]);
+    assert!(ok, "{out}");
+    // Neither the password nor a token (a JWT: "eyJ…") shows, even at trace level.
+    assert!(!out.contains("s3cret") && !out.contains("eyJ"), "{out}");
+    assert!(out.contains("Mounted from test/busybox"), "{out}");
+    let requests = env.registry().token_requests();
+    // The mount asked for push here and pull on the source repository in one token (the
+    // registry names the scopes in no fixed order).
+    assert!(
+        requests.lines().any(|l| l.contains("user=alice")
+            && l.contains("repository:test/pushed:pull,push")
+            && l.contains("repository:test/busybox:pull")),
+        "{requests}"
+    );
+    // Pulled back into a fresh root with a token for alice.
+    let b = &env.roots[1];
+    b.ok(&["login", "-u", "alice", "-p", "s3cret", &host]);
+    b.ok(&["pull", &target]);
+    assert_eq!(b.id(&target), a.id(&base));
+}
+
+#[test]
+fn root_save_is_read_by_skopeo_and_loads_back_with_the_same_ids() {
+    let env = Env::new(RegistryAuth::None);
+    let host = env.host();
+    let (a, b) = (&env.roots[0], &env.roots[1]);
+    let v2 = format!("{host}/test/busybox:v2");
+    a.ok(&["pull", &v2]);
+    let info = a.inspect(&v2);
+    let pulled_digest = info["RepoDigests"][0]
+        .as_str()
+        .unwrap()
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .to_string();
+
+    let tar = env.path("v2.tar");
+    let tar_s = tar.to_str().unwrap();
+    let t = Instant::now();
+    a.ok(&["save", "-o", tar_s, &v2]);
+    eprintln!(
+        "save: {:?}, {} bytes",
+        t.elapsed(),
+        fs::metadata(&tar).unwrap().len()
+    );
+
+    // skopeo reads it as a Docker archive and as an OCI archive; the OCI part is the
+    // pulled image to the byte (same manifest digest, same layer digests).
+    let inspected: serde_json::Value =
+        serde_json::from_str(&skopeo(&["inspect", &format!("docker-archive:{tar_s}")])).unwrap();
+    // (skopeo shows no RepoTags for archives; the layers it lists are the diff ids.)
+    let archive_layers: Vec<String> = inspected["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(archive_layers, layers_of(&info), "{inspected}");
+    let oci: serde_json::Value =
+        serde_json::from_str(&skopeo(&["inspect", &format!("oci-archive:{tar_s}")])).unwrap();
+    assert_eq!(oci["Digest"], pulled_digest.as_str());
+    let registry_manifest = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{v2}"),
+    ]);
+    let registry_manifest: serde_json::Value = serde_json::from_str(&registry_manifest).unwrap();
+    let registry_layers: Vec<&str> = registry_manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    let saved_layers: Vec<&str> = oci["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(saved_layers, registry_layers);
+
+    // skopeo copies it into an OCI layout with the same diff ids.
+    let oci_dir = env.path("from-save");
+    skopeo(&[
+        "--insecure-policy",
+        "copy",
+        "-q",
+        &format!("docker-archive:{tar_s}"),
+        &format!("oci:{}:v2", oci_dir.display()),
+    ]);
+    let config: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--config",
+        &format!("oci:{}:v2", oci_dir.display()),
+    ]))
+    .unwrap();
+    assert_eq!(diff_ids(&config), layers_of(&info));
+
+    // Loaded on a fresh root: the same image id; saving it again gives the same archive.
+    let t = Instant::now();
+    let out = b.ok(&["load", "-i", tar_s]);
+    eprintln!("load on a fresh root (creates the pool): {:?}", t.elapsed());
+    assert_eq!(out.trim(), format!("Loaded image: {v2}"));
+    assert_eq!(b.id(&v2), info["Id"].as_str().unwrap());
+    assert_eq!(layers_of(&b.inspect(&v2)), layers_of(&info));
+    let again = env.path("again.tar");
+    b.ok(&["save", "-o", again.to_str().unwrap(), &v2]);
+    assert_eq!(fs::read(&again).unwrap(), fs::read(&tar).unwrap());
+
+    // Without -o the archive goes to stdout, the same bytes.
+    let out = a.output(a.command(&["save", &v2]), None);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, fs::read(&tar).unwrap());
+
+    // .gz: gzip output, loaded from stdin on a third root.
+    let gz = env.path("v2.tar.gz");
+    a.ok(&["save", "-o", gz.to_str().unwrap(), &v2]);
+    let bytes = fs::read(&gz).unwrap();
+    assert_eq!(&bytes[..2], &[0x1f, 0x8b]);
+    let c = &env.roots[2];
+    let out = c.check(&["load"], c.output(c.command(&["load"]), Some(&bytes)));
+    assert!(out.contains(&format!("Loaded image: {v2}")), "{out}");
+    assert_eq!(c.id(&v2), info["Id"].as_str().unwrap());
+    // Two images in one archive: the shared layer once; both load.
+    let base = format!("{host}/test/busybox:base");
+    a.ok(&["pull", &base]);
+    let both = env.path("both.tar");
+    a.ok(&["save", "-o", both.to_str().unwrap(), &base, &v2]);
+    let listing = run(Command::new("tar").arg("tf").arg(&both));
+    let blobs = listing
+        .lines()
+        .filter(|l| l.starts_with("blobs/sha256/") && l.len() > 14);
+    // base: layer, config, manifest; v2: one more layer, its config and manifest.
+    assert_eq!(blobs.count(), 6, "{listing}");
+    let out = c.ok(&["load", "-i", both.to_str().unwrap()]);
+    assert!(out.contains(&format!("Loaded image: {base}")), "{out}");
+    assert_eq!(c.id(&base), a.id(&base));
+
+    // Saving by id names no image.
+    let by_id = env.path("by-id.tar");
+    a.ok(&[
+        "save",
+        "-o",
+        by_id.to_str().unwrap(),
+        &info["Id"].as_str().unwrap()[7..19],
+    ]);
+    let out = c.ok(&["load", "-i", by_id.to_str().unwrap()]);
+    assert_eq!(
+        out.trim(),
+        format!("Loaded image ID: {}", info["Id"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn root_load_reads_skopeo_archives_and_oci_layouts() {
+    let env = Env::new(RegistryAuth::None);
+    let host = env.host();
+    let a = &env.roots[0];
+
+    // skopeo's Docker archive (the layout before Docker 25: layers named by diff id, legacy
+    // directories with symbolic links).
+    let archive = env.path("skopeo-docker.tar");
+    let name = format!("{host}/test/archived:v2");
+    skopeo(&[
+        "--insecure-policy",
+        "copy",
+        "-q",
+        "--src-tls-verify=false",
+        &format!("docker://{host}/test/busybox:v2"),
+        &format!("docker-archive:{}:{name}", archive.display()),
+    ]);
+    let t = Instant::now();
+    let out = a.ok(&["load", "-i", archive.to_str().unwrap()]);
+    eprintln!(
+        "load of skopeo's docker-archive (creates the pool): {:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.trim(), format!("Loaded image: {name}"));
+    let config: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--config",
+        "--tls-verify=false",
+        &format!("docker://{host}/test/busybox:v2"),
+    ]))
+    .unwrap();
+    assert_eq!(layers_of(&a.inspect(&name)), diff_ids(&config));
+
+    // Pushed from there (layers as the archive had them, uncompressed; a manifest made for
+    // them) and pulled back by digest elsewhere: the same image.
+    let out = a.ok(&["push", &name]);
+    assert_eq!(out.matches(": Pushed").count(), 2, "{out}");
+    let digest = pushed_digest(&out);
+    let b = &env.roots[1];
+    let back = format!("{host}/test/archived@{digest}");
+    b.ok(&["pull", &back]);
+    assert_eq!(b.id(&back), a.id(&name));
+
+    // umoci's OCI layout directory: two images, tagged only by bare ref names.
+    let out = a.ok(&["load", "-i", env.layout.to_str().unwrap()]);
+    assert_eq!(out.matches("Loaded image ID: sha256:").count(), 2, "{out}");
+
+    // skopeo's OCI archive with a full name as its ref.
+    let oci = env.path("skopeo-oci.tar");
+    let oci_name = format!("{host}/test/ociarchive:v1");
+    skopeo(&[
+        "--insecure-policy",
+        "copy",
+        "-q",
+        &format!("oci:{}:base", env.layout.display()),
+        &format!("oci-archive:{}:{oci_name}", oci.display()),
+    ]);
+    let out = a.ok(&["load", "-i", oci.to_str().unwrap()]);
+    assert_eq!(out.trim(), format!("Loaded image: {oci_name}"));
+    let images = a.ok(&["images", "-q"]);
+    assert_eq!(images.lines().count(), 2, "{images}");
+}
+
+#[test]
+fn root_load_refuses_a_tampered_archive_and_keeps_nothing() {
+    let env = Env::new(RegistryAuth::None);
+    let host = env.host();
+    let (a, b) = (&env.roots[0], &env.roots[1]);
+    let v2 = format!("{host}/test/busybox:v2");
+    a.ok(&["pull", &v2]);
+    let tar = env.path("v2.tar");
+    a.ok(&["save", "-o", tar.to_str().unwrap(), &v2]);
+
+    // One byte flipped inside the big layer (the first gzip stream).
+    let mut bytes = fs::read(&tar).unwrap();
+    let start = bytes.windows(2).position(|w| w == [0x1f, 0x8b]).unwrap();
+    bytes[start + 400_000] ^= 0x01;
+    let bad = env.path("bad.tar");
+    fs::write(&bad, &bytes).unwrap();
+    let err = b.fails(&["load", "-i", bad.to_str().unwrap()]);
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(b.ok(&["images", "-q"]), "");
+    assert!(b.blobs().is_empty(), "{:?}", b.blobs());
+    let layers = fs::read_to_string(b.root.join("layers.json")).unwrap_or_default();
+    assert!(!layers.contains("sha256"), "{layers}");
+
+    // The same with skopeo's uncompressed layout: caught by the diff id.
+    let archive = env.path("skopeo.tar");
+    skopeo(&[
+        "--insecure-policy",
+        "copy",
+        "-q",
+        "--src-tls-verify=false",
+        &format!("docker://{v2}"),
+        &format!("docker-archive:{}:{v2}", archive.display()),
+    ]);
+    let mut bytes = fs::read(&archive).unwrap();
+    let at = bytes
+        .windows(7)
+        .position(|w| w == b"busybox")
+        .expect("busybox in the layer");
+    bytes[at + 100_000] ^= 0x01;
+    fs::write(&bad, &bytes).unwrap();
+    let err = b.fails(&["load", "-i", bad.to_str().unwrap()]);
+    assert!(err.contains("digest mismatch"), "{err}");
+    assert_eq!(b.ok(&["images", "-q"]), "");
+    assert!(b.blobs().is_empty(), "{:?}", b.blobs());
+}
+
+#[test]
+fn root_pull_picks_linux_amd64_from_an_index_and_by_digest() {
+    let env = Env::new(RegistryAuth::None);
+    let host = env.host();
+    let a = &env.roots[0];
+    let l = env.layout.display().to_string();
+    // An arm64 variant of base (another config), both pushed, then an index over them,
+    // arm64 first.
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &format!("{l}:base"),
+        "--tag",
+        "arm",
+        "--architecture",
+        "arm64",
+    ]));
+    env.registry()
+        .push(&format!("oci:{l}:arm"), "test/multi:arm64");
+    env.registry()
+        .push(&format!("oci:{l}:base"), "test/multi:amd64");
+    let descriptor = |tag: &str, arch: &str| {
+        let raw = skopeo(&[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{host}/test/multi:{tag}"),
+        ]);
+        let digest = format!("sha256:{}", sha256_hex(raw.as_bytes()));
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": raw.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+        })
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [descriptor("arm64", "arm64"), descriptor("amd64", "amd64")],
+    });
+    env.registry().put_manifest(
+        "test/multi",
+        "latest",
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&index).unwrap(),
+    );
+    let amd64_digest = index["manifests"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let multi = format!("{host}/test/multi:latest");
+    let out = a.ok(&["pull", &multi]);
+    // Docker's repo digest of a multi-arch image is the index's.
+    let index_digest = format!(
+        "sha256:{}",
+        sha256_hex(
+            skopeo(&[
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{multi}")
+            ])
+            .as_bytes()
+        )
+    );
+    assert!(out.contains(&format!("Digest: {index_digest}")), "{out}");
+    let info = a.inspect(&multi);
+    assert_eq!(info["Architecture"], "amd64");
+    assert_eq!(
+        info["RepoDigests"][0],
+        format!("{host}/test/multi@{index_digest}")
+    );
+    let by_index = format!("{host}/test/multi@{index_digest}");
+    let out = a.ok(&["pull", &by_index]);
+    assert!(out.contains("Already exists"), "{out}");
+    assert_eq!(a.id(&by_index), info["Id"].as_str().unwrap());
+
+    // By digest: the amd64 manifest itself, and the same image.
+    let by_digest = format!("{host}/test/busybox@{amd64_digest}");
+    a.ok(&["pull", &by_digest]);
+    assert_eq!(a.id(&by_digest), info["Id"].as_str().unwrap());
+    // A digest the registry does not have is refused.
+    let missing = format!("{host}/test/busybox@sha256:{}", "0".repeat(64));
+    a.fails(&["pull", &missing]);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn root_load_of_a_layer_that_fails_to_apply_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root {
+        root: dir.path().join("root"),
+        run_root: dir.path().join("run"),
+    };
+    struct Guard<'r>(&'r Root);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.cleanup();
+        }
+    }
+    let _guard = Guard(&root);
+    // Layer 1 a plain file; layer 2 a symlink to a directory outside, then a file through
+    // it. The digests are right: only applying the second layer can refuse it.
+    let d = dir.path();
+    let outside = d.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::create_dir_all(d.join("l1/data")).unwrap();
+    fs::write(d.join("l1/data/ok.txt"), "ok\n").unwrap();
+    fs::create_dir_all(d.join("l2a")).unwrap();
+    std::os::unix::fs::symlink(&outside, d.join("l2a/evil")).unwrap();
+    fs::create_dir_all(d.join("l2b/evil")).unwrap();
+    fs::write(d.join("l2b/evil/x"), "escaped\n").unwrap();
+    let archive = d.join("archive");
+    fs::create_dir_all(&archive).unwrap();
+    let tar = |args: &[&str]| run(Command::new("tar").current_dir(d).args(args));
+    tar(&[
+        "--owner=0",
+        "--group=0",
+        "-cf",
+        "archive/l1.tar",
+        "-C",
+        "l1",
+        "data",
+    ]);
+    tar(&[
+        "--owner=0",
+        "--group=0",
+        "-cf",
+        "archive/l2.tar",
+        "-C",
+        "l2a",
+        "evil",
+    ]);
+    tar(&[
+        "--owner=0",
+        "--group=0",
+        "-rf",
+        "archive/l2.tar",
+        "-C",
+        "l2b",
+        "evil/x",
+    ]);
+    let diff = |name: &str| {
+        format!(
+            "sha256:{}",
+            sha256_hex(&fs::read(archive.join(name)).unwrap())
+        )
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff("l1.tar"), diff("l2.tar")]},
+    });
+    fs::write(
+        archive.join("config.json"),
+        serde_json::to_vec(&config).unwrap(),
+    )
+    .unwrap();
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": ["hostile/image:v1"],
+        "Layers": ["l1.tar", "l2.tar"],
+    }]);
+    fs::write(
+        archive.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    tar(&[
+        "-cf",
+        "hostile.tar",
+        "-C",
+        "archive",
+        "config.json",
+        "manifest.json",
+        "l1.tar",
+        "l2.tar",
+    ]);
+
+    let err = root.fails(&["load", "-i", d.join("hostile.tar").to_str().unwrap()]);
+    assert!(err.contains("symlink") || err.contains("symbolic"), "{err}");
+    assert!(
+        !outside.join("x").exists(),
+        "a file was written through the link"
+    );
+    assert_eq!(root.ok(&["images", "-q"]), "");
+    assert!(root.blobs().is_empty(), "{:?}", root.blobs());
+    let layers = fs::read_to_string(root.root.join("layers.json")).unwrap_or_default();
+    assert!(
+        !layers.contains("sha256"),
+        "the first layer went too: {layers}"
+    );
+}
