@@ -279,26 +279,7 @@ impl Drop for Env {
         {
             kill9(pid);
         }
-        if let Ok(out) = Command::new("losetup")
-            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let mut f = line.split_whitespace();
-                if let (Some(name), Some(back)) = (f.next(), f.next()) {
-                    if back.starts_with(self.run_root.to_str().unwrap()) {
-                        let _ = Command::new("losetup").args(["-d", name]).status();
-                    }
-                }
-            }
-        }
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
-                if point.starts_with(self.run_root.to_str().unwrap()) {
-                    let _ = Command::new("umount").args(["-l", point]).status();
-                }
-            }
-        }
+        fixtures::activation::clean_up_run_root(&self.run_root);
     }
 }
 

@@ -122,18 +122,7 @@ impl Root {
     }
 
     fn cleanup(&self) {
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            let mnt = self.root.join("mnt");
-            let mut points: Vec<&str> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(mnt.to_str().unwrap()))
-                .collect();
-            points.reverse();
-            for p in points {
-                let _ = Command::new("umount").args(["-l", p]).status();
-            }
-        }
+        fixtures::activation::unmount_under(&self.root.join("mnt"));
         let _ = Command::new(THINBOX)
             .arg("--root")
             .arg(&self.root)
@@ -141,26 +130,7 @@ impl Root {
             .env("THINBOX_RUN_ROOT", &self.run_root)
             .stdin(Stdio::null())
             .output();
-        if let Ok(out) = Command::new("losetup")
-            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let mut f = line.split_whitespace();
-                if let (Some(name), Some(back)) = (f.next(), f.next()) {
-                    if back.starts_with(self.run_root.to_str().unwrap()) {
-                        let _ = Command::new("losetup").args(["-d", name]).status();
-                    }
-                }
-            }
-        }
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
-                if point.starts_with(self.run_root.to_str().unwrap()) {
-                    let _ = Command::new("umount").args(["-l", point]).status();
-                }
-            }
-        }
+        fixtures::activation::clean_up_run_root(&self.run_root);
     }
 }
 

@@ -158,18 +158,7 @@ impl Drop for Env {
             let _ = Command::new("umount").arg("-l").arg(mnt).status();
         }
         // Layer mounts thinbox itself may have left after a failure.
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            let mnt = self.root.join("mnt");
-            let mut points: Vec<&str> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(mnt.to_str().unwrap()))
-                .collect();
-            points.reverse();
-            for p in points {
-                let _ = Command::new("umount").args(["-l", p]).status();
-            }
-        }
+        fixtures::activation::unmount_under(&self.root.join("mnt"));
         // A clean stop first; a kill if that fails.
         let _ = Command::new(THINBOX)
             .arg("--root")
@@ -181,26 +170,7 @@ impl Drop for Env {
         if let Some(pid) = self.daemon_pid() {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
-        if let Ok(out) = Command::new("losetup")
-            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let mut f = line.split_whitespace();
-                if let (Some(name), Some(back)) = (f.next(), f.next()) {
-                    if back.starts_with(self.run_root.to_str().unwrap()) {
-                        let _ = Command::new("losetup").args(["-d", name]).status();
-                    }
-                }
-            }
-        }
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
-                if point.starts_with(self.run_root.to_str().unwrap()) {
-                    let _ = Command::new("umount").args(["-l", point]).status();
-                }
-            }
-        }
+        fixtures::activation::clean_up_run_root(&self.run_root);
     }
 }
 
