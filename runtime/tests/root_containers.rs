@@ -700,6 +700,25 @@ fn root_rm_returns_pool_space_and_rm_flag_leaves_nothing() {
         "start -a of a created container to exit: median {:?}",
         starts[2]
     );
+    // The image of existing containers is not removed: not by its last name without -f,
+    // never by id while they exist without -f.
+    let (code, _, err) = env.code(&["rmi", image]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("conflict: unable to remove repository reference")
+            && err.contains("is using its referenced image"),
+        "{err}"
+    );
+    let image_id = env.ok(&["inspect", "--format", "{{.Id}}", image]);
+    let (code, _, err) = env.code(&["rmi", image_id.trim()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("(must be forced) - image is being used by stopped container"),
+        "{err}"
+    );
+    assert!(env
+        .ok(&["images", "-q"])
+        .contains(&image_id.trim()["sha256:".len()..][..12]));
     for i in 0..5 {
         env.ok(&["rm", &format!("t{i}")]);
     }

@@ -1,6 +1,11 @@
 //! `rmi IMAGE...`: untags, deletes images left without a name, then deletes the thin of
 //! every layer no image uses any more (children before parents) and the blobs only they
 //! used.
+//!
+//! As Docker does, an image a container was made from is not deleted while the container
+//! exists: its last name is removed only with `-f` (the image stays, nameless, until its
+//! containers are gone), and removing it by id is refused (with `-f` too while one of them
+//! runs).
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -10,6 +15,7 @@ use engine::activate::PoolControl;
 use engine::ThinId;
 
 use crate::cli::Global;
+use crate::container;
 use crate::image::{Digest, Reference};
 use crate::storage::Storage;
 use crate::store::Store;
@@ -29,7 +35,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let mut store = Store::lock(&global.root)?;
     let mut failed = false;
     for name in &args.images {
-        if let Err(e) = remove_one(&mut store, name, args.force) {
+        if let Err(e) = remove_one(&mut store, &global.root, name, args.force) {
             eprintln!("Error response from daemon: {e:#}");
             failed = true;
         }
@@ -43,7 +49,12 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn remove_one(store: &mut Store, name: &str, force: bool) -> anyhow::Result<()> {
+fn remove_one(
+    store: &mut Store,
+    root: &std::path::Path,
+    name: &str,
+    force: bool,
+) -> anyhow::Result<()> {
     let image = store
         .find_image(name)
         .with_context(|| format!("No such image: {name}"))?
@@ -51,6 +62,40 @@ fn remove_one(store: &mut Store, name: &str, force: bool) -> anyhow::Result<()> 
     let by_reference = store.repositories.get(name).is_some()
         || Reference::parse(name).is_ok_and(|r| store.repositories.get(&r.to_string()).is_some());
     let refs = store.repositories.of(&image.id);
+    let users: Vec<container::Container> = container::list(root)?
+        .into_iter()
+        .filter(|c| c.image_id == image.id)
+        .collect();
+    if let Some(user) = users.first() {
+        let running = users.iter().find(|c| c.is_running());
+        // Digest references go with the last tag (below), so only tags count here.
+        let tags = refs.iter().filter(|r| !r.contains('@')).count();
+        if by_reference && tags <= 1 && !force {
+            bail!(
+                "conflict: unable to remove repository reference \"{name}\" (must force) - \
+                 container {} is using its referenced image {}",
+                user.short_id(),
+                image.id.short()
+            );
+        }
+        if !by_reference {
+            match running {
+                Some(c) => bail!(
+                    "conflict: unable to delete {} (cannot be forced) - image is being used by \
+                     running container {}",
+                    image.id.short(),
+                    c.short_id()
+                ),
+                None if !force => bail!(
+                    "conflict: unable to delete {} (must be forced) - image is being used by \
+                     stopped container {}",
+                    image.id.short(),
+                    user.short_id()
+                ),
+                None => {}
+            }
+        }
+    }
     if by_reference {
         let full = if store.repositories.get(name).is_some() {
             name.to_string()
@@ -94,7 +139,8 @@ fn remove_one(store: &mut Store, name: &str, force: bool) -> anyhow::Result<()> 
             println!("Untagged: {r}");
         }
     }
-    if store.repositories.of(&image.id).is_empty() {
+    // An image in use stays, nameless, until its containers are removed.
+    if store.repositories.of(&image.id).is_empty() && users.is_empty() {
         store.images.remove(&image.id);
         println!("Deleted: {}", image.id);
     }
