@@ -4,6 +4,17 @@
 
 use serde_json::Value;
 
+/// `text` cut to `width` characters, the last one an ellipsis when anything was cut (how
+/// Docker shortens commands in `ps` and `history`).
+pub fn ellipsis(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
 /// Docker's `units.HumanSize`: decimal units, four significant digits (`65.54kB`, `1.085MB`).
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::format::{human_since, human_size, render, seconds_since};
+use super::format::{ellipsis, human_since, human_size, render, seconds_since};
 use super::images::columns;
 use crate::cli::Global;
 use crate::store::Store;
@@ -51,17 +51,6 @@ struct HistoryEntry {
 struct ConfigHistory {
     #[serde(default)]
     history: Vec<HistoryEntry>,
-}
-
-/// Docker's `stringutils.Ellipsis`: at most `max` characters, the last one `…` when cut.
-fn ellipsis(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        let mut s: String = text.chars().take(max - 1).collect();
-        s.push('…');
-        s
-    }
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use super::format::{human_since, render};
+use super::format::{ellipsis, human_since, render};
 use super::images::columns;
 use crate::cli::Global;
 use crate::container::{list, seconds_since, Container, Status};
@@ -27,16 +27,6 @@ pub struct Args {
     /// A template per container (`{{.ID}}`, `{{.Status}}`, `{{.Names}}`) or `json`
     #[arg(long)]
     pub format: Option<String>,
-}
-
-/// Docker's `Ellipsis`: at most `width` characters, the last one `…` when cut.
-fn ellipsis(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        return text.to_string();
-    }
-    let mut cut: String = text.chars().take(width - 1).collect();
-    cut.push('…');
-    cut
 }
 
 /// "Up 3 seconds", "Exited (0) 2 seconds ago", "Created".
