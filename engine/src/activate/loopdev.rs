@@ -191,7 +191,7 @@ impl LoopDevice {
                 number: number as u32,
             };
             // Opened for writing: the kernel makes the device read-only otherwise.
-            let node = match open_node_rw(&dev.path(), !options.read_only) {
+            let node = match open_node(&dev.path(), !options.read_only, false) {
                 Ok(node) => node,
                 Err(e) => return Err(loop_error(format_args!("{}", dev.path().display()), e)),
             };
@@ -300,8 +300,8 @@ impl LoopDevice {
         if users.is_empty() {
             // A mount in another mount namespace is invisible in our mountinfo, but it holds
             // the device exclusively, so an exclusive open tells.
-            if let Err(e) = open_node(&path, true) {
-                if e.raw_os_error() == Some(libc_ebusy()) {
+            if let Err(e) = open_node(&path, false, true) {
+                if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) {
                     users.push(User::Holder(
                         "an exclusive opener (a mount in another namespace?)".to_string(),
                     ));
@@ -348,7 +348,7 @@ impl LoopDevice {
     }
 
     fn clear(&self) -> Result<()> {
-        let node = open_node(&self.path(), false)
+        let node = open_node(&self.path(), false, false)
             .map_err(|e| loop_error(format_args!("failed to open {}", self.path().display()), e))?;
         // SAFETY: LOOP_CLR_FD takes no argument.
         #[allow(unsafe_code)]
@@ -364,7 +364,7 @@ impl LoopDevice {
 
     /// The flags the kernel holds for the device (LOOP_GET_STATUS64), for diagnostics.
     pub fn direct_io(&self) -> Option<bool> {
-        let node = open_node(&self.path(), false).ok()?;
+        let node = open_node(&self.path(), false, false).ok()?;
         let mut info = LoopInfo64::zeroed();
         // SAFETY: `info` is a valid, writable loop_info64.
         #[allow(unsafe_code)]
@@ -374,27 +374,16 @@ impl LoopDevice {
     }
 }
 
-fn libc_ebusy() -> i32 {
-    nix::errno::Errno::EBUSY as i32
-}
-
-fn open_node_rw(path: &Path, write: bool) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags((nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).bits())
-        .open(path)
-}
-
-/// Opens a device node without blocking on it; `exclusive` adds O_EXCL (for block devices:
-/// fail with EBUSY when mounted or claimed).
-fn open_node(path: &Path, exclusive: bool) -> std::io::Result<File> {
+/// Opens a device node without blocking on it, for writing too when `write`; `exclusive`
+/// adds O_EXCL (for block devices: fail with EBUSY when mounted or claimed).
+fn open_node(path: &Path, write: bool, exclusive: bool) -> std::io::Result<File> {
     let mut flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
     if exclusive {
         flags |= nix::fcntl::OFlag::O_EXCL;
     }
     OpenOptions::new()
         .read(true)
+        .write(write)
         .custom_flags(flags.bits())
         .open(path)
 }

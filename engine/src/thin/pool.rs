@@ -408,6 +408,14 @@ impl Pool {
         err
     }
 
+    /// Flushes the data device before a commit (metadata lock not held); a failure goes
+    /// through [`Self::data_flush_failed`].
+    fn sync_data_for_commit(&self) -> Result<()> {
+        self.data_dev
+            .sync()
+            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))
+    }
+
     /// Latches read-only mode (it never goes back while the pool is open) and tells
     /// subscribers.
     fn enter_read_only(&self, reason: String) {
@@ -483,12 +491,7 @@ impl Pool {
     /// Operations that free space or grow it run even when metadata space is short.
     fn with_metadata<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T>) -> Result<T> {
         self.check_writable()?;
-        let mut md = self.md.lock();
-        let r = f(&mut md);
-        if let Err(e) = &r {
-            self.metadata_failed(&mut md, e);
-        }
-        r
+        self.on_metadata(f)
     }
 
     // ---- pool messages -------------------------------------------------------------------
@@ -534,9 +537,7 @@ impl Pool {
     pub fn reserve_metadata_snap(&self) -> Result<()> {
         self.check_writable()?;
         let _gate = self.provisioning.write();
-        self.data_dev
-            .sync()
-            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))?;
+        self.sync_data_for_commit()?;
         self.with_metadata_space(|md| md.reserve_metadata_snap())?;
         self.pass_down_discards();
         Ok(())
@@ -546,9 +547,7 @@ impl Pool {
         self.check_writable()?;
         let _gate = self.provisioning.write();
         // Releasing commits: the data the mappings point at goes to disk first.
-        self.data_dev
-            .sync()
-            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))?;
+        self.sync_data_for_commit()?;
         self.with_metadata(|md| md.release_metadata_snap())?;
         self.pass_down_discards();
         Ok(())
@@ -569,9 +568,7 @@ impl Pool {
             return self.data_dev.sync().map_err(|e| self.data_io_error(0, e));
         }
         let _gate = self.provisioning.write();
-        self.data_dev
-            .sync()
-            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))?;
+        self.sync_data_for_commit()?;
         self.with_metadata(|md| md.commit())?;
         self.pass_down_discards();
         // Blocks freed by the transaction are allocatable now: wake queued writers.
