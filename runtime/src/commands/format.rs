@@ -121,6 +121,59 @@ pub fn render(template: &str, value: &Value) -> anyhow::Result<String> {
     Ok(out.replace("\\t", "\t").replace("\\n", "\n"))
 }
 
+/// The rows of a listing verb (`images`, `ps`, `history`, `system df`): each through
+/// `template` when `--format` gave one, else a table whose columns are `(header, field)`.
+pub fn listing<'v>(
+    rows: impl IntoIterator<Item = &'v Value>,
+    template: Option<&str>,
+    table: &[(&str, &str)],
+) -> anyhow::Result<String> {
+    if let Some(template) = template {
+        let mut out = String::new();
+        for r in rows {
+            out.push_str(&render(template, r)?);
+            out.push('\n');
+        }
+        return Ok(out);
+    }
+    let mut cells = vec![table.iter().map(|(h, _)| h.to_string()).collect()];
+    cells.extend(rows.into_iter().map(|r| {
+        table
+            .iter()
+            .map(|(_, f)| r[*f].as_str().unwrap_or_default().to_string())
+            .collect()
+    }));
+    Ok(columns(&cells))
+}
+
+/// Left-aligned columns three spaces apart, as Docker's tabwriter prints them.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}   ", width = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::format::{ellipsis, human_since, human_size, render, seconds_since};
-use super::images::columns;
+use super::format::{ellipsis, human_since, human_size, listing, seconds_since};
 use crate::cli::Global;
 use crate::store::Store;
 
@@ -126,24 +125,18 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             out.push_str(v["ID"].as_str().unwrap_or_default());
             out.push('\n');
         }
-    } else if let Some(template) = &args.format {
-        for v in &values {
-            out.push_str(&render(template, v)?);
-            out.push('\n');
-        }
     } else {
-        let mut table = vec![["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]
-            .map(str::to_string)
-            .to_vec()];
-        for v in &values {
-            table.push(
-                ["ID", "CreatedSince", "CreatedBy", "Size", "Comment"]
-                    .iter()
-                    .map(|c| v[*c].as_str().unwrap_or_default().to_string())
-                    .collect(),
-            );
-        }
-        out = columns(&table);
+        out = listing(
+            &values,
+            args.format.as_deref(),
+            &[
+                ("IMAGE", "ID"),
+                ("CREATED", "CreatedSince"),
+                ("CREATED BY", "CreatedBy"),
+                ("SIZE", "Size"),
+                ("COMMENT", "Comment"),
+            ],
+        )?;
     }
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use super::format::{human_since, human_size, render, seconds_since};
+use super::format::{human_since, human_size, listing, seconds_since};
 use crate::cli::Global;
 use crate::store::Store;
 
@@ -82,63 +82,19 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
                 seen.push(id);
             }
         }
-    } else if let Some(template) = &args.format {
-        for (_, r) in &rows {
-            out.push_str(&render(template, r)?);
-            out.push('\n');
-        }
     } else {
-        let mut table = vec![{
-            let mut h = vec!["REPOSITORY", "TAG"];
-            if args.digests {
-                h.push("DIGEST");
-            }
-            h.extend(["IMAGE ID", "CREATED", "SIZE"]);
-            h.into_iter().map(str::to_string).collect::<Vec<_>>()
-        }];
-        for (_, r) in &rows {
-            let mut cols = vec!["Repository", "Tag"];
-            if args.digests {
-                cols.push("Digest");
-            }
-            cols.extend(["ID", "CreatedSince", "Size"]);
-            table.push(
-                cols.iter()
-                    .map(|c| r[*c].as_str().unwrap_or_default().to_string())
-                    .collect(),
-            );
+        let mut table = vec![("REPOSITORY", "Repository"), ("TAG", "Tag")];
+        if args.digests {
+            table.push(("DIGEST", "Digest"));
         }
-        out = columns(&table);
+        table.extend([
+            ("IMAGE ID", "ID"),
+            ("CREATED", "CreatedSince"),
+            ("SIZE", "Size"),
+        ]);
+        out = listing(rows.iter().map(|(_, r)| r), args.format.as_deref(), &table)?;
     }
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Left-aligned columns three spaces apart, as Docker's tabwriter prints them.
-pub fn columns(rows: &[Vec<String>]) -> String {
-    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|i| {
-            rows.iter()
-                .filter_map(|r| r.get(i))
-                .map(|c| c.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<width$}   ", width = widths[i]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }

@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use super::format::{ellipsis, human_since, render};
-use super::images::columns;
+use super::format::{ellipsis, human_since, listing};
 use crate::cli::Global;
 use crate::container::{list, seconds_since, Container, Status};
 
@@ -78,40 +77,20 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             out.push_str(r["ID"].as_str().unwrap_or_default());
             out.push('\n');
         }
-    } else if let Some(template) = &args.format {
-        for r in &rows {
-            out.push_str(&render(template, r)?);
-            out.push('\n');
-        }
     } else {
-        let mut table = vec![[
-            "CONTAINER ID",
-            "IMAGE",
-            "COMMAND",
-            "CREATED",
-            "STATUS",
-            "PORTS",
-            "NAMES",
-        ]
-        .map(str::to_string)
-        .to_vec()];
-        for r in &rows {
-            table.push(
-                [
-                    "ID",
-                    "Image",
-                    "Command",
-                    "RunningFor",
-                    "Status",
-                    "Ports",
-                    "Names",
-                ]
-                .iter()
-                .map(|k| r[*k].as_str().unwrap_or_default().to_string())
-                .collect(),
-            );
-        }
-        out = columns(&table);
+        out = listing(
+            &rows,
+            args.format.as_deref(),
+            &[
+                ("CONTAINER ID", "ID"),
+                ("IMAGE", "Image"),
+                ("COMMAND", "Command"),
+                ("CREATED", "RunningFor"),
+                ("STATUS", "Status"),
+                ("PORTS", "Ports"),
+                ("NAMES", "Names"),
+            ],
+        )?;
     }
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;

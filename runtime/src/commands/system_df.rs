@@ -11,8 +11,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use super::format::{human_size, render};
-use super::images::columns;
+use super::format::{human_size, listing};
 use crate::cli::Global;
 use crate::image::Digest;
 use crate::store::Store;
@@ -107,26 +106,17 @@ pub fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode> {
             "Size": human_size(0), "Reclaimable": human_size(0),
         }),
     ];
-    let mut out = String::new();
-    if let Some(template) = &args.format {
-        for r in &rows {
-            out.push_str(&render(template, r)?);
-            out.push('\n');
-        }
-    } else {
-        let mut table = vec![["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
-            .map(str::to_string)
-            .to_vec()];
-        for r in &rows {
-            table.push(
-                ["Type", "TotalCount", "Active", "Size", "Reclaimable"]
-                    .iter()
-                    .map(|c| r[*c].as_str().unwrap_or_default().to_string())
-                    .collect(),
-            );
-        }
-        out = columns(&table);
-    }
+    let out = listing(
+        &rows,
+        args.format.as_deref(),
+        &[
+            ("TYPE", "Type"),
+            ("TOTAL", "TotalCount"),
+            ("ACTIVE", "Active"),
+            ("SIZE", "Size"),
+            ("RECLAIMABLE", "Reclaimable"),
+        ],
+    )?;
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;
     Ok(ExitCode::SUCCESS)
