@@ -27,13 +27,26 @@ pub enum LockError {
 }
 
 /// Finds the process holding a flock on the file, from `/proc/locks`.
+///
+/// The kernel prints that file a page at a time from a list other processes change as they
+/// lock and unlock, so one read can skip the line we want; a few reads make that unlikely.
 fn holder(file: &File) -> String {
     let Ok(meta) = file.metadata() else {
         return "another owner".into();
     };
     let (ino, dev) = (meta.ino(), meta.dev());
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    for _ in 0..4 {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if let Some(found) = holder_in(&locks, major, minor, ino) {
+            return found;
+        }
+    }
+    "held by another owner".into()
+}
+
+/// The holder of the flock on `major:minor:ino` in a `/proc/locks` text, if listed.
+fn holder_in(locks: &str, major: u64, minor: u64, ino: u64) -> Option<String> {
     for line in locks.lines() {
         // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -57,12 +70,12 @@ fn holder(file: &File) -> String {
                         .to_string()
                 })
                 .unwrap_or_default();
-            return if cmd.is_empty() {
+            return Some(if cmd.is_empty() {
                 format!("held by pid {pid}")
             } else {
                 format!("held by pid {pid} ({cmd})")
-            };
+            });
         }
     }
-    "held by another owner".into()
+    None
 }
