@@ -8,18 +8,14 @@
 //! and keeps writing. Privileged and slow: named `root_`.
 
 use engine::thin::files;
-use engine::{DataBlockSize, NewPool, PoolOptions, PoolPaths, ThinId};
+use engine::{DataBlockSize, NewPool, PoolOptions, PoolPaths};
 use fixtures::kernel;
-use fixtures::pools::{assert_both_checkers_clean, read_thin, write_round_trip_thins};
+use fixtures::pools::{assert_both_checkers_clean, id, read_thin, write_round_trip_thins};
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 64 * 1024;
 /// Each thin's table length in the guest: 100 MiB.
 const THIN_BYTES: u64 = 100 * MIB;
-
-fn id(n: u64) -> ThinId {
-    ThinId::new(n).unwrap()
-}
 
 fn read_all(pool: &std::sync::Arc<engine::Pool>, thin: u64) -> Vec<u8> {
     read_thin(pool, thin, THIN_BYTES)

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use engine::activate::dm::{self, DmControl};
 use engine::activate::kernel::{KernelPool, KernelPoolMode};
 use engine::thin::files;
-use engine::{DataBlockSize, Error, NewPool, PoolOptions, PoolPaths, ThinId};
+use engine::{DataBlockSize, Error, NewPool, PoolOptions, PoolPaths};
 use fixtures::kernel;
-use fixtures::pools::{assert_both_checkers_clean, read_thin, write_round_trip_thins};
+use fixtures::pools::{assert_both_checkers_clean, id, read_thin, write_round_trip_thins};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -39,14 +39,6 @@ const T2_DISCARD: (u64, u64) = (2 * MIB, 4 * BS);
 /// What the guest writes over the start of thin 1 after snapshotting it as 8.
 const AFTER_SNAP_LEN: u64 = BS;
 
-fn id(n: u64) -> ThinId {
-    ThinId::new(n).unwrap()
-}
-
-fn sha_hex(data: &[u8]) -> String {
-    kernel::sha256_hex(data)
-}
-
 //------------------------------------------------------------------------------------------------
 // Guest side: runs inside the qemu guest only.
 
@@ -58,7 +50,7 @@ fn emit_sha(name: &str, path: &Path) -> String {
         .read_to_end(&mut all)
         .unwrap();
     assert_eq!(all.len() as u64, THIN_BYTES, "size of {}", path.display());
-    let hex = sha_hex(&all);
+    let hex = kernel::sha256_hex(&all);
     println!("SHA {name} {hex}");
     hex
 }
@@ -366,7 +358,7 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
         pool.set_transaction_id(0, HOST_TID).unwrap();
         pool.commit().unwrap();
         for t in 1..=3 {
-            want.insert(format!("t{t}"), sha_hex(&read_all(&pool, t)));
+            want.insert(format!("t{t}"), kernel::sha256_hex(&read_all(&pool, t)));
         }
         (read_all(&pool, 1), read_all(&pool, 2))
     };
@@ -510,7 +502,7 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     t1[..AFTER_SNAP_LEN as usize]
         .copy_from_slice(&kernel::pattern("after-snap", AFTER_SNAP_LEN as usize));
     let got1 = read_all(&pool, 1);
-    assert_eq!(sha_hex(&got1), sha("t1_after"));
+    assert_eq!(kernel::sha256_hex(&got1), sha("t1_after"));
     assert!(got1 == t1, "thin 1 after the guest's write");
     assert!(
         read_all(&pool, 8) == t1_host,
@@ -521,7 +513,7 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     let (at, len) = (T2_DISCARD.0 as usize, T2_DISCARD.1 as usize);
     t2[at..at + len].fill(0);
     let got2 = read_all(&pool, 2);
-    assert_eq!(sha_hex(&got2), sha("t2_after"));
+    assert_eq!(kernel::sha256_hex(&got2), sha("t2_after"));
     assert!(
         got2 == t2,
         "snapshot 2 reads zeros where the guest discarded"
@@ -530,11 +522,11 @@ fn root_kernel_dm_drives_a_pool_our_engine_made() {
     let mut t7 = vec![0u8; THIN_BYTES as usize];
     t7[T7_AT as usize..(T7_AT + T7_LEN) as usize]
         .copy_from_slice(&kernel::pattern("guest-new-thin", T7_LEN as usize));
-    assert_eq!(sha_hex(&t7), sha("t7"));
+    assert_eq!(kernel::sha256_hex(&t7), sha("t7"));
     let (at, len) = (T7_DISCARD.0 as usize, T7_DISCARD.1 as usize);
     t7[at..at + len].fill(0);
     let got7 = read_all(&pool, 7);
-    assert_eq!(sha_hex(&got7), sha("t7_after"));
+    assert_eq!(kernel::sha256_hex(&got7), sha("t7_after"));
     assert!(got7 == t7, "thin 7 reads zeros where the guest discarded");
     let thin7 = pool.open_thin(id(7)).unwrap();
     assert_eq!(

@@ -218,43 +218,57 @@ impl std::fmt::Display for KernelPoolStatus {
     }
 }
 
-/// 64-bit FNV-1a: a hash whose value is fixed by its definition, so names stay the same
-/// across builds and Rust releases (std's hasher promises neither).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// `thinbox-<16 hex digits>` for a canonical metadata path.
+/// `thinbox-<pool key>` for a canonical metadata path: the key the pool daemon's run
+/// directory is named by ([`super::daemon::pool_key`]), so both name the same pool alike.
 fn prefix_for(canonical_metadata: &Path) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    format!(
-        "thinbox-{:016x}",
-        fnv1a64(canonical_metadata.as_os_str().as_bytes())
-    )
+    let paths = PoolPaths {
+        metadata: canonical_metadata.to_path_buf(),
+        // The key depends on the metadata path alone.
+        data: PathBuf::new(),
+    };
+    format!("thinbox-{}", super::daemon::pool_key(&paths))
 }
 
-fn canonical(role: DeviceRole, path: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(path).map_err(|source| Error::Io {
+/// An I/O error on `path` in `role`.
+pub(super) fn io_err(role: DeviceRole, path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
         role,
         device: path.display().to_string(),
         offset: 0,
         source,
-    })
+    }
+}
+
+/// `result`, unless `cleanup` (run after it) failed too: then the cleanup's error, or both
+/// errors when `result` had failed already.
+pub(super) fn after_cleanup<T>(result: Result<T>, cleanup: Result<()>) -> Result<T> {
+    match (result, cleanup) {
+        (result, Ok(())) => result,
+        (Ok(_), Err(e)) => Err(e),
+        (Err(cause), Err(cleanup)) => Err(DmError::CleanupFailed {
+            cause: Box::new(cause),
+            cleanup: Box::new(cleanup),
+        }
+        .into()),
+    }
+}
+
+/// A table as one line, targets separated by `; ` (for messages).
+fn describe(table: &[TargetSpec]) -> String {
+    table
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn canonical(role: DeviceRole, path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).map_err(|e| io_err(role, path, e))
 }
 
 /// Checks that `path` is a block device and returns its device number.
 fn block_device(role: DeviceRole, path: &Path) -> Result<DevId> {
-    let meta = std::fs::metadata(path).map_err(|source| Error::Io {
-        role,
-        device: path.display().to_string(),
-        offset: 0,
-        source,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|e| io_err(role, path, e))?;
     if !meta.file_type().is_block_device() {
         return Err(DmError::NotBlockDevice {
             role: match role {
@@ -285,22 +299,11 @@ fn open_exclusive(role: DeviceRole, path: &Path) -> Result<crate::io::FileDevice
             what: format!("{role} {}", path.display()),
             holder: "it is open exclusively elsewhere (a filesystem, a pool or the daemon)".into(),
         }),
-        Err(source) => Err(Error::Io {
-            role,
-            device: path.display().to_string(),
-            offset: 0,
-            source,
-        }),
+        Err(source) => Err(io_err(role, path, source)),
         Ok(claim) => {
             // The claim only has to last while we read; FileDevice reads through its own fd.
-            let dev = crate::io::FileDevice::open(path, crate::io::OpenMode::ReadOnly).map_err(
-                |source| Error::Io {
-                    role,
-                    device: path.display().to_string(),
-                    offset: 0,
-                    source,
-                },
-            );
+            let dev = crate::io::FileDevice::open(path, crate::io::OpenMode::ReadOnly)
+                .map_err(|e| io_err(role, path, e));
             drop(claim);
             dev
         }
@@ -404,11 +407,7 @@ impl KernelPool {
         if info.active_table && !table.iter().all(|t| t.target_type == POOL_TARGET) {
             return Err(Error::InvalidArgument(format!(
                 "device-mapper device {name} exists but is not a thin-pool (its table is {})",
-                table
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                describe(&table)
             )));
         }
         if info.active_table {
@@ -563,16 +562,8 @@ impl KernelPool {
         if !suspend {
             return sent;
         }
-        match (sent, self.ctl.resume(&origin_name)) {
-            (Ok(()), Ok(_)) => Ok(()),
-            (Err(cause), Ok(_)) => Err(cause),
-            (Ok(()), Err(e)) => Err(e.into()),
-            (Err(cause), Err(cleanup)) => Err(DmError::CleanupFailed {
-                cause: Box::new(cause),
-                cleanup: Box::new(cleanup.into()),
-            }
-            .into()),
-        }
+        let resumed = self.ctl.resume(&origin_name).map(drop).map_err(Error::from);
+        after_cleanup(sent, resumed)
     }
 
     /// The pool's status line, parsed.
@@ -627,11 +618,7 @@ impl KernelPool {
                     "device-mapper device {name} exists but is not thin {id} of {} \
                      (its table is {})",
                     self.name,
-                    table
-                        .iter()
-                        .map(|t| t.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    describe(&table)
                 )));
             }
             return Ok(dm::make_node(&name, info.dev)?);
@@ -711,11 +698,7 @@ impl KernelPool {
             DmError::BadStatus {
                 target: POOL_TARGET,
                 device: self.name.clone(),
-                line: table
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                line: describe(&table),
                 reason,
             }
             .into()
@@ -776,17 +759,8 @@ impl KernelPool {
         tracing::debug!(pool = %self.name, table = %t, "reload kernel pool");
         self.ctl.suspend(&self.name)?;
         let loaded = self.ctl.load_table(&self.name, &table, false);
-        let resumed = self.ctl.resume(&self.name);
-        match (loaded, resumed) {
-            (Ok(_), Ok(_)) => Ok(()),
-            (Err(cause), Ok(_)) => Err(cause.into()),
-            (Ok(_), Err(e)) => Err(e.into()),
-            (Err(cause), Err(cleanup)) => Err(DmError::CleanupFailed {
-                cause: Box::new(cause.into()),
-                cleanup: Box::new(cleanup.into()),
-            }
-            .into()),
-        }
+        let resumed = self.ctl.resume(&self.name).map(drop).map_err(Error::from);
+        after_cleanup(loaded.map(drop).map_err(Error::from), resumed)
     }
 
     /// The ids of this pool's thins that have a device (including ones whose deferred
@@ -815,6 +789,12 @@ impl KernelPool {
     /// * `Err(Busy)`: thins are still active (deactivate them first), or the pool device is
     ///   open. The pool is left running; [`KernelPool::find`] gets it back.
     pub fn stop(self) -> Result<()> {
+        self.remove()
+    }
+
+    /// [`KernelPool::stop`] for an owner that cannot give the pool up by value; the pool must
+    /// not be used afterwards.
+    pub(super) fn remove(&self) -> Result<()> {
         let active = self.active_thins()?;
         if !active.is_empty() {
             return Err(Error::Busy {
@@ -910,9 +890,9 @@ mod tests {
         assert_eq!(a, prefix_for(Path::new("/dev/vda")));
         assert_ne!(a, prefix_for(Path::new("/dev/vdb")));
         assert_eq!(a.len(), "thinbox-".len() + 16);
-        // FNV-1a's published test vector: the empty input hashes to the offset basis.
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        // Pinned: a name that changed between releases would lose track of running pools.
+        // (FNV-1a of the path; `daemon::pool_key` owns the hash.)
+        assert_eq!(a, "thinbox-838b248234b407af");
         dm::validate_name(&format!("{a}-pool")).unwrap();
         dm::validate_name(&format!("{a}-16777215")).unwrap();
     }

@@ -38,7 +38,9 @@ use std::path::{Path, PathBuf};
 
 use super::control::{Activation, ControlStatus, PoolControl, ThinInfo};
 use super::dm::DmError;
-use super::kernel::{KernelDiscards, KernelPool, KernelPoolMode, KernelPoolStatus};
+use super::kernel::{
+    after_cleanup, io_err, KernelDiscards, KernelPool, KernelPoolMode, KernelPoolStatus,
+};
 use super::loopdev::{LoopDevice, LoopOptions};
 use crate::error::{DeviceRole, Error, Result};
 use crate::io::{BlockDevice, FileDevice, OpenMode};
@@ -61,32 +63,51 @@ pub struct KernelDevices {
     pub loops: Vec<LoopDevice>,
 }
 
-fn io_err(role: DeviceRole, path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        role,
-        device: path.display().to_string(),
-        offset: 0,
-        source,
-    }
-}
-
-/// `path` itself if it is a block device; for a regular file, the loop device attached to it
-/// (the first one whose `accept` holds), or `None`.
-fn block_device_for(
-    role: DeviceRole,
-    path: &Path,
-    accept: &dyn Fn(&Path) -> bool,
-) -> Result<Option<(PathBuf, Option<LoopDevice>)>> {
+/// The path to attach a loop device to for `path`: `None` when `path` is already a block
+/// device, else the file's canonical path.
+fn loop_backing(role: DeviceRole, path: &Path) -> Result<Option<PathBuf>> {
     use std::os::unix::fs::FileTypeExt;
     let meta = std::fs::metadata(path).map_err(|e| io_err(role, path, e))?;
     if meta.file_type().is_block_device() {
-        return Ok(Some((path.to_path_buf(), None)));
+        return Ok(None);
     }
-    let canonical = std::fs::canonicalize(path).map_err(|e| io_err(role, path, e))?;
-    Ok(LoopDevice::find_by_backing(&canonical)
+    std::fs::canonicalize(path)
+        .map(Some)
+        .map_err(|e| io_err(role, path, e))
+}
+
+/// A block device, and for a regular file the loop device on it with what `accept` gave.
+type Found<T> = (PathBuf, Option<(LoopDevice, T)>);
+
+/// `path` itself if it is a block device; for a regular file, the first loop device attached
+/// to it for which `accept` gives something (with that something), or `None`.
+fn block_device_for<T>(
+    role: DeviceRole,
+    path: &Path,
+    accept: impl Fn(&Path) -> Option<T>,
+) -> Result<Option<Found<T>>> {
+    let Some(backing) = loop_backing(role, path)? else {
+        return Ok(Some((path.to_path_buf(), None)));
+    };
+    Ok(LoopDevice::find_by_backing(&backing)
         .into_iter()
-        .find(|l| accept(&l.path()))
-        .map(|l| (l.path(), Some(l))))
+        .find_map(|l| {
+            let found = accept(&l.path())?;
+            Some((l.path(), Some((l, found))))
+        }))
+}
+
+/// The kernel pool whose metadata is at `metadata`, with the block device it is on and the
+/// loop device behind a regular file; each candidate is looked up once.
+fn pool_on(metadata: &Path) -> Result<Option<(KernelPool, PathBuf, Option<LoopDevice>)>> {
+    let found = |meta: &Path| KernelPool::find_by_metadata(meta).ok().flatten();
+    match block_device_for(DeviceRole::Metadata, metadata, found)? {
+        None => Ok(None),
+        Some((block, Some((meta_loop, pool)))) => Ok(Some((pool, block, Some(meta_loop)))),
+        Some((block, None)) => {
+            Ok(KernelPool::find_by_metadata(&block)?.map(|pool| (pool, block, None)))
+        }
+    }
 }
 
 /// The kernel pool on `paths`, with the block devices it uses, if the kernel has one.
@@ -97,18 +118,13 @@ pub fn find(paths: &PoolPaths) -> Result<Option<(KernelPool, KernelDevices)>> {
     if !KernelPool::available() {
         return Ok(None);
     }
-    let is_pool = |meta: &Path| KernelPool::find_by_metadata(meta).is_ok_and(|p| p.is_some());
-    let Some((metadata, meta_loop)) =
-        block_device_for(DeviceRole::Metadata, &paths.metadata, &is_pool)?
-    else {
+    let Some((pool, metadata, meta_loop)) = pool_on(&paths.metadata)? else {
         return Ok(None);
     };
-    let Some(pool) = KernelPool::find_by_metadata(&metadata)? else {
-        return Ok(None);
+    let (data, data_loop) = match block_device_for(DeviceRole::Data, &paths.data, |_| Some(()))? {
+        Some((data, data_loop)) => (data, data_loop.map(|(l, ())| l)),
+        None => (paths.data.clone(), None),
     };
-    let any = |_: &Path| true;
-    let (data, data_loop) = block_device_for(DeviceRole::Data, &paths.data, &any)?
-        .unwrap_or_else(|| (paths.data.clone(), None));
     let devices = KernelDevices {
         block: PoolPaths { metadata, data },
         loops: meta_loop.into_iter().chain(data_loop).collect(),
@@ -122,13 +138,7 @@ pub fn owner_of_metadata(metadata: &Path) -> Result<Option<PathBuf>> {
     if !KernelPool::available() {
         return Ok(None);
     }
-    let found = |meta: &Path| KernelPool::find_by_metadata(meta).ok().flatten();
-    let Some((meta, _)) =
-        block_device_for(DeviceRole::Metadata, metadata, &|m| found(m).is_some())?
-    else {
-        return Ok(None);
-    };
-    Ok(found(&meta).map(|p| p.node()))
+    Ok(pool_on(metadata)?.map(|(pool, _, _)| pool.node()))
 }
 
 /// What the held metadata snapshot (or the last commit) says.
@@ -177,14 +187,11 @@ impl KernelControl {
         let mut loops = Vec::new();
         let attached = (|| -> Result<PoolPaths> {
             let mut attach = |role: DeviceRole, path: &Path| -> Result<PathBuf> {
-                use std::os::unix::fs::FileTypeExt;
-                let meta = std::fs::metadata(path).map_err(|e| io_err(role, path, e))?;
-                if meta.file_type().is_block_device() {
+                let Some(backing) = loop_backing(role, path)? else {
                     return Ok(path.to_path_buf());
-                }
-                let canonical = std::fs::canonicalize(path).map_err(|e| io_err(role, path, e))?;
+                };
                 let l = LoopDevice::attach(
-                    &canonical,
+                    &backing,
                     LoopOptions {
                         read_only: options.read_only,
                         ..LoopOptions::default()
@@ -294,14 +301,11 @@ impl KernelControl {
                 });
             }
         }
-        // `KernelPool::stop` takes its pool by value; ours is inside a value with a Drop.
-        let pool =
-            KernelPool::find_by_metadata(&self.devices.block.metadata)?.ok_or_else(|| {
-                Error::Activation(format!("kernel pool {} vanished", self.pool.name()))
-            })?;
+        // `KernelPool::stop` takes its pool by value; ours is inside a value with a Drop (which
+        // has nothing left to do: the IO handles went above).
+        self.pool.remove()?;
         let devices = self.devices.clone();
         drop(self);
-        pool.stop()?;
         let mut first = None;
         for l in &devices.loops {
             if let Err(e) = l.detach() {
@@ -322,16 +326,7 @@ impl KernelControl {
         if held_by_other {
             return read;
         }
-        match (read, self.pool.message("release_metadata_snap")) {
-            (Ok(v), Ok(())) => Ok(v),
-            (Err(cause), Ok(())) => Err(cause),
-            (Ok(_), Err(e)) => Err(e),
-            (Err(cause), Err(cleanup)) => Err(DmError::CleanupFailed {
-                cause: Box::new(cause),
-                cleanup: Box::new(cleanup),
-            }
-            .into()),
-        }
+        after_cleanup(read, self.pool.message("release_metadata_snap"))
     }
 
     fn read_details(&self, use_metadata_snap: bool) -> Result<MetadataView> {

@@ -71,34 +71,12 @@ pub fn device_details(
     dev: &dyn BlockDevice,
     use_metadata_snap: bool,
 ) -> Result<(Superblock, Vec<(u64, DeviceDetails)>), Error> {
-    let mut reader = Reader {
-        dev,
-        end: raw::device_blocks(dev),
-        trees: HashMap::new(),
-    };
-    let live = reader.superblock(0, 0)?;
-    let (sb, sb_loc) = if use_metadata_snap {
-        if live.held_root == 0 {
-            return Err(Error::NoMetadataSnap);
-        }
-        (reader.superblock(0, live.held_root)?, live.held_root)
-    } else {
-        (live, 0)
-    };
-    let mut details = Vec::new();
-    let walked = reader.walk(
-        sb_loc,
-        sb.device_details_root,
-        TreeKind::Details,
-        &mut |_, dev_id, v| {
-            details.push((dev_id, DeviceDetails::decode(v)));
-            Ok(())
-        },
-    );
-    match walked {
-        Ok(()) => Ok((sb, details)),
+    let mut reader = Reader::new(dev);
+    let (sb, sb_loc) = reader.chosen_superblock(use_metadata_snap)?;
+    match reader.details(sb_loc, &sb) {
+        Ok(details) => Ok((sb, details)),
         Err(DumpError::Metadata(e)) => Err(e),
-        // The visitor above writes nothing.
+        // Reading details writes nothing.
         Err(DumpError::Output(e)) => unreachable!("no output while reading details: {e}"),
     }
 }
@@ -113,33 +91,12 @@ pub fn dump(
     opts: &DumpOptions,
     out: &mut dyn Write,
 ) -> Result<(), DumpError> {
-    let mut reader = Reader {
-        dev,
-        end: raw::device_blocks(dev),
-        trees: HashMap::new(),
-    };
-    let live = reader.superblock(0, 0)?;
-    let (sb, sb_loc) = if opts.use_metadata_snap {
-        if live.held_root == 0 {
-            return Err(Error::NoMetadataSnap.into());
-        }
-        (reader.superblock(0, live.held_root)?, live.held_root)
-    } else {
-        (live, 0)
-    };
+    let mut reader = Reader::new(dev);
+    let (sb, sb_loc) = reader.chosen_superblock(opts.use_metadata_snap)?;
     // The held copy's space-map roots are zero, so this prints 0 for `-m`, as thin_dump does.
     let nr_data_blocks = sb.data_sm_root.nr_blocks;
 
-    let mut details = Vec::new();
-    reader.walk(
-        sb_loc,
-        sb.device_details_root,
-        TreeKind::Details,
-        &mut |_, dev_id, v| {
-            details.push((dev_id, DeviceDetails::decode(v)));
-            Ok(())
-        },
-    )?;
+    let details = reader.details(sb_loc, &sb)?;
     let mut roots = BTreeMap::new();
     if !opts.skip_mappings {
         reader.walk(
@@ -233,7 +190,7 @@ struct Walk<'f> {
     f: &'f mut Visit<'f>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn read(&self, from: u64, loc: u64) -> Result<Box<crate::block::Block>, Error> {
         raw::check_pointer(loc, self.end).map_err(|d| Error::corrupt(from, d))?;
         raw::read_block(self.dev, loc).map_err(|source| Error::Io {
@@ -245,6 +202,46 @@ impl Reader<'_> {
     }
 
     /// Reads the superblock at `loc` (0, or the held copy that block `from` points at).
+    fn new(dev: &'a dyn BlockDevice) -> Reader<'a> {
+        Reader {
+            dev,
+            end: raw::device_blocks(dev),
+            trees: HashMap::new(),
+        }
+    }
+
+    /// The superblock to read from, and its location: the held metadata snapshot's with
+    /// `use_metadata_snap` (`Err(NoMetadataSnap)` without one), else the live one.
+    fn chosen_superblock(&self, use_metadata_snap: bool) -> Result<(Superblock, u64), Error> {
+        let live = self.superblock(0, 0)?;
+        if !use_metadata_snap {
+            return Ok((live, 0));
+        }
+        if live.held_root == 0 {
+            return Err(Error::NoMetadataSnap);
+        }
+        Ok((self.superblock(0, live.held_root)?, live.held_root))
+    }
+
+    /// The device-details tree of `sb` (at `sb_loc`), in id order.
+    fn details(
+        &mut self,
+        sb_loc: u64,
+        sb: &Superblock,
+    ) -> Result<Vec<(u64, DeviceDetails)>, DumpError> {
+        let mut details = Vec::new();
+        self.walk(
+            sb_loc,
+            sb.device_details_root,
+            TreeKind::Details,
+            &mut |_, dev_id, v| {
+                details.push((dev_id, DeviceDetails::decode(v)));
+                Ok(())
+            },
+        )?;
+        Ok(details)
+    }
+
     fn superblock(&self, from: u64, loc: u64) -> Result<Superblock, Error> {
         let b = if loc == 0 {
             if self.end == 0 {
