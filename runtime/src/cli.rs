@@ -96,6 +96,12 @@ pub enum Command {
     /// Show a container's changes against its image (A added, C changed, D deleted)
     #[command(after_help = "Example: thinbox diff web")]
     Diff(diff::Args),
+    /// Create a new image from a container's changes
+    #[command(
+        after_help = "Examples:\n  thinbox commit -c 'CMD [\"cat\", \"/hello\"]' -m 'add hello' web hello:v1\n  \
+                            thinbox commit -p=false --author 'Jane <jane@example.com>' web"
+    )]
+    Commit(crate::commands::commit::Args),
     /// A detached container's supervisor (started by run -d and start)
     #[command(hide = true)]
     ContainerShim(start::ShimArgs),

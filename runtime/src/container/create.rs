@@ -5,7 +5,7 @@ use std::fs;
 use anyhow::{bail, Context};
 use engine::ThinId;
 
-use super::spec::{ImageProcess, ProcessSpec, RunOptions};
+use super::spec::{container_config, ImageProcess, ProcessSpec, RunOptions};
 use super::{check_name, generate_name, list, new_id, now_rfc3339, Container, State, Status};
 use crate::cli::Global;
 use crate::storage::Storage;
@@ -41,7 +41,8 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
         .find_image(&opts.image)
         .with_context(|| format!("No such image: {}", opts.image))?
         .clone();
-    let image_config = ImageProcess::from_config(&store.read_blob(&image.id)?)?;
+    let config_bytes = store.read_blob(&image.id)?;
+    let image_config = ImageProcess::from_config(&config_bytes)?;
     let origin = match image.layers.last() {
         Some(top) => Some(
             store
@@ -77,6 +78,7 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
         run.hostname = id[..12].to_string();
     }
     let process = ProcessSpec::resolve(&image_config, &run)?;
+    let config = container_config(&config_bytes, &run)?;
 
     let storage = Storage::open(global)?;
     let origin = match origin {
@@ -98,6 +100,7 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
         runtime: opts.runtime,
         thin_id: 0,
         origin_thin_id: origin.get(),
+        config: Some(config),
         state: State {
             status: Some(Status::Creating),
             ..State::default()

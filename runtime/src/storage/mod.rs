@@ -7,6 +7,7 @@
 //! running, as dockerd does, until `thinbox pool-daemon stop`.
 
 pub mod options;
+pub mod pack;
 pub mod unpack;
 
 use std::fs;
