@@ -54,7 +54,7 @@ pub enum Command {
     /// Remove one or more images (and the thin devices of layers no image uses any more)
     #[command(after_help = "Example: thinbox rmi 127.0.0.1:5000/test/busybox:base")]
     Rmi(rmi::Args),
-    /// Show an image's details as JSON, in Docker's shape
+    /// Show containers' or images' details as JSON, in Docker's shape
     #[command(after_help = "Example: thinbox inspect --format '{{.Id}}' busybox")]
     Inspect(inspect::Args),
     /// Show the storage driver's state: pool, base device, space

@@ -38,6 +38,22 @@ fn root_walkthrough_pull_run_commit_push_pull_save_load() {
         "mkdir -p /opt/app && echo hello from thinbox > /opt/app/hello && \
          echo edited > /data/keep.txt && rm /data/delete-me.txt",
     ]);
+    let c = a.inspect("builder");
+    assert_eq!(c["Name"], "/builder");
+    assert_eq!(c["State"]["Status"], "exited");
+    assert_eq!(c["State"]["ExitCode"], 0);
+    assert_eq!(c["Path"], "sh");
+    assert_eq!(c["Config"]["Image"], base.as_str());
+    assert!(
+        c["Config"]["Env"].to_string().contains("GREETING=hi"),
+        "{c}"
+    );
+    assert_eq!(c["GraphDriver"]["Name"], "devicemapper");
+    assert_eq!(
+        a.ok(&["inspect", "--type", "image", "--format", "{{.Id}}", &base])
+            .trim(),
+        a.id(&base)
+    );
     let diff = a.ok(&["diff", "builder"]);
     for line in [
         "A /opt",
