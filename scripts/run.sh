@@ -25,7 +25,11 @@ registry_pid=
 cleanup_walkthrough() {
   "$thinbox" --root "$work/fresh" pool-daemon stop --force >/dev/null 2>&1 || true
   # The registry and its docker-registry child are one process group.
-  [ -n "$registry_pid" ] && { kill -- "-$registry_pid" 2>/dev/null; wait "$registry_pid" 2>/dev/null; }
+  if [ -n "$registry_pid" ]; then
+    kill -- "-$registry_pid" 2>/dev/null || true
+    wait "$registry_pid" 2>/dev/null || true
+    registry_pid=
+  fi
   rm -rf "$work"
 }
 trap cleanup_walkthrough EXIT
@@ -38,9 +42,11 @@ host=$(head -1 "$work/registry.out")
 busybox=$host/demo/busybox:latest
 hello=$host/demo/hello:v1
 
-# What an earlier run left.
+# What an earlier run left (its registry had another port).
 "$thinbox" --root "$root" rm -f walkthrough-builder >/dev/null 2>&1 || true
-"$thinbox" --root "$root" rmi "$hello" "$host/demo/hello:latest" "$busybox" >/dev/null 2>&1 || true
+"$thinbox" --root "$root" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null \
+  | grep -E '^127\.0\.0\.1:[0-9]+/demo/(busybox|hello):' \
+  | xargs -r "$thinbox" --root "$root" rmi >/dev/null 2>&1 || true
 
 tb pull "$busybox"
 tb run --name walkthrough-builder "$busybox" sh -c 'echo hello from thinbox > /hello'
