@@ -38,6 +38,11 @@ pub struct Global {
     #[arg(long = "storage-opt", global = true, value_name = "KEY=VALUE")]
     pub storage_opts: Vec<String>,
 
+    /// Storage driver: devicemapper (block copy-on-write on a thin pool, the default) or
+    /// overlay (file copy-on-write with overlayfs); chosen when the storage is first created
+    #[arg(long = "storage-driver", global = true, value_name = "DRIVER")]
+    pub storage_driver: Option<String>,
+
     /// More diagnostics on stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides)
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,

@@ -25,12 +25,12 @@ use engine::ThinId;
 use serde_json::{json, Map, Value};
 
 use crate::cli::Global;
-use crate::commands::pull::{reconcile, write_blob};
+use crate::commands::pull::{reconcile, unpack_blob, write_blob};
 use crate::container::diff::{changes, INIT_PATHS};
 use crate::container::{self, find, now_rfc3339, pause, rootfs, Container};
 use crate::image::{change, Digest, HashingWriter, Reference};
 use crate::storage::pack::write_layer;
-use crate::storage::Storage;
+use crate::storage::{DeviceMapper, Storage};
 use crate::store::{BlobRef, ImageRecord, LayerRecord, LayerState, Store};
 
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -102,18 +102,9 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     config.remove("Hostname");
 
     let storage = Storage::open(global)?;
-    let mut client = storage.control()?;
-    reconcile(&mut store, &mut client)?;
+    reconcile(&mut store, &storage)?;
 
-    let layer = make_layer(
-        &storage,
-        &mut client,
-        &mut store,
-        root,
-        &c,
-        &image,
-        args.pause,
-    )?;
+    let layer = make_layer(&storage, &mut store, root, &c, args.pause)?;
     let config_bytes = new_config(&image_config, config, &c, &args, &layer)?;
     let id = Digest::of(&config_bytes);
     write_blob(&store, &id, &config_bytes)?;
@@ -205,25 +196,26 @@ fn new_config(
     Ok(serde_json::to_vec(&Value::Object(out))?)
 }
 
-/// The new layer: the container's thin snapshotted (paused and frozen if it runs), its
-/// blob written from the differences to the image's top layer. The record is `Preparing`
-/// (under a provisional key) from before the snapshot until the layer is complete; on
-/// failure the thin, the record and the partial blob go.
+/// The new layer. With devicemapper: the container's thin snapshotted (paused and frozen if
+/// it runs), its blob written from the snapshot's differences to the image's top layer.
+/// With overlay: the blob written from the container's differences (paused if it runs),
+/// then applied to a new layer directory. The record is `Preparing` (under a provisional
+/// key) from before the filesystem exists until the layer is complete; on failure the
+/// filesystem, the record and the partial blob go.
 fn make_layer(
     storage: &Storage,
-    client: &mut Client,
     store: &mut Store,
     root: &Path,
     c: &Container,
-    image: &ImageRecord,
     pause_first: bool,
 ) -> anyhow::Result<LayerRecord> {
+    let layers = store.image_layers(&c.image_id)?;
     let name = format!("thinbox-commit-{}", &container::new_id()?[..24]);
     let provisional = Digest::of(name.as_bytes());
     let mut record = LayerRecord {
         chain_id: provisional.clone(),
         diff_id: provisional.clone(),
-        parent: image.layers.last().cloned(),
+        parent: layers.last().map(|l| l.chain_id.clone()),
         thin_id: 0,
         device_name: name.clone(),
         size: 0,
@@ -236,31 +228,54 @@ fn make_layer(
         .join("blobs")
         .join("sha256")
         .join(format!(".{name}.partial"));
-    let result = (|| -> anyhow::Result<LayerRecord> {
-        let thin = snapshot(storage, client, root, c, &name, pause_first)?;
-        record.thin_id = thin.get();
-        store.layers.insert(provisional.clone(), record.clone());
-        store.save_layers()?;
-        let blob = storage.with_mounted(client, thin, |upper| {
-            let mut parent_client = storage.control()?;
-            let lower_mnt = root.join("mnt").join(format!("{name}-parent"));
-            rootfs::with_readonly(
-                storage,
-                &mut parent_client,
-                c.origin_thin_id,
-                &lower_mnt,
-                |lower| {
+    let lower_mnt = root.join("mnt").join(format!("{name}-parent"));
+    let result = match storage {
+        Storage::DeviceMapper(dm) => (|| {
+            let mut client = dm.control()?;
+            let thin = snapshot(dm, &mut client, root, c, &name, pause_first)?;
+            record.thin_id = thin.get();
+            store.layers.insert(provisional.clone(), record.clone());
+            store.save_layers()?;
+            dm.with_mounted(&mut client, thin, |upper| {
+                storage.with_image_readonly(&layers, &lower_mnt, |lower| {
                     remove_runner_paths(lower, upper)?;
                     write_blob_of_changes(lower, upper, &partial)
-                },
-            )
-        })?;
-        let chain_id = Digest::chain(record.parent.as_ref(), &blob.diff_id);
+                })
+            })
+        })(),
+        Storage::Overlay(_) => (|| {
+            let live = c.mountpoint(root);
+            let running = c.is_running() && rootfs::is_mounted(&live);
+            let paused = match running && pause_first {
+                true => Some(pause::pause(root, c)?),
+                false => None,
+            };
+            let blob = storage.with_image_readonly(&layers, &lower_mnt, |lower| {
+                if running {
+                    return write_blob_of_changes(lower, &live, &partial);
+                }
+                let own = root.join("mnt").join(format!("{name}-container"));
+                storage.with_container_readonly(&layers, c, &own, |upper| {
+                    write_blob_of_changes(lower, upper, &partial)
+                })
+            });
+            if let Some(paused) = paused {
+                paused.resume()?;
+            }
+            let blob = blob?;
+            storage.new_layer(layers.last(), &name)?;
+            storage.with_layer_writable(&record, |dir, whiteouts| {
+                unpack_blob(&partial, LAYER_MEDIA_TYPE, &blob.diff_id, dir, whiteouts)
+            })?;
+            Ok(blob)
+        })(),
+    };
+    let result = result.and_then(|blob| {
         let path = store.blob_path(&blob.digest);
         fs::rename(&partial, &path)
             .with_context(|| format!("failed to store {}", path.display()))?;
         Ok(LayerRecord {
-            chain_id,
+            chain_id: Digest::chain(record.parent.as_ref(), &blob.diff_id),
             diff_id: blob.diff_id,
             size: blob.content_bytes,
             blob: Some(BlobRef {
@@ -271,13 +286,15 @@ fn make_layer(
             state: LayerState::Ready,
             ..record.clone()
         })
-    })();
+    });
     store.layers.remove(&provisional);
     let _ = fs::remove_file(&partial);
     let done = match result {
         Ok(done) => done,
         Err(e) => {
-            delete_thin(client, record.thin_id);
+            if let Err(d) = storage.remove_layers(&[&record]) {
+                tracing::warn!("failed to delete what a failed commit left: {d:#}");
+            }
             store.save_layers()?;
             return Err(e.context(format!("failed to commit container {}", c.short_id())));
         }
@@ -289,7 +306,7 @@ fn make_layer(
         .filter(|l| l.state == LayerState::Ready)
         .cloned()
     {
-        delete_thin(client, done.thin_id);
+        storage.remove_layers(&[&done])?;
         store.save_layers()?;
         return Ok(existing);
     }
@@ -298,18 +315,10 @@ fn make_layer(
     Ok(done)
 }
 
-fn delete_thin(client: &mut Client, id: u64) {
-    if let Some(thin) = ThinId::new(id).filter(|_| id != 0) {
-        if let Err(e) = client.delete(thin) {
-            tracing::warn!(thin_id = %thin, "failed to delete the thin of a failed commit: {e}");
-        }
-    }
-}
-
 /// Snapshots the container's thin. A running container (its rootfs mounted) is paused
 /// first when asked, and its filesystem frozen around the snapshot either way.
 fn snapshot(
-    storage: &Storage,
+    dm: &DeviceMapper,
     client: &mut Client,
     root: &Path,
     c: &Container,
@@ -319,7 +328,7 @@ fn snapshot(
     let origin = ThinId::new(c.thin_id).context("bad thin id in the container's record")?;
     let live = c.mountpoint(root);
     if !(c.is_running() && rootfs::is_mounted(&live)) {
-        return storage.create_snapshot(client, origin, name);
+        return dm.create_snapshot(client, origin, name);
     }
     let paused = if pause_first {
         Some(pause::pause(root, c)?)
@@ -327,12 +336,12 @@ fn snapshot(
         None
     };
     let frozen = Frozen::freeze(&live)?;
-    let snap = storage.create_snapshot(client, origin, name);
+    let snap = dm.create_snapshot(client, origin, name);
     let thawed = frozen.thaw();
     let resumed = paused.map_or(Ok(()), pause::Paused::resume);
     let snap = snap?;
     if let Err(e) = thawed.and(resumed) {
-        delete_thin(client, snap.get());
+        let _ = client.delete(snap);
         return Err(e);
     }
     Ok(snap)

@@ -9,6 +9,8 @@ use serde_json::{json, Map, Value};
 use super::format::render;
 use crate::cli::Global;
 use crate::container::{self, Container};
+use crate::storage::overlay::overlay_dir;
+use crate::storage::DriverKind;
 use crate::store::{ImageRecord, Store};
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +56,48 @@ const CONFIG_KEYS: [(&str, Empty); 17] = [
     ("Labels", || Value::Null),
 ];
 
+/// Docker's `GraphDriver` of an image: its top layer's thin with devicemapper, its layer
+/// directories with overlay2.
+fn image_graph_driver(store: &Store, image: &ImageRecord) -> Value {
+    let layers: Vec<&crate::store::LayerRecord> = image
+        .layers
+        .iter()
+        .filter_map(|l| store.layers.get(l))
+        .collect();
+    match DriverKind::of_root(store.root()) {
+        Some(DriverKind::Overlay) => {
+            let dir = overlay_dir(store.root());
+            let diff = |name: &str| dir.join(name).join("diff").display().to_string();
+            let (lower, upper) = match layers.split_last() {
+                Some((top, rest)) => (
+                    rest.iter()
+                        .rev()
+                        .map(|l| diff(&l.device_name))
+                        .collect::<Vec<_>>(),
+                    diff(&top.device_name),
+                ),
+                None => (Vec::new(), String::new()),
+            };
+            let mut data = json!({ "UpperDir": upper });
+            if !lower.is_empty() {
+                data["LowerDir"] = json!(lower.join(":"));
+            }
+            json!({ "Name": "overlay2", "Data": data })
+        }
+        _ => {
+            let data = match layers.last() {
+                Some(layer) => json!({
+                    "DeviceId": layer.thin_id.to_string(),
+                    "DeviceName": layer.device_name,
+                    "DeviceSize": store.device_size().map_or_else(String::new, |s| s.to_string()),
+                }),
+                None => Value::Null,
+            };
+            json!({ "Name": "devicemapper", "Data": data })
+        }
+    }
+}
+
 pub fn describe(store: &Store, image: &ImageRecord) -> anyhow::Result<Value> {
     let config: Value = serde_json::from_slice(&store.read_blob(&image.id)?)
         .with_context(|| format!("the config of image {} is malformed", image.id))?;
@@ -73,15 +117,7 @@ pub fn describe(store: &Store, image: &ImageRecord) -> anyhow::Result<Value> {
     let refs = store.repositories.of(&image.id);
     let (digests, tags): (Vec<String>, Vec<String>) =
         refs.into_iter().partition(|r| r.contains('@'));
-    let top = image.layers.last().and_then(|l| store.layers.get(l));
-    let graph_data = match top {
-        Some(layer) => json!({
-            "DeviceId": layer.thin_id.to_string(),
-            "DeviceName": layer.device_name,
-            "DeviceSize": store.device_size().map_or_else(String::new, |s| s.to_string()),
-        }),
-        None => Value::Null,
-    };
+    let graph_driver = image_graph_driver(store, image);
     let diff_ids: Vec<String> = image
         .layers
         .iter()
@@ -101,7 +137,7 @@ pub fn describe(store: &Store, image: &ImageRecord) -> anyhow::Result<Value> {
         "Architecture": config.get("architecture").cloned().unwrap_or(json!("")),
         "Os": config.get("os").cloned().unwrap_or(json!("")),
         "Size": store.image_size(image),
-        "GraphDriver": { "Name": "devicemapper", "Data": graph_data },
+        "GraphDriver": graph_driver,
         "RootFS": { "Type": "layers", "Layers": diff_ids },
         "Metadata": { "LastTagTime": "0001-01-01T00:00:00Z" },
     }))
@@ -174,6 +210,42 @@ fn find_container<'c>(all: &'c [Container], name: &str) -> Option<&'c Container>
 
 /// Docker's container inspect object, the fields thinbox has.
 pub fn describe_container(store: &Store, c: &Container, root: &std::path::Path) -> Value {
+    let graph_driver = match DriverKind::of_root(root) {
+        Some(DriverKind::Overlay) => {
+            let dir = overlay_dir(root).join(&c.device_name);
+            let lower = store
+                .images
+                .get(&c.image_id)
+                .map(|image| image_graph_driver(store, image))
+                .and_then(|g| {
+                    let d = &g["Data"];
+                    let mut all: Vec<String> = d["UpperDir"]
+                        .as_str()
+                        .map(str::to_string)
+                        .into_iter()
+                        .collect();
+                    all.extend(d["LowerDir"].as_str().map(str::to_string));
+                    (!all.is_empty()).then(|| all.join(":"))
+                });
+            json!({
+                "Name": "overlay2",
+                "Data": {
+                    "LowerDir": lower,
+                    "UpperDir": dir.join("diff"),
+                    "WorkDir": dir.join("work"),
+                    "MergedDir": c.mountpoint(root),
+                },
+            })
+        }
+        _ => json!({
+            "Name": "devicemapper",
+            "Data": {
+                "DeviceId": c.thin_id.to_string(),
+                "DeviceName": c.device_name,
+                "DeviceSize": store.device_size().map_or_else(String::new, |s| s.to_string()),
+            },
+        }),
+    };
     let status = c.status();
     let running = status == container::Status::Running;
     let mut config = c.config.clone().unwrap_or_else(|| json!({}));
@@ -212,21 +284,14 @@ pub fn describe_container(store: &Store, c: &Container, root: &std::path::Path) 
         "LogPath": c.log_path(root),
         "Name": format!("/{}", c.name),
         "RestartCount": 0,
-        "Driver": "devicemapper",
+        "Driver": graph_driver["Name"],
         "Platform": "linux",
         "HostConfig": {
             "AutoRemove": c.auto_remove,
             "Runtime": c.runtime.clone().unwrap_or_else(|| "thinbox".into()),
             "NetworkMode": "host",
         },
-        "GraphDriver": {
-            "Name": "devicemapper",
-            "Data": {
-                "DeviceId": c.thin_id.to_string(),
-                "DeviceName": c.device_name,
-                "DeviceSize": store.device_size().map_or_else(String::new, |s| s.to_string()),
-            },
-        },
+        "GraphDriver": graph_driver,
         "Mounts": [],
         "Config": config,
     })

@@ -131,7 +131,7 @@ fn append<W: Write>(
 mod tests {
     use super::*;
     use crate::container::diff::changes;
-    use crate::storage::unpack::apply_layer;
+    use crate::storage::unpack::{apply_layer, Whiteouts};
 
     /// What `dir` holds: every path with its type and content or target.
     fn tree(dir: &Path) -> Vec<String> {
@@ -219,7 +219,7 @@ mod tests {
         let packed = write_layer(&upper, &list, &mut bytes).unwrap();
         assert_eq!(packed.whiteouts, 2, "{list:?}");
         assert_eq!(packed.bytes, "new content".len() as u64 + 1 + 1);
-        apply_layer(&replay, bytes.as_slice()).unwrap();
+        apply_layer(&replay, bytes.as_slice(), Whiteouts::Apply).unwrap();
         assert_eq!(tree(&replay), tree(&upper));
     }
 }

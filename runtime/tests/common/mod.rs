@@ -27,15 +27,20 @@ pub const STORAGE_OPTS: [&str; 4] = [
 pub struct Root {
     pub root: PathBuf,
     pub run_root: PathBuf,
+    /// `--storage-driver overlay` instead of devicemapper (with the small pool options).
+    pub overlay: bool,
 }
 
 impl Root {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(THINBOX);
-        c.arg("--root")
-            .arg(&self.root)
-            .args(STORAGE_OPTS)
-            .args(args)
+        c.arg("--root").arg(&self.root);
+        if self.overlay {
+            c.args(["--storage-driver", "overlay"]);
+        } else {
+            c.args(STORAGE_OPTS);
+        }
+        c.args(args)
             .env("THINBOX_RUN_ROOT", &self.run_root)
             .env_remove("RUST_LOG")
             .env_remove("THINBOX_PUSH_CHUNK_SIZE");
@@ -128,6 +133,7 @@ impl Root {
             }
         }
         fixtures::activation::unmount_under(&self.root.join("mnt"));
+        fixtures::activation::unmount_under(&self.root.join("overlay2"));
         let _ = Command::new(THINBOX)
             .arg("--root")
             .arg(&self.root)
@@ -203,9 +209,20 @@ impl Env {
             env.roots.push(Root {
                 root: env.dir.path().join(format!("root-{name}")),
                 run_root: env.dir.path().join(format!("run-{name}")),
+                overlay: false,
             });
         }
         env
+    }
+
+    /// Adds a root with the overlay driver; its index in `roots`.
+    pub fn add_overlay_root(&mut self, name: &str) -> usize {
+        self.roots.push(Root {
+            root: self.dir.path().join(format!("root-{name}")),
+            run_root: self.dir.path().join(format!("run-{name}")),
+            overlay: true,
+        });
+        self.roots.len() - 1
     }
 
     pub fn start_registry(&mut self, auth: RegistryAuth) -> usize {
