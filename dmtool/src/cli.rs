@@ -141,6 +141,9 @@ pub enum ThinCommand {
     #[command(after_help = "Example: dmtool thin read --pool /srv/pool 1 --length 4k | xxd")]
     Read(thin_io::ReadArgs),
     /// List thin devices: id, name, size, mapped space, origin, block device
+    ///
+    /// EXCLUSIVE is the space of blocks no other thin maps, SHARED the rest of MAPPED, as
+    /// thin_ls counts them (see `dmtool ls` for thin_ls's own table).
     #[command(after_help = "Example: dmtool thin ls --pool /srv/pool --json")]
     Ls(thin::LsArgs),
     /// Make a thin a block device and print its path (starts an owner if needed)
