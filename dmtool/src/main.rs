@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let argv = commands::delta::normalize_args(argv);
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) => {

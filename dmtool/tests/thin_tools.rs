@@ -95,6 +95,7 @@ fn compare_all(meta: &Path) -> usize {
             &[][..],
             &["-o", ALL_FIELDS][..],
             &["--no-headers", "-o", "SHARED,DEV,EXCLUSIVE"][..],
+            &["-o", ""][..],
         ] {
             same("ls", "thin_ls", &[*root, shape].concat(), meta);
             n += 1;

@@ -1,6 +1,7 @@
 //! `delta`: thin_delta for our pools: how two thins' mappings differ, in thin_delta 0.9.0's
 //! XML, byte for byte.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +28,7 @@ pub struct Args {
     pub thin2: u64,
 
     /// Read the held metadata snapshot (works on a live pool); `-mBLOCK` or
-    /// `--metadata-snap=BLOCK` also checks that it is at BLOCK
+    /// `--metadata-snap=BLOCK` also checks that it is at BLOCK (the value must be attached)
     #[arg(
         short = 'm',
         long,
@@ -36,6 +37,24 @@ pub struct Args {
         require_equals = true
     )]
     pub metadata_snap: Option<Option<u64>>,
+}
+
+/// thin_delta's `-mBLOCK` (getopt's optional argument, attached) as clap reads it:
+/// `--metadata-snap=BLOCK`. Only `dmtool delta ...` command lines are touched.
+pub fn normalize_args(mut argv: Vec<OsString>) -> Vec<OsString> {
+    if argv.get(1).is_some_and(|verb| verb == "delta") {
+        for arg in argv.iter_mut().skip(2) {
+            let block = arg
+                .to_str()
+                .and_then(|a| a.strip_prefix("-m"))
+                .filter(|b| !b.is_empty() && b.bytes().all(|c| c.is_ascii_digit()))
+                .map(str::to_string);
+            if let Some(block) = block {
+                *arg = OsString::from(format!("--metadata-snap={block}"));
+            }
+        }
+    }
+    argv
 }
 
 /// `verbose` is dmtool's global `-v/--verbose`: for delta it means thin_delta's `--verbose`

@@ -163,6 +163,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// thin_ls's grid: every cell right-aligned to its column's widest cell and followed by
 /// one space, one line per row.
 pub fn table(listing: &Listing, fields: &[Field], headers: bool) -> String {
+    // No columns, no rows: thin_ls prints nothing at all for `-o ''`.
+    if fields.is_empty() {
+        return String::new();
+    }
     let block_sectors = u64::from(listing.superblock.data_block_size);
     let mut rows: Vec<Vec<String>> = Vec::new();
     if headers {
