@@ -165,3 +165,91 @@ fn root_overlay_driver_pulls_runs_commits_and_agrees_with_devicemapper() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn root_zstd_layers_pull_on_both_drivers() {
+    let mut env = Env::new(RegistryAuth::None);
+    let o = env.add_overlay_root("overlay");
+    let host = env.host();
+    let zstd = format!("{host}/test/zstd:v2");
+    let layout = zstd_layout(&env.layout, &env.path("zstd-layout"), "v2");
+    fixtures::registry::run(std::process::Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v2", layout.display()),
+        &format!("docker://{zstd}"),
+    ]));
+    let manifest = common::skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{zstd}"),
+    ]);
+    assert!(manifest.contains("tar+zstd"), "skopeo pushed: {manifest}");
+    for r in [&env.roots[o], &env.roots[0]] {
+        r.ok(&["pull", "-q", &zstd]);
+        assert_eq!(
+            r.ok(&[
+                "run",
+                "--rm",
+                &zstd,
+                "sh",
+                "-c",
+                "cat /data/keep.txt; ls /data/opaque"
+            ]),
+            "changed\nc\n"
+        );
+    }
+    let v2 = format!("{host}/test/busybox:v2");
+    env.roots[0].ok(&["pull", "-q", &v2]);
+    assert_eq!(
+        env.roots[0].inspect(&zstd)["RootFS"],
+        env.roots[0].inspect(&v2)["RootFS"],
+        "the same diff ids, whatever the compression"
+    );
+}
+
+/// A copy of OCI layout `from` whose image `tag` has its layers recompressed with zstd
+/// (skopeo 1.9 copies blobs as they are; it cannot recompress into a registry).
+fn zstd_layout(from: &std::path::Path, to: &std::path::Path, tag: &str) -> std::path::PathBuf {
+    use std::io::Read;
+    fixtures::registry::run(std::process::Command::new("cp").arg("-a").arg(from).arg(to));
+    let blob = |digest: &str| {
+        to.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = common::sha256_hex(bytes);
+        fs::write(to.join("blobs/sha256").join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(to.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(entry["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    for layer in manifest["layers"].as_array_mut().unwrap() {
+        let gz = fs::read(blob(layer["digest"].as_str().unwrap())).unwrap();
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .read_to_end(&mut tar)
+            .unwrap();
+        let (digest, size) = put(&zstd::encode_all(tar.as_slice(), 3).unwrap());
+        layer["digest"] = digest.into();
+        layer["size"] = size.into();
+        layer["mediaType"] = "application/vnd.oci.image.layer.v1.tar+zstd".into();
+    }
+    let (digest, size) = put(&serde_json::to_vec(&manifest).unwrap());
+    entry["digest"] = digest.into();
+    entry["size"] = size.into();
+    fs::write(to.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    to.to_path_buf()
+}
