@@ -65,6 +65,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         user,
         [stdin.as_raw_fd(), 1, 2],
         false,
+        c.capabilities()?,
     )?;
     let result = spawn_exec(pid, &exec).and_then(|child| loop {
         match waitpid(child, None) {

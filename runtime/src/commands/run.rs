@@ -52,6 +52,14 @@ pub struct CreateArgs {
     #[arg(long)]
     pub runtime: Option<String>,
 
+    /// Add a Linux capability to Docker's default set (e.g. SYS_ADMIN, or ALL)
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+
+    /// Drop a Linux capability from Docker's default set (e.g. NET_RAW, or ALL)
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+
     /// The image (name[:tag], name@digest, or id)
     pub image: String,
 
@@ -87,6 +95,8 @@ impl CreateArgs {
             open_stdin: self.interactive,
             auto_remove: self.rm,
             runtime: self.runtime,
+            cap_add: self.cap_add,
+            cap_drop: self.cap_drop,
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct CreateOptions {
     pub open_stdin: bool,
     pub auto_remove: bool,
     pub runtime: Option<String>,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
 }
 
 /// The external runtimes `--runtime` takes.
@@ -33,6 +35,7 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
             bail!("unknown runtime {r:?} (runc or crun; the built-in runner without --runtime)");
         }
     }
+    super::caps::resolve(&opts.cap_add, &opts.cap_drop)?;
     let root = &global.root;
     // The lock keeps names unique and the image in place while the snapshot is taken.
     let store = Store::lock(root)?;
@@ -87,6 +90,8 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
         thin_id: 0,
         origin_thin_id: 0,
         config: Some(config),
+        cap_add: opts.cap_add,
+        cap_drop: opts.cap_drop,
         state: State {
             status: Some(Status::Creating),
             ..State::default()

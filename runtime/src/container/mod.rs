@@ -17,6 +17,7 @@
 //! foreground, or a detached `thinbox container-shim` (`run -d`, `start`). When it dies
 //! without recording the exit, [`Container::refresh`] notices that the pid is gone.
 
+pub mod caps;
 pub mod create;
 pub mod diff;
 pub mod logs;
@@ -109,6 +110,11 @@ pub struct Container {
     /// before it was kept have none, and `commit` then starts from the image's.
     #[serde(default)]
     pub config: Option<serde_json::Value>,
+    /// `--cap-add` and `--cap-drop` ([`caps`]).
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
     pub state: State,
 }
 
@@ -202,6 +208,11 @@ impl Container {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The capabilities its processes keep (bit N: capability N).
+    pub fn capabilities(&self) -> anyhow::Result<u64> {
+        caps::resolve(&self.cap_add, &self.cap_drop)
     }
 
     /// The command line as `ps` shows it.

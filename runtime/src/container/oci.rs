@@ -50,6 +50,19 @@ pub fn config(c: &Container, b: &Bundle<'_>) -> anyhow::Result<Value> {
     });
     // Docker's containers may gain privileges (setuid binaries work as in the built-in runner).
     process["noNewPrivileges"] = json!(false);
+    // The same capabilities as the built-in runner; a non-root user gets none effective.
+    let caps = super::caps::names(c.capabilities()?);
+    let effective = if b.user.uid == 0 {
+        caps.clone()
+    } else {
+        Vec::new()
+    };
+    process["capabilities"] = json!({
+        "bounding": caps,
+        "permitted": effective,
+        "effective": effective,
+        "inheritable": effective,
+    });
     spec["linux"]["namespaces"] = json!([
         { "type": "pid" },
         { "type": "ipc" },
@@ -130,6 +143,8 @@ mod tests {
             device_name: String::new(),
             origin_thin_id: 2,
             config: None,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
             state: State::default(),
         };
         let user = ResolvedUser {

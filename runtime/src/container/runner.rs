@@ -102,6 +102,7 @@ pub fn exec_of(
     user: ResolvedUser,
     stdio: [i32; 3],
     tty: bool,
+    caps: u64,
 ) -> anyhow::Result<Exec> {
     Ok(Exec {
         args: cstrings(args)?,
@@ -111,6 +112,7 @@ pub fn exec_of(
         user,
         stdio,
         tty,
+        caps,
     })
 }
 
@@ -134,6 +136,7 @@ pub fn start_builtin(
             stdio.stderr.as_raw_fd(),
         ],
         stdio.tty.is_some(),
+        c.capabilities()?,
     )?;
     let config = InitConfig {
         rootfs: rootfs.to_path_buf(),

@@ -63,6 +63,8 @@ pub struct Exec {
     pub stdio: [RawFd; 3],
     /// Make stdin the controlling terminal (a pty slave).
     pub tty: bool,
+    /// The capabilities kept ([`super::caps`]): bit N is capability N.
+    pub caps: u64,
 }
 
 /// What the container's first process sets up before its exec.
@@ -363,9 +365,14 @@ fn exec_process(e: &Exec) -> anyhow::Result<Infallible> {
         .iter()
         .map(|g| Gid::from_raw(*g))
         .collect();
+    drop_bounding_caps(e.caps)?;
     unistd::setgroups(&groups).context("setgroups")?;
     unistd::setgid(Gid::from_raw(e.user.gid)).context("setgid")?;
     unistd::setuid(Uid::from_raw(e.user.uid)).context("setuid")?;
+    // A non-root user has none effective after setuid; root keeps only the container's.
+    if e.user.uid == 0 {
+        limit_caps(e.caps)?;
+    }
     let program = CString::new(program.as_os_str().as_bytes())?;
     let err = unistd::execve(&program, &e.args, &e.env).unwrap_err();
     Err(StartError {
@@ -377,6 +384,73 @@ fn exec_process(e: &Exec) -> anyhow::Result<Infallible> {
         message: format!("exec {name}: {err}"),
     }
     .into())
+}
+
+/// Drops every capability not in `keep` from the bounding set (while still root: that takes
+/// CAP_SETPCAP), so that nothing run later, setuid files included, can regain it.
+fn drop_bounding_caps(keep: u64) -> anyhow::Result<()> {
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // Safety: prctl with integer arguments only.
+        let r = unsafe { nix::libc::prctl(nix::libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(nix::libc::EINVAL) {
+                // Past the kernel's last capability.
+                break;
+            }
+            return Err(err).context("failed to drop a capability from the bounding set");
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// _LINUX_CAPABILITY_VERSION_3: 64-bit sets in two halves.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Sets the effective, permitted and inheritable capabilities to `keep` (what of it this
+/// process has).
+fn limit_caps(keep: u64) -> anyhow::Result<()> {
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // Safety: capget writes two CapData (the version-3 layout) into `data`.
+    if unsafe { nix::libc::syscall(nix::libc::SYS_capget, &mut header, data.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("capget");
+    }
+    let have = u64::from(data[0].permitted) | u64::from(data[1].permitted) << 32;
+    let mask = keep & have;
+    for (half, d) in data.iter_mut().enumerate() {
+        let bits = (mask >> (32 * half)) as u32;
+        *d = CapData {
+            effective: bits,
+            permitted: bits,
+            inheritable: bits,
+        };
+    }
+    // Safety: capset reads the header and two CapData.
+    if unsafe { nix::libc::syscall(nix::libc::SYS_capset, &mut header, data.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("capset");
+    }
+    Ok(())
 }
 
 /// A pty pair for `-t`, sized like the terminal on `like` when that is one.
