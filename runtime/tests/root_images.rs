@@ -8,196 +8,14 @@
 //! `THINBOX_RUN_ROOT`) a test uses lives there, and a guard stops their pool daemons,
 //! unmounts and detaches what is left and kills the peers, even when the test fails.
 
+mod common;
+
 use std::fs;
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
-use fixtures::registry::{busybox_layout, run, Registry, RegistryAuth};
-
-const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
-
-/// Small sizes keep mkfs and the pool quick.
-const STORAGE_OPTS: [&str; 4] = [
-    "--storage-opt=dm.basesize=512M",
-    "--storage-opt=dm.loopdatasize=4G",
-    "--storage-opt=dm.loopmetadatasize=64M",
-    "--storage-opt=dm.min_free_space=1%",
-];
-
-/// One thinbox state directory and its run directory.
-struct Root {
-    root: PathBuf,
-    run_root: PathBuf,
-}
-
-impl Root {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(THINBOX);
-        c.arg("--root")
-            .arg(&self.root)
-            .args(STORAGE_OPTS)
-            .args(args)
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .env_remove("RUST_LOG")
-            .env_remove("THINBOX_PUSH_CHUNK_SIZE");
-        c
-    }
-
-    fn output(&self, mut command: Command, stdin: Option<&[u8]>) -> Output {
-        command
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("thinbox runs");
-        if let Some(bytes) = stdin {
-            child.stdin.take().unwrap().write_all(bytes).unwrap();
-        }
-        child.wait_with_output().unwrap()
-    }
-
-    #[track_caller]
-    fn check(&self, args: &[&str], out: Output) -> String {
-        assert!(
-            out.status.success(),
-            "thinbox {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.output(self.command(args), None);
-        self.check(args, out)
-    }
-
-    /// Runs and returns stdout and stderr together, whatever the exit status.
-    fn all_output(&self, args: &[&str]) -> (bool, String) {
-        let out = self.output(self.command(args), None);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    #[track_caller]
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.output(self.command(args), None);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "thinbox {args:?} should fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn inspect(&self, name: &str) -> serde_json::Value {
-        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
-        v[0].clone()
-    }
-
-    fn id(&self, name: &str) -> String {
-        self.inspect(name)["Id"].as_str().unwrap().to_string()
-    }
-
-    /// Every blob file in the content store.
-    fn blobs(&self) -> Vec<String> {
-        fs::read_dir(self.root.join("blobs/sha256"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn cleanup(&self) {
-        fixtures::activation::unmount_under(&self.root.join("mnt"));
-        let _ = Command::new(THINBOX)
-            .arg("--root")
-            .arg(&self.root)
-            .args(["pool-daemon", "stop", "--force"])
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .stdin(Stdio::null())
-            .output();
-        fixtures::activation::clean_up_run_root(&self.run_root);
-    }
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    roots: Vec<Root>,
-    layout: PathBuf,
-    // Fields drop after Drop::drop's body: the peers are killed after the cleanup.
-    registries: Vec<Registry>,
-}
-
-impl Env {
-    /// A fixture layout (`base`, `v2`) and a registry holding both as `test/busybox`.
-    fn new(auth: RegistryAuth) -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = busybox_layout(dir.path());
-        let mut env = Env {
-            dir,
-            roots: Vec::new(),
-            layout,
-            registries: Vec::new(),
-        };
-        let registry = env.start_registry(auth);
-        let l = env.layout.display().to_string();
-        env.registries[registry].push(&format!("oci:{l}:base"), "test/busybox:base");
-        env.registries[registry].push(&format!("oci:{l}:v2"), "test/busybox:v2");
-        for name in ["a", "b", "c"] {
-            env.roots.push(Root {
-                root: env.dir.path().join(format!("root-{name}")),
-                run_root: env.dir.path().join(format!("run-{name}")),
-            });
-        }
-        env
-    }
-
-    fn start_registry(&mut self, auth: RegistryAuth) -> usize {
-        let n = self.registries.len();
-        let dir = self.dir.path().join(format!("registry-{n}"));
-        fs::create_dir_all(&dir).unwrap();
-        self.registries.push(Registry::start(&dir, auth));
-        n
-    }
-
-    fn registry(&self) -> &Registry {
-        &self.registries[0]
-    }
-
-    fn host(&self) -> String {
-        self.registry().host()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        for r in &self.roots {
-            r.cleanup();
-        }
-    }
-}
-
-fn skopeo(args: &[&str]) -> String {
-    run(Command::new("skopeo").args(args))
-}
+use common::{sha256_hex, skopeo, Env};
+use fixtures::registry::{run, RegistryAuth};
 
 fn diff_ids(config: &serde_json::Value) -> Vec<String> {
     config["rootfs"]["diff_ids"]
@@ -319,7 +137,8 @@ fn root_push_with_basic_auth_needs_login_and_never_shows_the_password() {
     a.ok(&["pull", &format!("{host}/test/busybox:base")]);
     let target = format!("{host}/test/pushed:base");
     a.ok(&["tag", &format!("{host}/test/busybox:base"), &target]);
-    let (ok, out) = a.all_output(&["-vv", "push", &target]);
+    let (code, out) = a.status_and_output(&["-vv", "push", &target]);
+    let ok = code == Some(0);
     assert!(ok, "{out}");
     assert!(out.contains("Mounted from test/busybox"), "{out}");
     assert!(
@@ -352,7 +171,8 @@ fn root_push_and_pull_with_token_auth() {
     // ... and not push.
     let target = format!("{host}/test/pushed:base");
     a.ok(&["tag", &base, &target]);
-    let (ok, out) = a.all_output(&["push", &target]);
+    let (code, out) = a.status_and_output(&["push", &target]);
+    let ok = code == Some(0);
     assert!(!ok, "{out}");
     assert!(
         out.contains("denied") || out.contains("credentials"),
@@ -360,7 +180,8 @@ fn root_push_and_pull_with_token_auth() {
     );
 
     a.ok(&["login", "-u", "alice", "-p", "s3cret", &host]);
-    let (ok, out) = a.all_output(&["-vvv", "push", &target]);
+    let (code, out) = a.status_and_output(&["-vvv", "push", &target]);
+    let ok = code == Some(0);
     assert!(ok, "{out}");
     // Neither the password nor a token (a JWT: "eyJ…") shows, even at trace level.
     assert!(!out.contains("s3cret") && !out.contains("eyJ"), "{out}");
@@ -714,22 +535,15 @@ fn root_pull_picks_linux_amd64_from_an_index_and_by_digest() {
     a.fails(&["pull", &missing]);
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[test]
 fn root_load_of_a_layer_that_fails_to_apply_keeps_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let root = Root {
+    let root = common::Root {
         root: dir.path().join("root"),
         run_root: dir.path().join("run"),
+        overlay: false,
     };
-    struct Guard<'r>(&'r Root);
+    struct Guard<'r>(&'r common::Root);
     impl Drop for Guard<'_> {
         fn drop(&mut self) {
             self.0.cleanup();
