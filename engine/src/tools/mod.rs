@@ -1,4 +1,4 @@
-//! Offline metadata tools: check and dump. They read metadata blocks straight from a device
+//! Offline metadata tools: check, dump, restore and repair. They read metadata blocks straight from a device
 //! and trust nothing they read.
 //!
 //! - [`check`] validates everything reachable from the superblock (checksums, node rules,
@@ -6,6 +6,9 @@
 //!   [`check::Report`] of findings; it never stops at the first damage.
 //! - [`dump`] prints devices and mappings byte for byte as `thin_dump` 0.9.0 does, and
 //!   stops with an error at the first damage it cannot read past.
+//! - [`restore`] writes a fresh pool from `thin_dump` XML.
+//! - [`repair`] rebuilds a fresh pool from damaged metadata, keeping every mapping that can
+//!   be trusted (tolerant walks, then a scan of the whole device for orphaned subtrees).
 //!
 //! Neither may panic, loop or allocate without bound on damaged input: every pointer is
 //! checked against the device before it is followed, and every walk remembers what it has
@@ -14,4 +17,5 @@
 pub mod check;
 pub mod dump;
 mod raw;
+pub mod repair;
 pub mod restore;
