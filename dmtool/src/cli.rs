@@ -8,7 +8,7 @@ use engine::store::{VolumeStore, STORE_FILE_NAME};
 use engine::units::{parse_size, MAX_THIN_ID};
 use engine::{DataBlockSize, PoolPaths, ThinId};
 
-use crate::commands::{activate, check, daemon, dump, pool, restore, serve, thin, thin_io};
+use crate::commands::{activate, check, daemon, dump, pool, repair, restore, serve, thin, thin_io};
 
 /// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
 /// dump metadata like thin-provisioning-tools.
@@ -43,6 +43,19 @@ pub enum Command {
     /// Write a fresh pool's metadata from thin_dump XML, like thin_restore
     #[command(after_help = "Example: dmtool restore -i pool.xml -o /srv/pool/metadata")]
     Restore(restore::Args),
+    /// Rebuild usable metadata from a damaged metadata device, like thin_repair
+    ///
+    /// Every mapping reachable through intact nodes is kept; subtrees cut off by a broken
+    /// node are found by scanning the whole device and put back where the old space map
+    /// vouches for them. The space maps are recomputed. The input is only read; copy the
+    /// output over it (or point the pool at it) once it checks clean.
+    #[command(
+        after_help = "Example: dmtool repair -i /srv/pool/metadata -o /srv/meta.new \
+                            && dmtool check /srv/meta.new\n\
+                            Without a superblock: dmtool repair -i broken.meta -o new.meta \
+                            --data-block-size 64k"
+    )]
+    Repair(repair::Args),
     /// Export thins over NBD (newstyle); runs until SIGTERM or SIGINT, then commits
     #[command(after_help = "Example: dmtool serve --pool /srv/pool --nbd unix:/run/pool.sock 1")]
     Serve(serve::Args),
@@ -176,6 +189,15 @@ pub fn default_state_dir(metadata: &Path) -> PathBuf {
     let abs = std::path::absolute(metadata).unwrap_or_else(|_| metadata.to_path_buf());
     let flat = abs.to_string_lossy().replace('/', "_");
     Path::new(DEFAULT_STATE_ROOT).join(flat)
+}
+
+/// A metadata path as the offline tools take it: a pool directory means `DIR/metadata`.
+pub fn metadata_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("metadata")
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// A byte count with an optional k, M, G, T (binary) suffix.

@@ -5,6 +5,7 @@ pub mod check;
 pub mod daemon;
 pub mod dump;
 pub mod pool;
+pub mod repair;
 pub mod restore;
 pub mod serve;
 pub mod thin;
@@ -39,6 +40,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Repair(args) => repair::run(args),
         Command::Serve(args) => serve::run(args),
     }
 }

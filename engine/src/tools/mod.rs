@@ -1,5 +1,5 @@
-//! Offline metadata tools: check, dump, restore and repair. They read metadata blocks straight from a device
-//! and trust nothing they read.
+//! Offline metadata tools: check, dump, restore and repair. They read metadata blocks
+//! straight from a device and trust nothing they read.
 //!
 //! - [`check`] validates everything reachable from the superblock (checksums, node rules,
 //!   the device trees, both space maps and every reference count) and returns a
