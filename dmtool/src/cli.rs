@@ -109,6 +109,16 @@ pub enum ThinCommand {
     /// Copy a thin device (or part of it) to stdout
     #[command(after_help = "Example: dmtool thin read --pool /srv/pool 1 --length 4k | xxd")]
     Read(thin_io::ReadArgs),
+    /// Copy a raw or sparse image file into a thin, keeping holes unmapped
+    ///
+    /// Only the file's data extents are read (SEEK_DATA/SEEK_HOLE); the thin's ranges that
+    /// are holes in the file, and whole blocks of zeros, are discarded instead of written,
+    /// so they use no pool space. The thin past the file's end is left as it was.
+    #[command(after_help = "Example: dmtool thin import --pool /srv/pool 1 --input disk.img")]
+    Import(thin_io::ImportArgs),
+    /// Copy a thin into an image file, leaving unmapped and zero ranges as holes
+    #[command(after_help = "Example: dmtool thin export --pool /srv/pool 1 --output disk.img")]
+    Export(thin_io::ExportArgs),
     /// List thin devices: id, name, size, mapped space, origin, block device
     #[command(after_help = "Example: dmtool thin ls --pool /srv/pool --json")]
     Ls(thin::LsArgs),

@@ -7,7 +7,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// What a bar counts.
 pub enum Unit {
-    #[allow(dead_code)] // TODO(#6): thin import/export use it
     Bytes,
     Blocks,
 }

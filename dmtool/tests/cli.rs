@@ -463,6 +463,8 @@ fn every_help_has_an_example() {
         &["thin", "write"],
         &["thin", "read"],
         &["thin", "ls"],
+        &["thin", "import"],
+        &["thin", "export"],
         &["check"],
         &["dump"],
         &["repair"],
@@ -817,4 +819,81 @@ fn repair_refuses_metadata_its_owner_holds() {
         new.to_str().unwrap(),
         "-q",
     ]));
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn mapped_blocks(pool: &TestPool, id: u64) -> u64 {
+    let ls: serde_json::Value =
+        serde_json::from_slice(&ok(pool.cmd("thin", "ls", &["--json"])).stdout).unwrap();
+    ls.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap()["mapped_blocks"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn import_and_export_keep_holes() {
+    use std::os::unix::fs::FileExt;
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "16M"]));
+    // The thin holds data everywhere first: import must leave the file's holes unmapped.
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &random_bytes(16 << 20, 20)));
+    assert_eq!(mapped_blocks(&pool, 1), 256);
+
+    // 16 MiB sparse: 300000 bytes at 1 MiB (blocks 16..=20), 1 MiB at 8 MiB (blocks
+    // 128..=143), and 256 KiB of written zeros at 12 MiB (a data extent, but zeros).
+    let image = pool.dir.join("image");
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&random_bytes(300_000, 21), 1 << 20).unwrap();
+    f.write_all_at(&random_bytes(1 << 20, 22), 8 << 20).unwrap();
+    f.write_all_at(&vec![0u8; 256 << 10], 12 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let want = std::fs::read(&image).unwrap();
+
+    let img = image.to_str().unwrap();
+    let out = ok(pool.cmd("thin", "import", &["1", "--input", img]));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "quiet in scripts"
+    );
+    assert_eq!(
+        mapped_blocks(&pool, 1),
+        5 + 16,
+        "only the data extents are mapped"
+    );
+    assert_eq!(sha256(&pool.read("1", &[])), sha256(&want));
+
+    let exported = pool.dir.join("exported");
+    let exp = exported.to_str().unwrap();
+    ok(pool.cmd("thin", "export", &["1", "--output", exp]));
+    let back = std::fs::read(&exported).unwrap();
+    assert_eq!(back.len(), 16 << 20);
+    assert_eq!(sha256(&back), sha256(&want));
+    let allocated = allocated_bytes(&exported);
+    assert!(
+        allocated <= 1_500_000,
+        "the export allocates {allocated} bytes for 1.3 MB of data"
+    );
+
+    // Too big for the thin: refused before anything is written.
+    let big = pool.dir.join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(17 << 20)
+        .unwrap();
+    fails(
+        &pool.cmd("thin", "import", &["1", "--input", big.to_str().unwrap()]),
+        1,
+        "does not fit in thin 1",
+    );
+    assert_eq!(sha256(&pool.read("1", &[])), sha256(&want));
 }

@@ -37,6 +37,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Thin(ThinCommand::Ls(args)) => thin::ls(args),
         Command::Thin(ThinCommand::Write(args)) => thin_io::write(args),
         Command::Thin(ThinCommand::Read(args)) => thin_io::read(args),
+        Command::Thin(ThinCommand::Import(args)) => thin_io::import(args),
+        Command::Thin(ThinCommand::Export(args)) => thin_io::export(args),
         Command::Check(args) => check::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Restore(args) => restore::run(args),
