@@ -8,7 +8,9 @@ use engine::store::{VolumeStore, STORE_FILE_NAME};
 use engine::units::{parse_size, MAX_THIN_ID};
 use engine::{DataBlockSize, PoolPaths, ThinId};
 
-use crate::commands::{activate, check, daemon, dump, pool, repair, restore, serve, thin, thin_io};
+use crate::commands::{
+    activate, check, daemon, dump, pool, repair, restore, serve, thin, thin_io, trim,
+};
 
 /// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
 /// dump metadata like thin-provisioning-tools.
@@ -56,6 +58,14 @@ pub enum Command {
                             --data-block-size 64k"
     )]
     Repair(repair::Args),
+    /// Discard the data blocks the pool does not use, like thin_trim
+    ///
+    /// Every run of free blocks in the data space map is discarded on the data device (a
+    /// hole punched in a data file, BLKDISCARD on a block device). The metadata is checked
+    /// first and trim refuses damaged metadata. The pool must be offline.
+    #[command(after_help = "Example: dmtool trim --pool /srv/pool\n\
+                            Example: dmtool trim --metadata /dev/vg/meta --data /dev/vg/data")]
+    Trim(trim::Args),
     /// Export thins over NBD (newstyle); runs until SIGTERM or SIGINT, then commits
     #[command(after_help = "Example: dmtool serve --pool /srv/pool --nbd unix:/run/pool.sock 1")]
     Serve(serve::Args),

@@ -468,6 +468,7 @@ fn every_help_has_an_example() {
         &["check"],
         &["dump"],
         &["repair"],
+        &["trim"],
     ];
     for args in helps {
         let out = ok(run(&[*args, &["--help"]].concat()));
@@ -896,4 +897,65 @@ fn import_and_export_keep_holes() {
         "does not fit in thin 1",
     );
     assert_eq!(sha256(&pool.read("1", &[])), sha256(&want));
+}
+
+#[test]
+fn trim_gives_free_blocks_back_and_keeps_live_data() {
+    use std::os::unix::fs::FileExt;
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "8M"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "8M"]));
+    let one = random_bytes(8 << 20, 30);
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &one));
+    ok(pool.cmd_with_stdin("thin", "write", &["2"], &random_bytes(8 << 20, 31)));
+    ok(pool.cmd("thin", "delete", &["2"]));
+    // Nothing maps data blocks 512 and up (32 MiB): fill them with stale bytes, as a pool
+    // that ran without discard passdown would have left them.
+    let xml = stdout(&ok(run(&["dump", pool.path()])));
+    let highest = xml
+        .lines()
+        .filter_map(|l| {
+            let at = l.find("data_b")? + l[l.find("data_b")?..].find('"')? + 1;
+            let n: u64 = l[at..at + l[at..].find('"')?].parse().ok()?;
+            let len: u64 = l
+                .find("length=\"")
+                .map(|i| {
+                    l[i + 8..i + 8 + l[i + 8..].find('"').unwrap()]
+                        .parse()
+                        .unwrap()
+                })
+                .unwrap_or(1);
+            Some(n + len)
+        })
+        .max()
+        .unwrap();
+    assert!(highest <= 512, "mapped up to block {highest}");
+    let data = pool.dir.join("data");
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    f.write_all_at(&random_bytes(32 << 20, 32), 32 << 20)
+        .unwrap();
+    f.sync_all().unwrap();
+    let before = allocated_bytes(&data);
+    assert!(before >= 40 << 20, "{before}");
+
+    // Refused while someone owns the pool, naming the owner.
+    let paths = engine::PoolPaths::in_dir(&pool.dir);
+    let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
+    fails(
+        &run(&["trim", "--pool", pool.path()]),
+        1,
+        &format!("held by pid {}", std::process::id()),
+    );
+    drop(held);
+
+    let out = ok(run(&["trim", "--pool", pool.path()]));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    let after = allocated_bytes(&data);
+    eprintln!("data file allocated: {before} bytes before trim, {after} after");
+    assert!(
+        after <= (8 << 20) + (1 << 20),
+        "{after} bytes allocated after trim, {before} before"
+    );
+    assert_eq!(sha256(&pool.read("1", &[])), sha256(&one));
+    ok(run(&["check", pool.path()]));
 }

@@ -10,6 +10,7 @@ pub mod restore;
 pub mod serve;
 pub mod thin;
 pub mod thin_io;
+pub mod trim;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Dump(args) => dump::run(args),
         Command::Restore(args) => restore::run(args),
         Command::Repair(args) => repair::run(args),
+        Command::Trim(args) => trim::run(args),
         Command::Serve(args) => serve::run(args),
     }
 }
@@ -201,6 +203,30 @@ pub fn open_metadata(
         Err(LockError::Held(holder)) => anyhow::bail!(
             "metadata {} is in use by its pool's owner ({holder}); stop the owner first, or \
              use --metadata-snap",
+            path.display()
+        ),
+        Err(LockError::Io(e)) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("failed to lock metadata {}", path.display())))
+        }
+    }
+}
+
+/// Takes the pool ownership lock of the metadata `dev` at `path` (held while the returned
+/// file is open), naming the holder when someone else has it.
+pub fn lock_metadata(
+    dev: &engine::io::FileDevice,
+    path: &std::path::Path,
+) -> anyhow::Result<std::fs::File> {
+    use engine::io::lock::{lock_exclusive, LockError};
+    let lock = dev
+        .file()
+        .try_clone()
+        .with_context(|| format!("failed to open metadata {}", path.display()))?;
+    match lock_exclusive(&lock) {
+        Ok(()) => Ok(lock),
+        Err(LockError::Held(holder)) => anyhow::bail!(
+            "metadata {} is in use by its pool's owner ({holder}); stop the owner first",
             path.display()
         ),
         Err(LockError::Io(e)) => {

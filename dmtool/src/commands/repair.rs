@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use engine::io::lock::{lock_exclusive, LockError};
 use engine::io::{BlockDevice, FileDevice, OpenMode};
 use engine::tools::repair::{repair, RepairOptions, RepairReport};
 use engine::DataBlockSize;
@@ -64,7 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     super::refuse_if_kernel_owns(&output_path)?;
     let output = FileDevice::open(&output_path, OpenMode::ReadWrite)
         .with_context(|| format!("failed to open metadata {}", output_path.display()))?;
-    let _output_lock = lock(&output, &output_path)?;
+    let _output_lock = super::lock_metadata(&output, &output_path)?;
     let opts = RepairOptions {
         data_block_size: args.data_block_size,
         nr_data_blocks: args.nr_data_blocks,
@@ -144,23 +143,4 @@ fn same_file(a: &Path, b: &Path) -> anyhow::Result<bool> {
     let rdev = |m: &std::fs::Metadata| (m.rdev() != 0).then_some(m.rdev());
     Ok((ma.dev(), ma.ino()) == (mb.dev(), mb.ino())
         || rdev(&ma).is_some_and(|r| Some(r) == rdev(&mb)))
-}
-
-/// Takes the pool ownership lock of the output, naming the holder when it is taken.
-fn lock(dev: &FileDevice, path: &Path) -> anyhow::Result<std::fs::File> {
-    let lock = dev
-        .file()
-        .try_clone()
-        .with_context(|| format!("failed to open metadata {}", path.display()))?;
-    match lock_exclusive(&lock) {
-        Ok(()) => Ok(lock),
-        Err(LockError::Held(holder)) => anyhow::bail!(
-            "metadata {} is in use by its pool's owner ({holder}); stop the owner first",
-            path.display()
-        ),
-        Err(LockError::Io(e)) => {
-            Err(anyhow::Error::new(e)
-                .context(format!("failed to lock metadata {}", path.display())))
-        }
-    }
 }

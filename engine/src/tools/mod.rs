@@ -7,6 +7,7 @@
 //! - [`dump`] prints devices and mappings byte for byte as `thin_dump` 0.9.0 does, and
 //!   stops with an error at the first damage it cannot read past.
 //! - [`restore`] writes a fresh pool from `thin_dump` XML.
+//! - [`trim`] discards the data blocks the data space map says are free.
 //! - [`repair`] rebuilds a fresh pool from damaged metadata, keeping every mapping that can
 //!   be trusted (tolerant walks, then a scan of the whole device for orphaned subtrees).
 //!
@@ -19,3 +20,4 @@ pub mod dump;
 mod raw;
 pub mod repair;
 pub mod restore;
+pub mod trim;
