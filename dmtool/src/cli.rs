@@ -110,6 +110,12 @@ pub enum ThinCommand {
     /// Delete a thin device
     #[command(after_help = "Example: dmtool thin delete --pool /srv/pool 2")]
     Delete(thin::DeleteArgs),
+    /// Name a thin, or rename it (names live in the volume store beside the pool)
+    ///
+    /// The change is atomic (the store is replaced in one rename) and goes through the
+    /// pool's owner when one runs. A name another thin has is refused.
+    #[command(after_help = "Example: dmtool thin rename --pool /srv/pool 1 base-v2")]
+    Rename(thin::RenameArgs),
     /// Copy stdin (or --input FILE) into a thin device
     ///
     /// Input that would go past the thin's end is refused; with a file this is known before

@@ -435,6 +435,8 @@ fn usage_errors_exit_2() {
         &["thin", "create", "--metadata", m, "1", "--size", "1M"],
         &["thin", "ls"],
         &["thin", "read", "--pool", p, "1", "--bogus"],
+        &["thin", "rename", "--pool", p, "1"],
+        &["thin", "rename", "--pool", p, "1", "x", "--clear"],
         &["pool", "create", "--pool", p, "--block-size", "96k"],
         &["dump", "--format", "yaml", m],
         &["check"],
@@ -464,6 +466,7 @@ fn every_help_has_an_example() {
         &["thin", "read"],
         &["thin", "ls"],
         &["thin", "import"],
+        &["thin", "rename"],
         &["thin", "export"],
         &["check"],
         &["dump"],
@@ -958,4 +961,58 @@ fn trim_gives_free_blocks_back_and_keeps_live_data() {
     );
     assert_eq!(sha256(&pool.read("1", &[])), sha256(&one));
     ok(run(&["check", pool.path()]));
+}
+
+#[test]
+fn rename_is_atomic_and_refuses_a_taken_name() {
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "1M", "--name", "base"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "1M", "--name", "other"]));
+    ok(pool.cmd("thin", "rename", &["1", "base-v2"]));
+    let names = || -> Vec<serde_json::Value> {
+        let ls: serde_json::Value =
+            serde_json::from_slice(&ok(pool.cmd("thin", "ls", &["--json"])).stdout).unwrap();
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].clone())
+            .collect()
+    };
+    assert_eq!(names(), ["base-v2", "other"]);
+    // Renaming to its own name changes nothing; another thin's name is refused.
+    ok(pool.cmd("thin", "rename", &["1", "base-v2"]));
+    fails(
+        &pool.cmd("thin", "rename", &["2", "base-v2"]),
+        1,
+        "name \"base-v2\" is taken by thin 1",
+    );
+    fails(&pool.cmd("thin", "rename", &["3", "x"]), 1, "thin 3");
+    fails(
+        &pool.cmd("thin", "rename", &["2", "bad/name"]),
+        1,
+        "failed to rename thin 2",
+    );
+    assert_eq!(names(), ["base-v2", "other"]);
+    ok(pool.cmd("thin", "rename", &["2", "--clear"]));
+    assert_eq!(
+        names(),
+        [serde_json::json!("base-v2"), serde_json::Value::Null]
+    );
+    // No temporary file is left beside the store.
+    let left: Vec<_> = std::fs::read_dir(&pool.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("volumes") && n != "volumes.json")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Refused while another process owns the pool, naming it.
+    let paths = engine::PoolPaths::in_dir(&pool.dir);
+    let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
+    fails(
+        &pool.cmd("thin", "rename", &["2", "x"]),
+        1,
+        &format!("held by pid {}", std::process::id()),
+    );
+    drop(held);
 }

@@ -35,6 +35,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Thin(ThinCommand::Create(args)) => thin::create(args),
         Command::Thin(ThinCommand::Snap(args)) => thin::snap(args),
         Command::Thin(ThinCommand::Delete(args)) => thin::delete(args),
+        Command::Thin(ThinCommand::Rename(args)) => thin::rename(args),
         Command::Thin(ThinCommand::Ls(args)) => thin::ls(args),
         Command::Thin(ThinCommand::Write(args)) => thin_io::write(args),
         Command::Thin(ThinCommand::Read(args)) => thin_io::read(args),

@@ -639,6 +639,20 @@ impl PoolControl for KernelControl {
         })
     }
 
+    fn rename(&mut self, id: ThinId, name: Option<&str>) -> Result<()> {
+        self.record_size(id)?;
+        if self.store.get(id).and_then(|v| v.name.as_deref()) == name {
+            return Ok(());
+        }
+        self.check_new_name(name)?;
+        let intent = Intent::Rename {
+            id,
+            name: name.map(str::to_owned),
+        };
+        // Nothing changes in the pool; the transaction id still moves, as for every change.
+        self.change(intent, |_| Ok(()))
+    }
+
     fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
         self.pool
             .message(&format!("set_transaction_id {old} {new}"))
