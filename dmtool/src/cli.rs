@@ -85,6 +85,17 @@ pub enum PoolCommand {
     /// Grow the data and/or metadata space (a file is extended sparse; pools never shrink)
     #[command(after_help = "Example: dmtool pool resize --pool /srv/pool --data-size 200G")]
     Resize(pool::ResizeArgs),
+    /// Change the pool's table options: low-water mark, what happens when it is full, zeroing
+    ///
+    /// dm-thin keeps these in the pool's table, not in its metadata; they are kept in the
+    /// volume store and used whenever the pool is opened, served by its daemon or handed to
+    /// the kernel (as low_water_mark, error_if_no_space, skip_block_zeroing). Refused while
+    /// the pool has an owner; `pool status` shows them.
+    #[command(
+        after_help = "Example: dmtool pool set --pool /srv/pool --low-water-mark 1G \
+                            --when-full queue --zeroing off"
+    )]
+    Set(pool::SetArgs),
     /// Hand the pool to an owner that keeps it while its thins are active
     ///
     /// The owner is the kernel's device-mapper where it works (loop devices are attached to

@@ -438,6 +438,8 @@ fn usage_errors_exit_2() {
         &["thin", "rename", "--pool", p, "1"],
         &["thin", "rename", "--pool", p, "1", "x", "--clear"],
         &["pool", "create", "--pool", p, "--block-size", "96k"],
+        &["pool", "set", "--pool", p],
+        &["pool", "set", "--pool", p, "--when-full", "later"],
         &["dump", "--format", "yaml", m],
         &["check"],
         &["repair", "-i", m],
@@ -458,6 +460,7 @@ fn every_help_has_an_example() {
         &["pool"],
         &["pool", "create"],
         &["pool", "status"],
+        &["pool", "set"],
         &["thin"],
         &["thin", "create"],
         &["thin", "snap"],
@@ -1011,6 +1014,76 @@ fn rename_is_atomic_and_refuses_a_taken_name() {
     let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
     fails(
         &pool.cmd("thin", "rename", &["2", "x"]),
+        1,
+        &format!("held by pid {}", std::process::id()),
+    );
+    drop(held);
+}
+
+#[test]
+fn pool_set_is_kept_shown_and_used() {
+    use std::os::unix::fs::FileExt;
+    let pool = TestPool::new();
+    let row = |label: &str| -> String {
+        let table = stdout(&ok(pool.cmd("pool", "status", &[])));
+        let line = table.lines().find(|l| l.starts_with(label));
+        line.unwrap_or_else(|| panic!("no {label} in {table}"))[label.len()..]
+            .trim()
+            .to_string()
+    };
+    assert_eq!(row("Zeroing:"), "on");
+    assert_eq!(row("When Full:"), "error (error_if_no_space)");
+    assert_eq!(row("Low Water Mark:"), "0 blocks (0B)");
+
+    ok(pool.cmd(
+        "pool",
+        "set",
+        &[
+            "--low-water-mark",
+            "1M",
+            "--when-full",
+            "queue",
+            "--zeroing",
+            "off",
+        ],
+    ));
+    assert_eq!(row("Zeroing:"), "off (skip_block_zeroing)");
+    assert_eq!(row("When Full:"), "queue (queue_if_no_space)");
+    assert_eq!(row("Low Water Mark:"), "16 blocks (1MiB)");
+    let json: serde_json::Value =
+        serde_json::from_slice(&ok(pool.cmd("pool", "status", &["--json"])).stdout).unwrap();
+    assert_eq!(json["low_water_blocks"], 16);
+    assert_eq!(json["status"]["zero_new_blocks"], false);
+    assert_eq!(json["status"]["error_if_no_space"], false);
+    // One setting changes alone; the others stay.
+    ok(pool.cmd("pool", "set", &["--when-full", "error"]));
+    let json: serde_json::Value =
+        serde_json::from_slice(&ok(pool.cmd("pool", "status", &["--json"])).stdout).unwrap();
+    assert_eq!(json["status"]["error_if_no_space"], true);
+    assert_eq!(json["low_water_blocks"], 16);
+
+    // Zeroing off is what writes use: a 4 KiB write to a new block leaves the rest of the
+    // block as the data device had it.
+    let data = pool.dir.join("data");
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    f.write_all_at(&vec![0xaa; 1 << 20], 0).unwrap();
+    drop(f);
+    ok(pool.cmd("thin", "create", &["1", "--size", "1M"]));
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &[0x11; 4096]));
+    let block = pool.read("1", &["--length", "64k"]);
+    assert!(block[..4096].iter().all(|&b| b == 0x11));
+    assert!(block[4096..].iter().all(|&b| b == 0xaa), "zeroing is off");
+    ok(pool.cmd("pool", "set", &["--zeroing", "on"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "1M"]));
+    ok(pool.cmd_with_stdin("thin", "write", &["2"], &[0x22; 4096]));
+    let block = pool.read("2", &["--length", "64k"]);
+    assert!(block[4096..].iter().all(|&b| b == 0), "zeroing is on again");
+
+    // Refused while another process owns the pool, naming it.
+    let paths = engine::PoolPaths::in_dir(&pool.dir);
+    let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
+    fails(
+        &pool.cmd("pool", "set", &["--zeroing", "off"]),
         1,
         &format!("held by pid {}", std::process::id()),
     );

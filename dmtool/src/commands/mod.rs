@@ -28,6 +28,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Pool(PoolCommand::Create(args)) => pool::create(args),
         Command::Pool(PoolCommand::Status(args)) => pool::status(args),
         Command::Pool(PoolCommand::Resize(args)) => pool::resize(args),
+        Command::Pool(PoolCommand::Set(args)) => pool::set(args),
         Command::Pool(PoolCommand::Start(args)) => daemon::start(args),
         Command::Pool(PoolCommand::Stop(args)) => daemon::stop(args),
         Command::Thin(ThinCommand::Activate(args)) => activate::activate(args),
