@@ -93,7 +93,8 @@ pub struct RepairReport {
     /// Devices in a mapping tree without details (written with details made up: created at
     /// time 0, snapshotted now, so every old block is copied before it is written).
     pub devices_without_details: Vec<u64>,
-    /// Devices with details whose mapping tree was not found (written without mappings).
+    /// Devices with details (and mappings) whose mapping tree was not found (written
+    /// without mappings).
     pub devices_without_mappings: Vec<u64>,
     /// Whether a metadata snapshot was held (it is not carried over).
     pub dropped_metadata_snap: bool,
@@ -901,7 +902,8 @@ impl<'a> Repairer<'a> {
                 }
             };
             let f = found.remove(&id);
-            if f.is_none() {
+            // A device that mapped nothing lost nothing with its (empty) tree.
+            if f.is_none() && d.mapped_blocks > 0 {
                 self.without_mappings.push(id);
             }
             let f = f.unwrap_or_default();
@@ -978,8 +980,10 @@ impl<'a> Repairer<'a> {
     /// more references than the live nodes found by the scan (and the superblock) hold; a
     /// node it calls free is a stale copy and never qualifies. Without it, a node qualifies
     /// when no valid node points at it and no walk kept it. With `tree_roots` (looking for
-    /// whole trees, not lost pieces) the references of metadata-snapshot copies are not
-    /// counted.
+    /// whole trees without a superblock) the references of metadata-snapshot copies are not
+    /// counted, so a snapshot's trees are candidates too. With a superblock they are not:
+    /// a lost live root is rebuilt from its devices' orphaned trees instead, which keeps
+    /// later changes and does not bring back devices deleted since the snapshot.
     fn orphans(&mut self, leaf_value_size: u32, tree_roots: bool) -> Vec<(u64, Subtree)> {
         let Some(scan) = self.scan.as_mut() else {
             return Vec::new();
@@ -1083,7 +1087,8 @@ impl<'a> Repairer<'a> {
     /// Top-level mapping trees found by the scan (see [`Self::looks_like_top`]).
     fn top_candidates(&mut self) -> Vec<Candidate> {
         let mut out = Vec::new();
-        for (loc, _) in self.orphans(8, true) {
+        let tree_roots = !self.superblock_intact;
+        for (loc, _) in self.orphans(8, tree_roots) {
             let Some(entries) = self.entries(loc, 8) else {
                 continue;
             };
@@ -1104,7 +1109,8 @@ impl<'a> Repairer<'a> {
     /// Device-details trees found by the scan.
     fn details_candidates(&mut self) -> Vec<Candidate> {
         let mut out = Vec::new();
-        for (loc, _) in self.orphans(24, true) {
+        let tree_roots = !self.superblock_intact;
+        for (loc, _) in self.orphans(24, tree_roots) {
             let mut ids = BTreeSet::new();
             let mut newest = 0;
             let mut probe = self.probe();
