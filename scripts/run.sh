@@ -1,15 +1,77 @@
 #!/usr/bin/env bash
-# Sets up the machine, builds, and runs the main job on the default pool
-# (/var/lib/thinbox/pool, or $THINBOX_POOL): a thin volume, a snapshot of it, a
-# copy-on-write overwrite, both read back; then a thin activated as a block device with
-# ext4 on it (mounted, filled, trimmed, unmounted), the pool's status and a metadata check.
-# Safe to run again: the pool is reused and the job's own thins are replaced.
+# Sets up the machine, builds, and runs the main job:
+# 1. thinbox's walkthrough on the default storage (/var/lib/thinbox, or $THINBOX_ROOT): a
+#    local registry with a busybox image (built from busybox-static), pull, run a container
+#    that installs a file, commit it with a new CMD, inspect, tag, push, remove everything
+#    local, pull back, run the new default command, save, load on a fresh root, run again;
+# 2. dmtool on the default pool (/var/lib/thinbox/pool, or $THINBOX_POOL): a thin volume, a
+#    snapshot of it, a copy-on-write overwrite, both read back; then a thin activated as a
+#    block device with ext4 on it (mounted, filled, trimmed, unmounted), the pool's status
+#    and a metadata check.
+# Safe to run again: the storage is reused and the job's own images, containers and thins
+# are replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/setup.sh
-cargo build --release -p dmtool
+cargo build --release -p dmtool -p runtime -p fixtures --bin dmtool --bin thinbox --bin demo-registry
+thinbox=target/release/thinbox
+root=${THINBOX_ROOT:-/var/lib/thinbox}
+tb() { echo "+ thinbox $*" >&2; "$thinbox" --root "$root" "$@"; }
+
+work=$(mktemp -d)
+registry_pid=
+cleanup_walkthrough() {
+  "$thinbox" --root "$work/fresh" pool-daemon stop --force >/dev/null 2>&1 || true
+  # The registry and its docker-registry child are one process group.
+  if [ -n "$registry_pid" ]; then
+    kill -- "-$registry_pid" 2>/dev/null || true
+    wait "$registry_pid" 2>/dev/null || true
+    registry_pid=
+  fi
+  rm -rf "$work"
+}
+trap cleanup_walkthrough EXIT
+
+setsid target/release/demo-registry "$work/registry" </dev/null >"$work/registry.out" &
+registry_pid=$!
+for _ in $(seq 600); do [ -s "$work/registry.out" ] && break; sleep 0.1; done
+host=$(head -1 "$work/registry.out")
+[ -n "$host" ] || { echo "the demo registry did not start" >&2; exit 1; }
+busybox=$host/demo/busybox:latest
+hello=$host/demo/hello:v1
+
+# What an earlier run left (its registry had another port).
+"$thinbox" --root "$root" rm -f walkthrough-builder >/dev/null 2>&1 || true
+"$thinbox" --root "$root" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null \
+  | grep -E '^127\.0\.0\.1:[0-9]+/demo/(busybox|hello):' \
+  | xargs -r "$thinbox" --root "$root" rmi >/dev/null 2>&1 || true
+
+tb pull "$busybox"
+tb run --name walkthrough-builder "$busybox" sh -c 'echo hello from thinbox > /hello'
+tb diff walkthrough-builder
+tb commit -c 'CMD ["cat", "/hello"]' -m "add /hello" walkthrough-builder "$hello"
+tb inspect --format '{{json .Config.Cmd}}' "$hello"
+tb tag "$hello" "$host/demo/hello:latest"
+tb push "$hello"
+tb rm walkthrough-builder
+tb rmi "$hello" "$host/demo/hello:latest" "$busybox"
+tb images
+tb pull "$hello"
+[ "$(tb run --rm "$hello")" = "hello from thinbox" ] || { echo "the pulled image does not say hello" >&2; exit 1; }
+echo "the committed image, pulled back, runs its new default command"
+tb save -o "$work/hello.tar.gz" "$hello"
+root=$work/fresh tb load -i "$work/hello.tar.gz"
+[ "$(root=$work/fresh tb run --rm "$hello")" = "hello from thinbox" ] || { echo "the loaded image does not say hello" >&2; exit 1; }
+echo "saved, loaded on a fresh root, and run again"
+tb info
+tb system df
+# The pool daemon would keep serving (as dockerd does); the job leaves nothing running.
+tb pool-daemon stop
+cleanup_walkthrough
+trap - EXIT
+
 dmtool=target/release/dmtool
 pool=${THINBOX_POOL:-/var/lib/thinbox/pool}
 

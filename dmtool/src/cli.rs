@@ -11,6 +11,7 @@ use engine::{DataBlockSize, PoolPaths, ThinId};
 use crate::commands::{
     activate, check, daemon, dump, pool, repair, restore, serve, thin, thin_io, trim,
 };
+use crate::commands::{delta, links, ls, metadata_size, rmap};
 
 /// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
 /// dump metadata like thin-provisioning-tools.
@@ -37,7 +38,10 @@ pub enum Command {
     #[command(after_help = "Example: dmtool thin ls --pool /srv/pool")]
     Thin(ThinCommand),
     /// Check pool metadata offline, like thin_check
-    #[command(after_help = "Example: dmtool check /srv/pool/metadata")]
+    #[command(
+        after_help = "Exit status: 0 clean, 1 damage found or the check failed, 2 usage.\n\n\
+                      Example: dmtool check --clear-needs-check-flag /srv/pool/metadata"
+    )]
     Check(check::Args),
     /// Print pool metadata as XML or human-readable text, like thin_dump
     #[command(after_help = "Example: dmtool dump --format human_readable /srv/pool/metadata")]
@@ -69,6 +73,46 @@ pub enum Command {
     /// Export thins over NBD (newstyle); runs until SIGTERM or SIGINT, then commits
     #[command(after_help = "Example: dmtool serve --pool /srv/pool --nbd unix:/run/pool.sock 1")]
     Serve(serve::Args),
+
+    // thin-provisioning-tools' reports and the links that give dmtool their names.
+    /// List thins with their mapped, exclusive and shared space, like thin_ls
+    ///
+    /// Prints what thin_ls 0.9.0 prints for the same metadata. A block is exclusive to a
+    /// thin when no other mapping (of any thin) names it; shared = mapped - exclusive.
+    #[command(
+        after_help = "Exit status: 0 ok, 1 the metadata could not be read, 2 usage.\n\n\
+                      Example: dmtool ls -o DEV,MAPPED,EXCLUSIVE,SHARED /srv/pool/metadata"
+    )]
+    Ls(ls::Args),
+    /// Show how two thins' mappings differ, like thin_delta
+    ///
+    /// Prints thin_delta 0.9.0's XML for the same metadata. The global -v/--verbose is
+    /// thin_delta's --verbose here: every range with its data blocks.
+    #[command(
+        after_help = "Exit status: 0 ok, 1 a thin is missing or the metadata could not be \
+                      read, 2 usage.\n\n\
+                      Example: dmtool delta --thin1 1 --thin2 2 --verbose /srv/pool/metadata"
+    )]
+    Delta(delta::Args),
+    /// Show which thins map given data blocks, like thin_rmap
+    #[command(
+        after_help = "Exit status: 0 ok, 1 the metadata could not be read, 2 usage.\n\n\
+                      Example: dmtool rmap --region 0..1024 /srv/pool/metadata"
+    )]
+    Rmap(rmap::Args),
+    /// Estimate the metadata size a pool needs, like thin_metadata_size (-h for options)
+    #[command(
+        after_help = "Example: dmtool metadata-size -b 64k -s 1t -m 1000 -u m",
+        disable_help_flag = true
+    )]
+    MetadataSize(metadata_size::Args),
+    /// Make thin_check, thin_dump, ... symlinks to dmtool in DIR
+    ///
+    /// Run through a link named after a thin-provisioning-tools program, dmtool runs its verb
+    /// of that name with that program's options: thin_check, thin_dump, thin_restore,
+    /// thin_ls, thin_delta, thin_rmap, thin_metadata_size. Usage errors exit 2, not 1.
+    #[command(after_help = "Example: dmtool links /usr/local/sbin")]
+    Links(links::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +191,9 @@ pub enum ThinCommand {
     #[command(after_help = "Example: dmtool thin export --pool /srv/pool 1 --output disk.img")]
     Export(thin_io::ExportArgs),
     /// List thin devices: id, name, size, mapped space, origin, block device
+    ///
+    /// EXCLUSIVE is the space of blocks no other thin maps, SHARED the rest of MAPPED, as
+    /// thin_ls counts them (see `dmtool ls` for thin_ls's own table).
     #[command(after_help = "Example: dmtool thin ls --pool /srv/pool --json")]
     Ls(thin::LsArgs),
     /// Make a thin a block device and print its path (starts an owner if needed)

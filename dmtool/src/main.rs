@@ -17,10 +17,21 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, Command};
+use crate::commands::links::{invocation, Invocation};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // Through a link named thin_check, thin_ls, ... dmtool is that tool: `thin_ls ARGS` runs
+    // as `dmtool ls ARGS`.
+    let argv = match invocation(std::env::args_os().collect()) {
+        Invocation::Dmtool(argv) => argv,
+        Invocation::Unavailable(tool) => {
+            eprintln!("{tool}: not available: this dmtool has no verb for it yet");
+            return ExitCode::FAILURE;
+        }
+    };
+    let argv = commands::delta::normalize_args(argv);
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout with 0; everything else is a usage error.
@@ -32,8 +43,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_tracing(cli.verbose);
-    match commands::run(cli.command) {
+    // For delta, -v/--verbose is thin_delta's --verbose, not more logging.
+    let log_level = match cli.command {
+        Command::Delta(_) => 0,
+        _ => cli.verbose,
+    };
+    init_tracing(log_level);
+    match commands::run(cli.command, cli.verbose) {
         Ok(code) => code,
         // Whoever read our output stopped reading; that is their choice, not our failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

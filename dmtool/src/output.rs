@@ -39,3 +39,10 @@ pub fn json<T: Serialize>(value: &T) -> io::Result<()> {
     writeln!(out)?;
     out.flush()
 }
+
+/// Writes `bytes` to stdout and flushes.
+pub fn write_stdout(bytes: &[u8]) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
+}

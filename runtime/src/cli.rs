@@ -38,6 +38,11 @@ pub struct Global {
     #[arg(long = "storage-opt", global = true, value_name = "KEY=VALUE")]
     pub storage_opts: Vec<String>,
 
+    /// Storage driver: devicemapper (block copy-on-write on a thin pool, the default) or
+    /// overlay (file copy-on-write with overlayfs); chosen when the storage is first created
+    #[arg(long = "storage-driver", global = true, value_name = "DRIVER")]
+    pub storage_driver: Option<String>,
+
     /// More diagnostics on stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides)
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -54,7 +59,7 @@ pub enum Command {
     /// Remove one or more images (and the thin devices of layers no image uses any more)
     #[command(after_help = "Example: thinbox rmi 127.0.0.1:5000/test/busybox:base")]
     Rmi(rmi::Args),
-    /// Show an image's details as JSON, in Docker's shape
+    /// Show containers' or images' details as JSON, in Docker's shape
     #[command(after_help = "Example: thinbox inspect --format '{{.Id}}' busybox")]
     Inspect(inspect::Args),
     /// Show the storage driver's state: pool, base device, space
@@ -96,6 +101,12 @@ pub enum Command {
     /// Show a container's changes against its image (A added, C changed, D deleted)
     #[command(after_help = "Example: thinbox diff web")]
     Diff(diff::Args),
+    /// Create a new image from a container's changes
+    #[command(
+        after_help = "Examples:\n  thinbox commit -c 'CMD [\"cat\", \"/hello\"]' -m 'add hello' web hello:v1\n  \
+                            thinbox commit -p=false --author 'Jane <jane@example.com>' web"
+    )]
+    Commit(crate::commands::commit::Args),
     /// A detached container's supervisor (started by run -d and start)
     #[command(hide = true)]
     ContainerShim(start::ShimArgs),

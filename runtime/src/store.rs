@@ -189,6 +189,11 @@ impl Store {
         Ok(store)
     }
 
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn save_layers(&self) -> anyhow::Result<()> {
         save_json(&self.root.join("layers.json"), &self.layers)
     }
@@ -235,6 +240,24 @@ impl Store {
         let bytes = fs::read(self.root.join("devicemapper").join("config.json")).ok()?;
         let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         v["options"]["base_size"].as_u64()
+    }
+
+    /// The layer records of image `id`, bottom first.
+    pub fn image_layers(&self, id: &Digest) -> anyhow::Result<Vec<LayerRecord>> {
+        let image = self
+            .images
+            .get(id)
+            .with_context(|| format!("image {id} is gone"))?;
+        image
+            .layers
+            .iter()
+            .map(|l| {
+                self.layers
+                    .get(l)
+                    .cloned()
+                    .with_context(|| format!("image {id} has no record of layer {l}"))
+            })
+            .collect()
     }
 
     /// Bytes of content of an image's layers.

@@ -341,6 +341,8 @@ fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
     let used_after = env.client().status().unwrap().status.used_data_blocks;
     assert!(used_after < used_before, "{used_after} < {used_before}");
     let fails = env.fails(&["inspect", &base]);
+    assert!(fails.contains("No such object"), "{fails}");
+    let fails = env.fails(&["inspect", "--type", "image", &base]);
     assert!(fails.contains("No such image"), "{fails}");
 }
 

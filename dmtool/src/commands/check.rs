@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use engine::io::{FileDevice, OpenMode};
+use engine::thin::metadata::superblock::clear_needs_check;
 use engine::tools::check::{check, CheckOptions};
 
 use super::open_metadata;
@@ -26,6 +28,11 @@ pub struct Args {
     /// Check the held metadata snapshot instead of the live trees
     #[arg(short = 'm', long)]
     pub metadata_snap: bool,
+
+    /// When the check finds no error, clear NEEDS_CHECK in the superblock (only its flags
+    /// and checksum change), so the pool opens read-write again
+    #[arg(long, conflicts_with = "metadata_snap")]
+    pub clear_needs_check_flag: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -69,9 +76,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    if !report.is_clean() {
+        return Ok(ExitCode::FAILURE);
+    }
+    if args.clear_needs_check_flag && report.needs_check {
+        // The owner lock taken above is still held: nobody else has the pool.
+        let path = dev.path().to_path_buf();
+        let rw = FileDevice::open(&path, OpenMode::ReadWrite)
+            .with_context(|| format!("failed to open metadata {} to write", path.display()))?;
+        clear_needs_check(&rw).with_context(|| {
+            format!("failed to clear needs_check in metadata {}", path.display())
+        })?;
+        if !args.quiet {
+            eprintln!("dmtool: cleared needs_check in {}", path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

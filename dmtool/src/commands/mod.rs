@@ -12,6 +12,12 @@ pub mod thin;
 pub mod thin_io;
 pub mod trim;
 
+pub mod delta;
+pub mod links;
+pub mod ls;
+pub mod metadata_size;
+pub mod rmap;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -23,7 +29,8 @@ use engine::{Error, PoolOptions};
 
 use crate::cli::{Command, PoolCommand, PoolLocation, ThinCommand};
 
-pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+/// `verbose` is the global -v count (delta reads it as thin_delta's --verbose).
+pub fn run(command: Command, verbose: u8) -> anyhow::Result<ExitCode> {
     match command {
         Command::Pool(PoolCommand::Create(args)) => pool::create(args),
         Command::Pool(PoolCommand::Status(args)) => pool::status(args),
@@ -48,6 +55,12 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Repair(args) => repair::run(args),
         Command::Trim(args) => trim::run(args),
         Command::Serve(args) => serve::run(args),
+
+        Command::Ls(args) => ls::run(args),
+        Command::Delta(args) => delta::run(args, verbose > 0),
+        Command::Rmap(args) => rmap::run(args),
+        Command::MetadataSize(args) => metadata_size::run(args, &links::program_name()),
+        Command::Links(args) => links::run(args),
     }
 }
 

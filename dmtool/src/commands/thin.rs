@@ -1,10 +1,16 @@
 //! `thin create`, `thin snap`, `thin delete`, `thin rename` and `thin ls`.
 
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use engine::activate::{ControlStatus, PoolControl};
+use engine::io::{FileDevice, OpenMode};
+use engine::tools::ls::{ls as list_usage, ThinUsage};
+use engine::tools::MetadataRoot;
 use engine::units::format_size;
-use engine::ThinId;
+use engine::{Error, ThinId};
 use serde::Serialize;
 
 use super::{control, Access};
@@ -146,6 +152,15 @@ struct ThinRow {
     size_bytes: Option<u64>,
     mapped_blocks: u64,
     mapped_bytes: u64,
+    /// Mappings of data blocks no other mapping names (as thin_ls counts them); `None` when
+    /// the metadata could not be read for it.
+    exclusive_blocks: Option<u64>,
+    exclusive_bytes: Option<u64>,
+    /// `mapped_blocks - exclusive_blocks`.
+    shared_blocks: Option<u64>,
+    shared_bytes: Option<u64>,
+    /// The highest mapped virtual block (`None` when nothing is mapped).
+    highest_mapped_block: Option<u64>,
     origin: Option<u64>,
     orphan: bool,
     /// The block device, when the thin is active.
@@ -159,17 +174,26 @@ pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
     let what = || format!("failed to list the thins of pool {}", args.loc.name());
     let status = pool.status().with_context(what)?;
     let block_bytes = u64::from(status.status.data_block_sectors) * 512;
-    let rows: Vec<ThinRow> = pool
-        .list()
-        .with_context(what)?
+    let thins = pool.list().with_context(what)?;
+    let usage = usage(&args.loc, &mut *pool, &status)?;
+    let rows: Vec<ThinRow> = thins
         .into_iter()
-        .map(|t| ThinRow {
+        .map(|t| {
+            let u = usage.as_ref().and_then(|u| u.get(&t.id));
+            (t, u)
+        })
+        .map(|(t, u)| ThinRow {
             id: t.id,
             name: t.name,
             orphan: t.size_bytes.is_none(),
             size_bytes: t.size_bytes,
             mapped_blocks: t.mapped_blocks,
             mapped_bytes: t.mapped_blocks * block_bytes,
+            exclusive_blocks: u.map(|u| u.exclusive_blocks),
+            exclusive_bytes: u.map(|u| u.exclusive_blocks * block_bytes),
+            shared_blocks: u.map(|u| u.shared_blocks()),
+            shared_bytes: u.map(|u| u.shared_blocks() * block_bytes),
+            highest_mapped_block: u.and_then(|u| u.highest_mapped),
             origin: t.origin,
             deferred_removal: t.active.as_ref().is_some_and(|a| a.deferred_removal),
             device: t.active.map(|a| a.device.display().to_string()),
@@ -188,6 +212,8 @@ pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
                 r.size_bytes
                     .map_or_else(|| "? (orphan)".into(), format_size),
                 format_size(r.mapped_bytes),
+                r.exclusive_bytes.map_or_else(|| "-".into(), format_size),
+                r.shared_bytes.map_or_else(|| "-".into(), format_size),
                 r.origin.map_or_else(|| "-".into(), |o| o.to_string()),
                 match (&r.device, r.deferred_removal) {
                     (Some(d), true) => format!("{d} (deferred removal)"),
@@ -198,9 +224,77 @@ pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     output::table(
-        &["ID", "NAME", "SIZE", "MAPPED", "ORIGIN", "DEVICE"],
-        &["ID", "SIZE", "MAPPED", "ORIGIN"],
+        &[
+            "ID",
+            "NAME",
+            "SIZE",
+            "MAPPED",
+            "EXCLUSIVE",
+            "SHARED",
+            "ORIGIN",
+            "DEVICE",
+        ],
+        &["ID", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "ORIGIN"],
         &cells,
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each thin's exclusive and shared counts, read from the metadata as `thin_ls` reads it:
+/// straight from the device when this process owns the pool (it is committed), else through
+/// a metadata snapshot reserved for the read and released after it. `None` (the columns
+/// show `-`) when someone else holds the metadata snapshot.
+fn usage(
+    loc: &PoolLocation,
+    pool: &mut dyn PoolControl,
+    status: &ControlStatus,
+) -> anyhow::Result<Option<BTreeMap<u64, ThinUsage>>> {
+    let path = loc.paths().metadata;
+    let what = || {
+        format!(
+            "failed to read the usage of the thins of pool {}",
+            loc.name()
+        )
+    };
+    let read = |root| -> anyhow::Result<Vec<ThinUsage>> {
+        let dev = FileDevice::open(&path, OpenMode::ReadOnly)
+            .with_context(|| format!("failed to open metadata {}", path.display()))?;
+        // The kernel writes metadata around the page cache: drop what an earlier reader left.
+        let _ = nix::fcntl::posix_fadvise(
+            dev.file().as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+        Ok(list_usage(&dev, root).with_context(what)?.thins)
+    };
+    let owned_here = status.daemon_pid.is_none() && status.kernel_device.is_none();
+    let thins = if owned_here {
+        read(MetadataRoot::Live)?
+    } else {
+        match pool.reserve_metadata_snap() {
+            Err(Error::MetadataSnapExists) => {
+                eprintln!(
+                    "dmtool: warning: a metadata snapshot is held on pool {}: exclusive and \
+                     shared space are not shown",
+                    loc.name()
+                );
+                return Ok(None);
+            }
+            other => other.with_context(what)?,
+        }
+        let thins = read(MetadataRoot::HeldSnap);
+        let released = pool.release_metadata_snap().with_context(|| {
+            format!(
+                "failed to release the metadata snapshot of pool {}",
+                loc.name()
+            )
+        });
+        match (thins, released) {
+            (Ok(t), Ok(())) => t,
+            (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+            (Err(e), Err(r)) => return Err(e.context(format!("also: {r:#}"))),
+        }
+    };
+    Ok(Some(thins.into_iter().map(|t| (t.thin_id, t)).collect()))
 }

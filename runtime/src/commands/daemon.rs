@@ -61,7 +61,8 @@ pub fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Stop(args) => {
-            let Some(storage) = Storage::open_existing(global)? else {
+            let Some(Storage::DeviceMapper(storage)) = Storage::open_existing(global)? else {
+                // No storage, or the overlay driver's, which has no daemon.
                 return Ok(ExitCode::SUCCESS);
             };
             let run = RunDir::for_pool(storage.paths());

@@ -1,4 +1,5 @@
-//! `info`: the storage driver's state, with Docker's devicemapper field names.
+//! `info`: the storage driver's state, with Docker's field names (devicemapper's pool
+//! figures, or overlay2's backing filesystem).
 
 use std::process::ExitCode;
 
@@ -7,7 +8,7 @@ use serde_json::json;
 
 use super::format::{human_size, render};
 use crate::cli::Global;
-use crate::storage::{Filesystem, Storage};
+use crate::storage::{DeviceMapper, Filesystem, Overlay, Storage};
 use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
@@ -20,6 +21,52 @@ pub struct Args {
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let storage = Storage::open(global)?;
     let store = Store::load(&global.root)?;
+    let fields = match &storage {
+        Storage::DeviceMapper(dm) => devicemapper_fields(dm)?,
+        Storage::Overlay(o) => overlay_fields(o),
+    };
+    let driver = storage.kind().name();
+    let value = json!({
+        "Driver": driver,
+        "DriverStatus": fields.iter().map(|(k, v)| [k.to_string(), v.clone()]).collect::<Vec<_>>(),
+        "Images": store.images.len(),
+        "DockerRootDir": global.root.display().to_string(),
+    });
+    match &args.format {
+        Some(template) => println!("{}", render(template, &value)?),
+        None => {
+            println!("Images: {}", store.images.len());
+            println!("Storage Driver: {driver}");
+            for (k, v) in &fields {
+                println!(" {k}: {v}");
+            }
+            println!("Thinbox Root Dir: {}", global.root.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// overlay2's lines: what the layers' directories sit on.
+fn overlay_fields(o: &Overlay) -> Vec<(&'static str, String)> {
+    let backing = nix::sys::statfs::statfs(o.dir()).map_or("unknown".to_string(), |s| {
+        match s.filesystem_type() {
+            nix::sys::statfs::EXT4_SUPER_MAGIC => "extfs".to_string(),
+            nix::sys::statfs::XFS_SUPER_MAGIC => "xfs".to_string(),
+            nix::sys::statfs::BTRFS_SUPER_MAGIC => "btrfs".to_string(),
+            nix::sys::statfs::TMPFS_MAGIC => "tmpfs".to_string(),
+            other => format!("{other:?}"),
+        }
+    });
+    vec![
+        ("Backing Filesystem", backing),
+        ("Supports d_type", "true".to_string()),
+        ("Using metacopy", "false".to_string()),
+        ("Native Overlay Diff", "true".to_string()),
+    ]
+}
+
+/// devicemapper's lines: the pool's space, as Docker shows it.
+fn devicemapper_fields(storage: &DeviceMapper) -> anyhow::Result<Vec<(&'static str, String)>> {
     let mut client = storage.control()?;
     let status = client.status()?.status;
     let options = storage.options();
@@ -39,7 +86,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         Filesystem::Ext4 => "extfs",
         Filesystem::Xfs => "xfs",
     };
-    let fields: Vec<(&str, String)> = vec![
+    let fields: Vec<(&'static str, String)> = vec![
         ("Pool Name", storage.pool_name()),
         ("Pool Blocksize", human_size(block)),
         ("Base Device Size", human_size(options.base_size)),
@@ -66,22 +113,5 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         ("Deferred Deletion Enabled", "false".to_string()),
         ("Deferred Deleted Device Count", "0".to_string()),
     ];
-    let value = json!({
-        "Driver": "devicemapper",
-        "DriverStatus": fields.iter().map(|(k, v)| [k.to_string(), v.clone()]).collect::<Vec<_>>(),
-        "Images": store.images.len(),
-        "DockerRootDir": global.root.display().to_string(),
-    });
-    match &args.format {
-        Some(template) => println!("{}", render(template, &value)?),
-        None => {
-            println!("Images: {}", store.images.len());
-            println!("Storage Driver: devicemapper");
-            for (k, v) in &fields {
-                println!(" {k}: {v}");
-            }
-            println!("Thinbox Root Dir: {}", global.root.display());
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(fields)
 }

@@ -11,9 +11,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use engine::activate::daemon::Client;
-use engine::activate::PoolControl;
-use engine::ThinId;
 
 use super::pull::{apply_layer, reconcile, write_blob};
 use crate::archive::load::{read_images, Layout, LoadImage, LoadLayer};
@@ -72,7 +69,6 @@ struct Added {
 /// Applies the layers of `image` that the store does not have; their chain ids.
 fn apply_image(
     storage: &Storage,
-    client: &mut Client,
     store: &mut Store,
     image: &LoadImage,
     added: &mut Added,
@@ -91,7 +87,6 @@ fn apply_image(
             }
             let record = apply_layer(
                 storage,
-                client,
                 store,
                 parent.as_ref(),
                 &chain_id,
@@ -107,17 +102,14 @@ fn apply_image(
     Ok(chain_ids)
 }
 
-/// Deletes what a failed image load added: its layers' thins and records (top first) and
-/// the blobs it stored. Returns the first failure, if any.
-fn roll_back(client: &mut Client, store: &mut Store, added: Added) -> anyhow::Result<()> {
+/// Deletes what a failed image load added: its layers' filesystems and records (top first)
+/// and the blobs it stored. Returns the first failure, if any.
+fn roll_back(storage: &Storage, store: &mut Store, added: Added) -> anyhow::Result<()> {
     let mut result = Ok(());
     for chain_id in added.layers.iter().rev() {
         if let Some(layer) = store.layers.remove(chain_id) {
-            if let Some(id) = ThinId::new(layer.thin_id) {
-                if let Err(e) = client.delete(id) {
-                    result = result.and(Err(anyhow::Error::new(e)
-                        .context(format!("failed to delete thin {id} of layer {chain_id}"))));
-                }
+            if let Err(e) = storage.remove_layers(&[&layer]) {
+                result = result.and(Err(e.context(format!("failed to delete layer {chain_id}"))));
             }
         }
     }
@@ -157,16 +149,15 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let verified = started.elapsed();
 
     let storage = Storage::open(global)?;
-    let mut client = storage.control()?;
-    reconcile(&mut store, &mut client)?;
+    reconcile(&mut store, &storage)?;
     let mut out = io::stdout().lock();
     for image in images {
         let mut added = Added::default();
-        let chain_ids = match apply_image(&storage, &mut client, &mut store, &image, &mut added) {
+        let chain_ids = match apply_image(&storage, &mut store, &image, &mut added) {
             Ok(c) => c,
             Err(e) => {
                 // Nothing of a failed image stays (layers other images use are not touched).
-                return Err(match roll_back(&mut client, &mut store, added) {
+                return Err(match roll_back(&storage, &mut store, added) {
                     Ok(()) => e,
                     Err(r) => e.context(format!("and the roll-back failed: {r:#}")),
                 });

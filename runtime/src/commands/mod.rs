@@ -1,5 +1,6 @@
 //! One module per verb: parse, call the storage, store and registry, format the output.
 
+pub mod commit;
 pub mod daemon;
 pub mod diff;
 pub mod exec;
@@ -59,5 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec(args) => exec::run(args, &global),
         Command::ContainerShim(args) => start::shim(args, &global),
         Command::Diff(args) => diff::run(args, &global),
+        Command::Commit(args) => commit::run(args, &global),
     }
 }

@@ -9,9 +9,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use engine::activate::daemon::Client;
-use engine::activate::PoolControl;
-use engine::ThinId;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cli::Global;
@@ -46,8 +43,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let mut registry = Registry::new(&reference, credentials);
     let mut store = Store::lock(&global.root)?;
     let storage = Storage::open(global)?;
-    let mut client = storage.control()?;
-    reconcile(&mut store, &mut client)?;
+    reconcile(&mut store, &storage)?;
 
     let started = Instant::now();
     // The repo digest is what the tag or digest names (an index for multi-arch images, as
@@ -114,7 +110,6 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             let t1 = Instant::now();
             let record = apply_layer(
                 &storage,
-                &mut client,
                 &mut store,
                 parent.as_ref(),
                 &chain_id,
@@ -185,8 +180,9 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Drops what an interrupted pull left: layers still `Preparing` (their thins are deleted).
-pub(crate) fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Result<()> {
+/// Drops what an interrupted pull, load or commit left: layers still `Preparing` (their
+/// filesystems are deleted).
+pub(crate) fn reconcile(store: &mut Store, storage: &Storage) -> anyhow::Result<()> {
     let stale: Vec<LayerRecord> = store
         .layers
         .values()
@@ -196,24 +192,14 @@ pub(crate) fn reconcile(store: &mut Store, client: &mut Client) -> anyhow::Resul
     if stale.is_empty() {
         return Ok(());
     }
-    let thins = client.list()?;
-    for layer in stale {
-        if let Some(t) = thins
-            .iter()
-            .find(|t| t.id == layer.thin_id && t.name.as_deref() == Some(&layer.device_name))
-        {
-            let id = ThinId::new(t.id).context("bad thin id")?;
-            if t.active.is_some() {
-                let _ = client.deactivate(id, false);
-            }
-            client.delete(id).with_context(|| {
-                format!(
-                    "failed to delete the thin of unfinished layer {}",
-                    layer.chain_id
-                )
-            })?;
-        }
-        tracing::warn!(layer = %layer.chain_id, "dropped a layer an interrupted pull left");
+    for layer in &stale {
+        storage.remove_layers(&[layer]).with_context(|| {
+            format!(
+                "failed to delete what unfinished layer {} left",
+                layer.chain_id
+            )
+        })?;
+        tracing::warn!(layer = %layer.chain_id, "dropped a layer an interrupted run left");
         store.layers.remove(&layer.chain_id);
     }
     store.save_layers()
@@ -357,28 +343,27 @@ fn download_layer(
     result
 }
 
-/// Makes the layer's thin: a snapshot of the parent layer's thin (or of the base device),
-/// mounted, with the blob applied, its diff id checked. The record is saved `Preparing`
-/// before the thin exists and `Ready` once it is complete; on failure the thin and the
-/// record go.
+/// Makes the layer's filesystem (with devicemapper, a snapshot of the parent layer's thin or
+/// of the base device; with overlay, a directory of its own), applies the blob, checks its
+/// diff id. The record is saved `Preparing` before the filesystem exists and `Ready` once it
+/// is complete; on failure the filesystem and the record go.
 pub(crate) fn apply_layer(
     storage: &Storage,
-    client: &mut Client,
     store: &mut Store,
     parent: Option<&Digest>,
     chain_id: &Digest,
     diff_id: &Digest,
     layer: &Descriptor,
 ) -> anyhow::Result<LayerRecord> {
-    let origin = match parent {
-        None => storage.base(),
-        Some(p) => {
-            let record = store
+    let parent_record = match parent {
+        None => None,
+        Some(p) => Some(
+            store
                 .layers
                 .get(p)
-                .context("the parent layer has no record")?;
-            ThinId::new(record.thin_id).context("bad thin id")?
-        }
+                .context("the parent layer has no record")?
+                .clone(),
+        ),
     };
     let name = format!("thinbox-{}", chain_id.hex());
     let mut record = LayerRecord {
@@ -399,14 +384,14 @@ pub(crate) fn apply_layer(
     store.layers.insert(chain_id.clone(), record.clone());
     store.save_layers()?;
     let result = storage
-        .create_snapshot(client, origin, &name)
-        .and_then(|id| {
-            record.thin_id = id.get();
+        .new_layer(parent_record.as_ref(), &name)
+        .and_then(|thin_id| {
+            record.thin_id = thin_id;
             store.layers.insert(chain_id.clone(), record.clone());
             store.save_layers()?;
             let blob = store.blob_path(&layer.digest);
-            storage.with_mounted(client, id, |root| {
-                unpack_blob(&blob, &layer.media_type, diff_id, root)
+            storage.with_layer_writable(&record, |root, whiteouts| {
+                unpack_blob(&blob, &layer.media_type, diff_id, root, whiteouts)
             })
         });
     match result {
@@ -418,12 +403,8 @@ pub(crate) fn apply_layer(
             Ok(record)
         }
         Err(e) => {
-            if record.thin_id != 0 {
-                if let Some(id) = ThinId::new(record.thin_id) {
-                    if let Err(d) = client.delete(id) {
-                        tracing::warn!(thin_id = %id, "failed to delete the thin of a failed layer: {d}");
-                    }
-                }
+            if let Err(d) = storage.remove_layers(&[&record]) {
+                tracing::warn!(layer = %chain_id, "failed to delete what a failed layer left: {d:#}");
             }
             store.layers.remove(chain_id);
             store.save_layers()?;
@@ -433,11 +414,12 @@ pub(crate) fn apply_layer(
 }
 
 /// Decompresses the blob at `path` and applies it onto `root`, checking its diff id.
-fn unpack_blob(
+pub(crate) fn unpack_blob(
     path: &Path,
     media_type: &str,
     diff_id: &Digest,
     root: &Path,
+    whiteouts: unpack::Whiteouts,
 ) -> anyhow::Result<unpack::Applied> {
     let mut file = BufReader::new(
         File::open(path).with_context(|| format!("failed to open {}", path.display()))?,
@@ -449,7 +431,7 @@ fn unpack_blob(
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
     };
     let mut tar = HashingReader::new(decoded);
-    let applied = unpack::apply_layer(root, &mut tar)?;
+    let applied = unpack::apply_layer(root, &mut tar, whiteouts)?;
     // The tar's end-of-archive blocks and any padding count toward the diff id too.
     io::copy(&mut tar, &mut io::sink()).context("failed to read the rest of the layer")?;
     let (actual, _) = tar.finish();

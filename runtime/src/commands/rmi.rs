@@ -11,8 +11,6 @@ use std::collections::HashSet;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use engine::activate::PoolControl;
-use engine::ThinId;
 
 use crate::cli::Global;
 use crate::container;
@@ -174,21 +172,11 @@ fn collect_garbage(store: &mut Store, global: &Global) -> anyhow::Result<()> {
     }
     unused.sort_by_key(|l| std::cmp::Reverse(depth(store, l)));
     let storage = Storage::open(global)?;
-    let mut client = storage.control()?;
-    let thins = client.list()?;
     for chain_id in unused {
         let Some(layer) = store.layers.get(&chain_id).cloned() else {
             continue;
         };
-        let exists = thins
-            .iter()
-            .any(|t| t.id == layer.thin_id && t.name.as_deref() == Some(&layer.device_name));
-        if exists {
-            let id = ThinId::new(layer.thin_id).context("bad thin id")?;
-            client
-                .delete(id)
-                .with_context(|| format!("failed to delete thin {id} of layer {chain_id}"))?;
-        }
+        storage.remove_layers(&[&layer])?;
         store.layers.remove(&chain_id);
         store.save_layers()?;
         println!("Deleted: {chain_id}");

@@ -3,9 +3,8 @@
 use std::fs;
 
 use anyhow::{bail, Context};
-use engine::ThinId;
 
-use super::spec::{ImageProcess, ProcessSpec, RunOptions};
+use super::spec::{container_config, ImageProcess, ProcessSpec, RunOptions};
 use super::{check_name, generate_name, list, new_id, now_rfc3339, Container, State, Status};
 use crate::cli::Global;
 use crate::storage::Storage;
@@ -41,17 +40,9 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
         .find_image(&opts.image)
         .with_context(|| format!("No such image: {}", opts.image))?
         .clone();
-    let image_config = ImageProcess::from_config(&store.read_blob(&image.id)?)?;
-    let origin = match image.layers.last() {
-        Some(top) => Some(
-            store
-                .layers
-                .get(top)
-                .with_context(|| format!("image {} has no record of layer {top}", image.id))?
-                .thin_id,
-        ),
-        None => None,
-    };
+    let config_bytes = store.read_blob(&image.id)?;
+    let image_config = ImageProcess::from_config(&config_bytes)?;
+    let layers = store.image_layers(&image.id)?;
 
     let existing = list(root)?;
     let id = new_id()?;
@@ -77,12 +68,9 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
         run.hostname = id[..12].to_string();
     }
     let process = ProcessSpec::resolve(&image_config, &run)?;
+    let config = container_config(&config_bytes, &run)?;
 
     let storage = Storage::open(global)?;
-    let origin = match origin {
-        Some(thin) => ThinId::new(thin).context("bad thin id in a layer record")?,
-        None => storage.base(),
-    };
     let mut c = Container {
         device_name: format!("thinbox-{id}"),
         id,
@@ -97,22 +85,21 @@ pub fn create(global: &Global, opts: CreateOptions) -> anyhow::Result<Container>
         auto_remove: opts.auto_remove,
         runtime: opts.runtime,
         thin_id: 0,
-        origin_thin_id: origin.get(),
+        origin_thin_id: 0,
+        config: Some(config),
         state: State {
             status: Some(Status::Creating),
             ..State::default()
         },
     };
     c.save(root)?;
-    let made = storage
-        .control()
-        .and_then(|mut client| storage.create_snapshot(&mut client, origin, &c.device_name));
-    match made {
-        Ok(thin) => {
-            c.thin_id = thin.get();
+    match storage.new_container(&layers, &c.device_name) {
+        Ok((thin, origin)) => {
+            c.thin_id = thin;
+            c.origin_thin_id = origin;
             c.state.status = Some(Status::Created);
             c.save(root)?;
-            tracing::info!(container = %c.id, thin_id = %thin, origin = %origin, "created");
+            tracing::info!(container = %c.id, thin_id = thin, origin, driver = storage.kind().name(), "created");
             Ok(c)
         }
         Err(e) => {

@@ -31,7 +31,7 @@ impl Kind {
 }
 
 /// Paths the runner creates for its mounts when the image lacks them.
-const INIT_PATHS: [&str; 6] = [
+pub const INIT_PATHS: [&str; 6] = [
     "/proc",
     "/sys",
     "/dev",
@@ -119,7 +119,11 @@ fn walk(
                         changed = true;
                     }
                 } else if !same(&pm, &cm, &p, &c) {
-                    out.push((Kind::Changed, path));
+                    out.push((Kind::Changed, path.clone()));
+                    if cm.is_dir() {
+                        // A file became a directory: everything in it is new.
+                        added_below(&c, &path, out)?;
+                    }
                     changed = true;
                 }
             }

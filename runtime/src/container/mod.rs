@@ -21,6 +21,7 @@ pub mod create;
 pub mod diff;
 pub mod logs;
 pub mod oci;
+pub mod pause;
 pub mod rootfs;
 pub mod runner;
 pub mod spec;
@@ -104,6 +105,10 @@ pub struct Container {
     pub thin_id: u64,
     pub device_name: String,
     pub origin_thin_id: u64,
+    /// Docker's `Config` of the container ([`spec::container_config`]); records written
+    /// before it was kept have none, and `commit` then starts from the image's.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
     pub state: State,
 }
 

@@ -129,6 +129,7 @@ mod tests {
             thin_id: 3,
             device_name: String::new(),
             origin_thin_id: 2,
+            config: None,
             state: State::default(),
         };
         let user = ResolvedUser {

@@ -1,6 +1,7 @@
-//! A container's rootfs: its thin activated through the pool daemon and mounted on
-//! `ROOT/mnt/<id>` while it runs; the `/etc` files bind-mounted over it; the thin deleted
-//! on removal.
+//! A container's rootfs, mounted on `ROOT/mnt/<id>` while it runs, with the `/etc` files
+//! bind-mounted over it. With the devicemapper driver: its thin activated through the pool
+//! daemon, deactivated after, deleted on removal (the overlay driver's side is in
+//! `storage::overlay`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use engine::activate::PoolControl;
 use engine::ThinId;
 
 use super::Container;
-use crate::storage::{self, Storage};
+use crate::storage::{self, DeviceMapper};
 
 /// Whether something is mounted on `path` in this mount namespace.
 pub fn is_mounted(path: &Path) -> bool {
@@ -30,7 +31,7 @@ fn thin_id(c: &Container) -> anyhow::Result<ThinId> {
 
 /// Activates the container's thin and mounts it; returns the mount point.
 pub fn mount(
-    storage: &Storage,
+    storage: &DeviceMapper,
     client: &mut Client,
     c: &Container,
     root: &Path,
@@ -50,15 +51,7 @@ pub fn mount(
 /// Unmounts the rootfs (lazily if something still holds it) and deactivates the thin
 /// (deferred, if it stays busy for ten seconds). `Ok(false)` when deactivation was deferred.
 pub fn unmount(client: &mut Client, c: &Container, root: &Path) -> anyhow::Result<bool> {
-    let target = c.mountpoint(root);
-    if is_mounted(&target) {
-        if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::empty()) {
-            tracing::warn!(mountpoint = %target.display(), "unmount failed ({e}); detaching lazily");
-            nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH)
-                .with_context(|| format!("failed to unmount {}", target.display()))?;
-        }
-    }
-    let _ = fs::remove_dir(&target);
+    unmount_path(&c.mountpoint(root))?;
     let id = thin_id(c)?;
     let active = client
         .list()?
@@ -67,7 +60,7 @@ pub fn unmount(client: &mut Client, c: &Container, root: &Path) -> anyhow::Resul
     if !active {
         return Ok(true);
     }
-    match storage::deactivate(client, id) {
+    match storage::devicemapper::deactivate(client, id) {
         Ok(()) => Ok(true),
         Err(e) => {
             tracing::warn!(thin_id = %id, "{e:#}; deactivation deferred");
@@ -77,6 +70,20 @@ pub fn unmount(client: &mut Client, c: &Container, root: &Path) -> anyhow::Resul
             Ok(false)
         }
     }
+}
+
+/// Unmounts `target` if something is mounted there (lazily if something still holds it)
+/// and removes the directory.
+pub fn unmount_path(target: &Path) -> anyhow::Result<()> {
+    if is_mounted(target) {
+        if let Err(e) = nix::mount::umount2(target, nix::mount::MntFlags::empty()) {
+            tracing::warn!(mountpoint = %target.display(), "unmount failed ({e}); detaching lazily");
+            nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH)
+                .with_context(|| format!("failed to unmount {}", target.display()))?;
+        }
+    }
+    let _ = fs::remove_dir(target);
+    Ok(())
 }
 
 /// Deletes the container's thin if it exists (its space returns to the pool).
@@ -124,7 +131,7 @@ pub fn etc_files(c: &Container, root: &Path) -> anyhow::Result<Vec<(PathBuf, &'s
 /// Activates thin `id` read-only, mounts it read-only on `target` (no journal replay), runs
 /// `work` on it, then unmounts and deactivates whatever `work` returned.
 pub fn with_readonly<T>(
-    storage: &Storage,
+    storage: &DeviceMapper,
     client: &mut Client,
     id: u64,
     target: &Path,
@@ -155,7 +162,7 @@ pub fn with_readonly<T>(
         result
     });
     let _ = fs::remove_dir(target);
-    let deactivated = storage::deactivate(client, thin);
+    let deactivated = storage::devicemapper::deactivate(client, thin);
     let result = result?;
     deactivated?;
     Ok(result)

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 
 /// Docker's default PATH, set when neither the image nor `-e` sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -53,6 +54,53 @@ impl ImageProcess {
             _ => ImageProcess::default(),
         })
     }
+}
+
+/// The container's `Config` as Docker keeps it: the image config's `config` object with
+/// `create`'s flags applied (Cmd, Entrypoint, Env, WorkingDir, User); the rest (Labels,
+/// ExposedPorts, StopSignal, ...) as the image had it. `commit` starts from this, as Docker's
+/// does, so a committed image runs what its container ran.
+pub fn container_config(image_config: &[u8], opts: &RunOptions) -> anyhow::Result<Value> {
+    let v: Value = serde_json::from_slice(image_config).context("the image config is malformed")?;
+    let mut config = match v.get("config") {
+        Some(Value::Object(c)) => c.clone(),
+        _ => Map::new(),
+    };
+    if let Some(e) = &opts.entrypoint {
+        let entrypoint = if e.is_empty() {
+            Value::Null
+        } else {
+            json!([e])
+        };
+        config.insert("Entrypoint".into(), entrypoint);
+        config.insert("Cmd".into(), Value::Null);
+    }
+    if !opts.cmd.is_empty() {
+        config.insert("Cmd".into(), json!(opts.cmd));
+    }
+    if !opts.env.is_empty() {
+        let mut env: Vec<String> = config
+            .get("Env")
+            .and_then(|e| serde_json::from_value(e.clone()).ok())
+            .unwrap_or_default();
+        for e in &opts.env {
+            if e.contains('=') {
+                set_env(&mut env, e.clone());
+            } else if let Ok(value) = std::env::var(e) {
+                set_env(&mut env, format!("{e}={value}"));
+            }
+        }
+        config.insert("Env".into(), json!(env));
+    }
+    if let Some(w) = &opts.workdir {
+        config.insert("WorkingDir".into(), json!(w));
+    }
+    if let Some(u) = &opts.user {
+        config.insert("User".into(), json!(u));
+    }
+    config.insert("Hostname".into(), json!(opts.hostname));
+    config.insert("Tty".into(), json!(opts.tty));
+    Ok(Value::Object(config))
 }
 
 /// The process, resolved (except for the user, resolved inside the rootfs at start).

@@ -21,6 +21,7 @@ use super::runner::{self, ChildStdio, StartError, Started};
 use super::{oci, rootfs, spec, sys, Container, Status};
 use crate::cli::Global;
 use crate::storage::Storage;
+use crate::store::Store;
 
 /// Where the container's streams go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,13 +52,12 @@ pub fn supervise(
         }
         Status::Created | Status::Exited => {}
     }
+    let layers = Store::load(root)?.image_layers(&c.image_id)?;
     let storage = Storage::open(global)?;
-    let mut client = storage.control()?;
-    let mountpoint = rootfs::mount(&storage, &mut client, &c, root)?;
+    let mountpoint = storage.mount_container(&layers, &c, root)?;
     let result = start_and_wait(global, &mut c, &mountpoint, attach, started);
-    // Whatever happened, the rootfs is unmounted and the thin deactivated.
-    let unmounted = rootfs::unmount(&mut client, &c, root);
-    drop(client);
+    // Whatever happened, the rootfs is unmounted (and a thin deactivated).
+    let unmounted = storage.unmount_container(&c, root);
     let code = match result {
         Ok(code) => code,
         Err(e) => {
@@ -93,14 +93,8 @@ pub fn supervise(
 /// its directory. A thin still busy leaves the container `Dead`, for `rm` to finish.
 pub fn remove(global: &Global, c: &Container) -> anyhow::Result<()> {
     let root = &global.root;
-    let storage = match c.thin_id {
-        // Creation stopped before the thin was made.
-        0 => None,
-        _ => Storage::open_existing(global)?,
-    };
-    if let Some(storage) = storage {
-        let mut client = storage.control()?;
-        let deactivated = rootfs::unmount(&mut client, c, root)?;
+    if let Some(storage) = Storage::open_existing(global)? {
+        let deactivated = storage.unmount_container(c, root)?;
         if !deactivated {
             let mut dead = c.clone();
             dead.state.status = Some(Status::Dead);
@@ -111,7 +105,7 @@ pub fn remove(global: &Global, c: &Container) -> anyhow::Result<()> {
                 c.name
             );
         }
-        rootfs::delete_thin(&mut client, c)?;
+        storage.remove_container(c)?;
     }
     if let Some(runtime) = &c.runtime {
         let _ = super::oci::runtime_command(runtime, &runtime_state(root, runtime))

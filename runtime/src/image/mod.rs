@@ -1,6 +1,7 @@
 //! Image formats: digests, references, and the manifests, indexes and configs of OCI and
 //! Docker schema 2 images.
 
+pub mod change;
 mod digest;
 pub mod local;
 mod reference;

@@ -1,380 +1,312 @@
-//! The devicemapper-style storage: a thin pool in the state directory (Docker's loop-lvm
-//! layout, `ROOT/devicemapper/{data,metadata}`, or an existing pool with `dm.thinpooldev`),
-//! a formatted base device, and one thin snapshot per image layer.
+//! Where images and containers keep their files, behind one interface with two drivers:
+//! - `devicemapper` (the default; [`devicemapper`]): block-level copy-on-write, every layer a
+//!   thin snapshot of its parent's in our thin pool, every container a snapshot of its
+//!   image's top layer;
+//! - `overlay` (`--storage-driver overlay`, Docker's overlay2; [`overlay`]): file-level
+//!   copy-on-write, every layer a directory of its own files stacked by overlayfs.
 //!
-//! Every pool operation goes through the pool daemon, which owns the pool and serves active
-//! thins as block devices; it is started on first need (`thinbox pool-daemon run`) and keeps
-//! running, as dockerd does, until `thinbox pool-daemon stop`.
+//! A state directory uses the driver it was created with; asking for the other one later is
+//! an error, not a silent switch. Layer and container records name their filesystem by
+//! `device_name` (the thin's name, or the overlay directory) and, with devicemapper, its
+//! thin id (0 with overlay).
 
+pub mod devicemapper;
 pub mod options;
+pub mod overlay;
+pub mod pack;
 pub mod unpack;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use engine::activate::daemon::{launch, Client, RunDir};
-use engine::activate::{ControlStatus, PoolControl};
-use engine::{
-    DataBlockSize, Error as EngineError, NewPool, PoolOptions, PoolPaths, ThinId, Volumes,
-};
-use serde::{Deserialize, Serialize};
+use engine::activate::PoolControl;
+use engine::ThinId;
 
-pub use options::{Filesystem, StorageOptions};
+pub use devicemapper::DeviceMapper;
+pub use options::Filesystem;
+pub use overlay::Overlay;
+pub use unpack::Whiteouts;
 
 use crate::cli::Global;
+use crate::container::{rootfs, Container};
+use crate::store::LayerRecord;
 
-/// The base device's name in the volume store.
-pub const BASE_DEVICE_NAME: &str = "thinbox-base";
+/// The drivers, by the names `--storage-driver` takes (and `info` shows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    DeviceMapper,
+    Overlay,
+}
 
-/// What the storage was created with (`ROOT/devicemapper/config.json`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct StorageConfig {
-    options: StorageOptions,
-    base_thin_id: u64,
+impl DriverKind {
+    pub fn parse(name: &str) -> anyhow::Result<DriverKind> {
+        match name {
+            "devicemapper" => Ok(DriverKind::DeviceMapper),
+            "overlay" | "overlay2" => Ok(DriverKind::Overlay),
+            other => bail!("unknown storage driver {other:?} (devicemapper or overlay)"),
+        }
+    }
+
+    /// Docker's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::DeviceMapper => "devicemapper",
+            DriverKind::Overlay => "overlay2",
+        }
+    }
+
+    /// The driver the state directory `root` was created with, if it was.
+    pub fn of_root(root: &Path) -> Option<DriverKind> {
+        if devicemapper::config_path(root).exists() {
+            Some(DriverKind::DeviceMapper)
+        } else if overlay::config_path(root).exists() {
+            Some(DriverKind::Overlay)
+        } else {
+            None
+        }
+    }
 }
 
 /// An opened storage.
-pub struct Storage {
-    root: PathBuf,
-    options: StorageOptions,
-    base: ThinId,
-    paths: PoolPaths,
-    store_path: PathBuf,
-}
-
-fn config_path(root: &Path) -> PathBuf {
-    root.join("devicemapper").join("config.json")
-}
-
-/// Where the pool of `options` lives: its two devices and its volume store.
-fn pool_location(root: &Path, options: &StorageOptions) -> (PoolPaths, PathBuf) {
-    let dir = options
-        .thin_pool_dev
-        .clone()
-        .unwrap_or_else(|| root.join("devicemapper"));
-    (PoolPaths::in_dir(&dir), engine::VolumeStore::path_in(&dir))
-}
-
-/// A client of the pool daemon of `paths`, starting the daemon when none runs.
-pub fn connect_or_start(paths: &PoolPaths, store_path: &Path) -> anyhow::Result<Client> {
-    let run = RunDir::for_pool(paths);
-    if let Some(client) = run.connect()? {
-        return Ok(client);
-    }
-    let exe = std::env::current_exe().context("failed to find the thinbox binary")?;
-    let mut command = Command::new(exe);
-    command
-        .args(["-v", "pool-daemon", "run", "--detached-child", "--metadata"])
-        .arg(std::path::absolute(&paths.metadata)?)
-        .arg("--data")
-        .arg(std::path::absolute(&paths.data)?)
-        .arg("--volume-store")
-        .arg(std::path::absolute(store_path)?);
-    let pid = launch::spawn_detached(&run, command).context("failed to start the pool daemon")?;
-    tracing::info!(pid, log = %run.log_file().display(), "started the pool daemon");
-    run.connect()?
-        .context("the pool daemon stopped answering right after it started")
+pub enum Storage {
+    DeviceMapper(DeviceMapper),
+    Overlay(Overlay),
 }
 
 impl Storage {
-    /// Opens the storage in `--root`, creating it (pool, base device) on first use.
+    /// Opens the storage in `--root`, creating it on first use with `--storage-driver`.
     pub fn open(global: &Global) -> anyhow::Result<Storage> {
-        let root = &global.root;
-        let config_path = config_path(root);
-        if config_path.exists() {
-            let bytes = fs::read(&config_path)
-                .with_context(|| format!("failed to read {}", config_path.display()))?;
-            let config: StorageConfig = serde_json::from_slice(&bytes)
-                .with_context(|| format!("failed to parse {}", config_path.display()))?;
-            let options = StorageOptions::reopen(&config.options, &global.storage_opts)?;
-            let (paths, store_path) = pool_location(root, &options);
-            return Ok(Storage {
-                root: root.clone(),
-                options,
-                base: ThinId::new(config.base_thin_id).context("bad base thin id")?,
-                paths,
-                store_path,
-            });
+        let asked = global
+            .storage_driver
+            .as_deref()
+            .map(DriverKind::parse)
+            .transpose()?;
+        let kind = match (DriverKind::of_root(&global.root), asked) {
+            (Some(have), Some(want)) if have != want => bail!(
+                "{} was created with the {} storage driver, not {} (use another --root)",
+                global.root.display(),
+                have.name(),
+                want.name()
+            ),
+            (Some(have), _) => have,
+            (None, want) => want.unwrap_or(DriverKind::DeviceMapper),
+        };
+        match kind {
+            DriverKind::DeviceMapper => DeviceMapper::open(global).map(Storage::DeviceMapper),
+            DriverKind::Overlay => {
+                if let Some(dm) = global.storage_opts.iter().find(|o| o.starts_with("dm.")) {
+                    bail!("storage option {dm} is for the devicemapper driver, not overlay");
+                }
+                Overlay::open(&global.root).map(Storage::Overlay)
+            }
         }
-        let mut options = StorageOptions::default();
-        options.apply(&global.storage_opts)?;
-        Storage::create(root, options)
     }
 
     /// Opens the storage if it was ever created.
     pub fn open_existing(global: &Global) -> anyhow::Result<Option<Storage>> {
-        if config_path(&global.root).exists() {
-            Storage::open(global).map(Some)
-        } else {
-            Ok(None)
+        match DriverKind::of_root(&global.root) {
+            Some(_) => Storage::open(global).map(Some),
+            None => Ok(None),
         }
     }
 
-    fn create(root: &Path, options: StorageOptions) -> anyhow::Result<Storage> {
-        let dm_dir = root.join("devicemapper");
-        fs::create_dir_all(&dm_dir)
-            .with_context(|| format!("failed to create {}", dm_dir.display()))?;
-        let (paths, store_path) = pool_location(root, &options);
-        match &options.thin_pool_dev {
-            Some(dir) => {
-                if !paths.metadata.exists() || !paths.data.exists() {
-                    bail!(
-                        "dm.thinpooldev={}: no pool there (metadata and data files; create one \
-                         with dmtool pool create)",
-                        dir.display()
-                    );
+    pub fn kind(&self) -> DriverKind {
+        match self {
+            Storage::DeviceMapper(_) => DriverKind::DeviceMapper,
+            Storage::Overlay(_) => DriverKind::Overlay,
+        }
+    }
+
+    /// A new layer's filesystem named `name` on top of `parent` (none: the bottom layer).
+    /// Returns its thin id (0 with overlay).
+    pub fn new_layer(&self, parent: Option<&LayerRecord>, name: &str) -> anyhow::Result<u64> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let origin = match parent {
+                    Some(p) => ThinId::new(p.thin_id).context("bad thin id in a layer record")?,
+                    None => dm.base(),
+                };
+                let mut client = dm.control()?;
+                Ok(dm.create_snapshot(&mut client, origin, name)?.get())
+            }
+            Storage::Overlay(o) => {
+                o.create_layer(name)?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Runs `work` on layer `layer`'s filesystem, writable, with the whiteout mode its
+    /// content wants.
+    pub fn with_layer_writable<T>(
+        &self,
+        layer: &LayerRecord,
+        work: impl FnOnce(&Path, Whiteouts) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let id = ThinId::new(layer.thin_id).context("bad thin id in a layer record")?;
+                let mut client = dm.control()?;
+                dm.with_mounted(&mut client, id, |root| work(root, Whiteouts::Apply))
+            }
+            Storage::Overlay(o) => work(&o.diff_dir(&layer.device_name), Whiteouts::Overlay),
+        }
+    }
+
+    /// Deletes the filesystems of `layers` that exist (children before parents, as given).
+    pub fn remove_layers(&self, layers: &[&LayerRecord]) -> anyhow::Result<()> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let mut client = dm.control()?;
+                let thins = client.list()?;
+                for layer in layers {
+                    let Some(t) = thins.iter().find(|t| {
+                        t.id == layer.thin_id && t.name.as_deref() == Some(&layer.device_name)
+                    }) else {
+                        continue;
+                    };
+                    let id = ThinId::new(t.id).context("bad thin id")?;
+                    if t.active.is_some() {
+                        let _ = client.deactivate(id, false);
+                    }
+                    client.delete(id).with_context(|| {
+                        format!("failed to delete thin {id} of layer {}", layer.chain_id)
+                    })?;
                 }
+                Ok(())
             }
-            // A pool left by an earlier, interrupted creation is used as it is.
-            None if paths.metadata.exists() => {}
-            None => {
-                let block_size = DataBlockSize::from_bytes(options.block_size).with_context(|| {
-                    format!(
-                        "dm.blocksize={}: not a valid pool block size (64K to 1G, a multiple of 64K)",
-                        options.block_size
-                    )
-                })?;
-                let new = NewPool::new(
-                    options.loop_data_size,
-                    options.loop_metadata_size,
-                    block_size,
-                );
-                Volumes::create(&paths, &store_path, new, PoolOptions::default()).with_context(
-                    || format!("failed to create the pool in {}", dm_dir.display()),
-                )?;
+            Storage::Overlay(o) => layers.iter().try_for_each(|l| o.remove(&l.device_name)),
+        }
+    }
+
+    /// A new container filesystem named `name` on top of `layers` (the image's, bottom
+    /// first). Returns its thin id and the thin it is a snapshot of (0 and 0 with overlay).
+    pub fn new_container(&self, layers: &[LayerRecord], name: &str) -> anyhow::Result<(u64, u64)> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let origin = match layers.last() {
+                    Some(top) => {
+                        ThinId::new(top.thin_id).context("bad thin id in a layer record")?
+                    }
+                    None => dm.base(),
+                };
+                let mut client = dm.control()?;
+                let thin = dm.create_snapshot(&mut client, origin, name)?;
+                Ok((thin.get(), origin.get()))
+            }
+            Storage::Overlay(o) => {
+                o.create_container(name)?;
+                Ok((0, 0))
             }
         }
-        let mut client = connect_or_start(&paths, &store_path)?;
-        // A base device left by an interrupted creation is made again.
-        if let Some(old) = client
-            .list()?
-            .into_iter()
-            .find(|t| t.name.as_deref() == Some(BASE_DEVICE_NAME))
-        {
-            client.delete(ThinId::new(old.id).context("bad thin id")?)?;
-        }
-        let base = new_thin_id(&mut client)?;
-        client
-            .create_thin(base, options.base_size, Some(BASE_DEVICE_NAME))
-            .context("failed to create the base device")?;
-        let activation = client
-            .activate(base, false)
-            .context("failed to activate the base device")?;
-        let made = mkfs(&options, &activation.device);
-        let deactivated = deactivate(&mut client, base);
-        made?;
-        deactivated?;
-        let config = StorageConfig {
-            options: options.clone(),
-            base_thin_id: base.get(),
-        };
-        crate::store::write_atomic(&config_path(root), &serde_json::to_vec_pretty(&config)?)?;
-        tracing::info!(thin_id = %base, fs = options.fs.name(), "created the base device");
-        Ok(Storage {
-            root: root.to_path_buf(),
-            options,
-            base,
-            paths,
-            store_path,
-        })
     }
 
-    pub fn options(&self) -> &StorageOptions {
-        &self.options
-    }
-
-    pub fn base(&self) -> ThinId {
-        self.base
-    }
-
-    pub fn paths(&self) -> &PoolPaths {
-        &self.paths
-    }
-
-    /// A client of the pool daemon (started if needed).
-    pub fn control(&self) -> anyhow::Result<Client> {
-        connect_or_start(&self.paths, &self.store_path)
-    }
-
-    /// The pool's name as `info` shows it.
-    pub fn pool_name(&self) -> String {
-        format!(
-            "thinbox-{}-pool",
-            engine::activate::daemon::pool_key(&self.paths)
-        )
-    }
-
-    /// Refuses new devices once free data or metadata space is below `dm.min_free_space`.
-    pub fn check_free_space(&self, status: &ControlStatus) -> anyhow::Result<()> {
-        let min = u64::from(self.options.min_free_space_percent);
-        let s = &status.status;
-        let check = |what: &str, used: u64, total: u64| -> anyhow::Result<()> {
-            let free = total.saturating_sub(used);
-            if total > 0 && free * 100 < min * total {
-                bail!(
-                    "thin pool has {free} free {what} blocks out of {total}, less than the \
-                     required minimum of {min}% (dm.min_free_space); free space by removing \
-                     images or grow the pool"
-                );
-            }
-            Ok(())
-        };
-        check("data", s.used_data_blocks, s.total_data_blocks)?;
-        check("metadata", s.used_metadata_blocks, s.total_metadata_blocks)
-    }
-
-    /// Snapshots `origin` as a new thin named `name`, after the free-space check. A thin left
-    /// with that name by an interrupted run is deleted first.
-    pub fn create_snapshot(
+    /// Mounts container `c` (on `layers`) on its mount point and returns it.
+    pub fn mount_container(
         &self,
-        client: &mut Client,
-        origin: ThinId,
-        name: &str,
-    ) -> anyhow::Result<ThinId> {
-        self.check_free_space(&client.status()?)?;
-        if let Some(old) = client
-            .list()?
-            .into_iter()
-            .find(|t| t.name.as_deref() == Some(name))
-        {
-            client.delete(ThinId::new(old.id).context("bad thin id")?)?;
+        layers: &[LayerRecord],
+        c: &Container,
+        root: &Path,
+    ) -> anyhow::Result<PathBuf> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let mut client = dm.control()?;
+                rootfs::mount(dm, &mut client, c, root)
+            }
+            Storage::Overlay(o) => {
+                let target = std::path::absolute(c.mountpoint(root))?;
+                if !rootfs::is_mounted(&target) {
+                    o.mount_container(&names(layers), &c.device_name, &target)?;
+                }
+                Ok(target)
+            }
         }
-        let id = new_thin_id(client)?;
-        client
-            .create_snap(id, origin, Some(name))
-            .with_context(|| format!("failed to snapshot thin {origin}"))?;
-        Ok(id)
     }
 
-    /// Activates thin `id`, mounts it on a directory of ours, runs `work` on the mount point,
-    /// then unmounts and deactivates, whatever `work` returned (its error comes first).
-    pub fn with_mounted<T>(
+    /// Unmounts container `c` (and deactivates its thin). `Ok(false)` when the thin stays
+    /// busy and its deactivation was deferred.
+    pub fn unmount_container(&self, c: &Container, root: &Path) -> anyhow::Result<bool> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let mut client = dm.control()?;
+                rootfs::unmount(&mut client, c, root)
+            }
+            Storage::Overlay(_) => {
+                rootfs::unmount_path(&c.mountpoint(root))?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Deletes container `c`'s filesystem (nothing there is fine).
+    pub fn remove_container(&self, c: &Container) -> anyhow::Result<()> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let mut client = dm.control()?;
+                rootfs::delete_thin(&mut client, c)
+            }
+            Storage::Overlay(o) => o.remove(&c.device_name),
+        }
+    }
+
+    /// Runs `work` on the image made of `layers` (bottom first), mounted read-only on
+    /// `target`.
+    pub fn with_image_readonly<T>(
         &self,
-        client: &mut Client,
-        id: ThinId,
+        layers: &[LayerRecord],
+        target: &Path,
         work: impl FnOnce(&Path) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let activation = client
-            .activate(id, false)
-            .with_context(|| format!("failed to activate thin {id}"))?;
-        let mountpoint = self.root.join("mnt").join(id.get().to_string());
-        let mounted = fs::create_dir_all(&mountpoint)
-            .with_context(|| format!("failed to create {}", mountpoint.display()))
-            .and_then(|()| mount(&self.options, &activation.device, &mountpoint));
-        let result = mounted.and_then(|()| {
-            let result = work(&mountpoint);
-            let unmounted = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::empty())
-                .with_context(|| format!("failed to unmount {}", mountpoint.display()));
-            match (result, unmounted) {
-                (Err(e), Err(u)) => Err(e.context(format!("and then: {u:#}"))),
-                (r, u) => u.and(r),
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let top = layers.last().map_or(dm.base().get(), |l| l.thin_id);
+                let mut client = dm.control()?;
+                rootfs::with_readonly(dm, &mut client, top, target, work)
             }
-        });
-        let deactivated = deactivate(client, id);
-        let _ = fs::remove_dir(&mountpoint);
-        match (result, deactivated) {
-            (Err(e), Err(d)) => Err(e.context(format!("and then: {d:#}"))),
-            (r, d) => d.and(r),
+            Storage::Overlay(o) => with_overlay_readonly(o, names(layers), target, work),
         }
     }
-}
 
-impl Storage {
-    /// Mounts the active thin `device` on `target` with the storage's filesystem and
-    /// `dm.mountopt` (containers keep their rootfs mounted while they run).
-    pub fn mount_device(&self, device: &Path, target: &Path) -> anyhow::Result<()> {
-        mount(&self.options, device, target)
-    }
-}
-
-/// The next free thin id: one above the highest in the pool.
-fn new_thin_id(client: &mut Client) -> anyhow::Result<ThinId> {
-    let highest = client.list()?.iter().map(|t| t.id).max().unwrap_or(0);
-    ThinId::new(highest + 1).context("the pool has no thin id left")
-}
-
-/// Deactivates `id`, waiting a little for the kernel to let go of the loop device after an
-/// unmount.
-pub fn deactivate(client: &mut Client, id: ThinId) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match client.deactivate(id, false) {
-            Ok(()) => return Ok(()),
-            Err(EngineError::ThinBusy(_) | EngineError::Busy { .. })
-                if Instant::now() < deadline =>
-            {
-                thread::sleep(Duration::from_millis(50));
+    /// Runs `work` on container `c` (on `layers`), mounted read-only on `target`; the
+    /// container must not be running.
+    pub fn with_container_readonly<T>(
+        &self,
+        layers: &[LayerRecord],
+        c: &Container,
+        target: &Path,
+        work: impl FnOnce(&Path) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let mut client = dm.control()?;
+                rootfs::with_readonly(dm, &mut client, c.thin_id, target, work)
             }
-            Err(e) => return Err(e).with_context(|| format!("failed to deactivate thin {id}")),
+            Storage::Overlay(o) => {
+                let mut stack = names(layers);
+                stack.push(c.device_name.clone());
+                with_overlay_readonly(o, stack, target, work)
+            }
         }
     }
 }
 
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("failed to run {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
+fn names(layers: &[LayerRecord]) -> Vec<String> {
+    layers.iter().map(|l| l.device_name.clone()).collect()
 }
 
-/// Formats the base device as Docker's devicemapper driver did: no discard at mkfs (the
-/// thin is empty), and ext4's inode tables and journal initialised now, so that no lazy
-/// init thread writes into every layer snapshot later.
-fn mkfs(options: &StorageOptions, device: &Path) -> anyhow::Result<()> {
-    let mut command = match options.fs {
-        Filesystem::Ext4 => {
-            let mut c = Command::new("mkfs.ext4");
-            c.args([
-                "-q",
-                "-F",
-                "-E",
-                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
-            ]);
-            c
-        }
-        Filesystem::Xfs => {
-            let mut c = Command::new("mkfs.xfs");
-            c.args(["-q", "-f", "-K"]);
-            c
-        }
-    };
-    command.args(&options.mkfs_args).arg(device);
-    run(&mut command).context("failed to format the base device")
-}
-
-fn mount(options: &StorageOptions, device: &Path, target: &Path) -> anyhow::Result<()> {
-    let mut data: Vec<&str> = Vec::new();
-    if options.fs == Filesystem::Xfs {
-        // Every layer is a copy of the base filesystem, with its UUID.
-        data.push("nouuid");
-    }
-    if let Some(extra) = &options.mount_options {
-        data.push(extra);
-    }
-    let data = data.join(",");
-    nix::mount::mount(
-        Some(device),
-        target,
-        Some(options.fs.name()),
-        nix::mount::MsFlags::empty(),
-        (!data.is_empty()).then_some(data.as_str()),
-    )
-    .with_context(|| {
-        format!(
-            "failed to mount {} on {}",
-            device.display(),
-            target.display()
-        )
-    })
+fn with_overlay_readonly<T>(
+    o: &Overlay,
+    stack: Vec<String>,
+    target: &Path,
+    work: impl FnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let target = std::path::absolute(target)?;
+    o.mount_readonly(&stack, &target)?;
+    let result = work(&target);
+    let unmounted = rootfs::unmount_path(&target);
+    let _ = fs::remove_dir(&target);
+    let result = result?;
+    unmounted?;
+    Ok(result)
 }

@@ -6,9 +6,13 @@
 //! earlier layers left. Absolute entry paths are taken relative to the root. Files are
 //! created with `O_EXCL | O_NOFOLLOW` after whatever was at their place is removed.
 //!
-//! Whiteouts: `DIR/.wh.NAME` removes `DIR/NAME` of the layers below; `DIR/.wh..wh..opq`
-//! empties `DIR` of everything the layers below put there (what this layer wrote, before or
-//! after the marker, stays). Markers are never written to the filesystem.
+//! Whiteouts, on a layer that is a snapshot of the layers below ([`Whiteouts::Apply`], the
+//! devicemapper driver): `DIR/.wh.NAME` removes `DIR/NAME` of the layers below;
+//! `DIR/.wh..wh..opq` empties `DIR` of everything the layers below put there (what this layer
+//! wrote, before or after the marker, stays). On a layer directory of its own that overlayfs
+//! stacks ([`Whiteouts::Overlay`], the overlay driver), they become what overlayfs reads: a
+//! 0:0 character device named NAME, and the `trusted.overlay.opaque=y` attribute on DIR.
+//! Markers are never written to the filesystem.
 //!
 //! Not yet: extended attributes (`SCHILY.xattr.*`, file capabilities) and sub-second times;
 //! a later hardening issue takes `openat2(RESOLVE_IN_ROOT)` and fuzzes this with hostile
@@ -27,6 +31,16 @@ use tar::EntryType;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// What a layer's whiteouts do to the directory it is applied on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// The directory holds the layers below (a snapshot): whited-out paths are removed.
+    Apply,
+    /// The directory holds this layer alone, stacked by overlayfs: whiteouts are recorded as
+    /// overlayfs whiteouts and opaque directories.
+    Overlay,
+}
 
 /// What an apply did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -188,8 +202,9 @@ fn set_time(dir: &OwnedFd, name: &str, mtime: u64) -> anyhow::Result<()> {
         .with_context(|| format!("failed to set the times of {name}"))
 }
 
-/// Applies the tar stream `tar` onto the directory `root` (a mounted layer snapshot).
-pub fn apply_layer(root: &Path, tar: impl Read) -> anyhow::Result<Applied> {
+/// Applies the tar stream `tar` onto the directory `root` (a mounted layer snapshot, or an
+/// overlay layer directory), with whiteouts treated as `whiteouts` says.
+pub fn apply_layer(root: &Path, tar: impl Read, whiteouts: Whiteouts) -> anyhow::Result<Applied> {
     let root_fd = rustix::fs::openat(
         CWD,
         root,
@@ -215,13 +230,30 @@ pub fn apply_layer(root: &Path, tar: impl Read) -> anyhow::Result<Applied> {
             path,
             &mut applied,
             &mut opaque_dirs,
+            whiteouts,
         )
         .with_context(|| format!("failed to apply layer entry {shown}"))?;
     }
     // Opaque markers act once the whole layer is known, so entries after a marker stay.
     for dir in opaque_dirs {
-        if let Some(fd) = target.dir(&dir, false)? {
-            make_opaque(&target, &fd, &dir)?;
+        match whiteouts {
+            Whiteouts::Apply => {
+                if let Some(fd) = target.dir(&dir, false)? {
+                    make_opaque(&target, &fd, &dir)?;
+                }
+            }
+            Whiteouts::Overlay => {
+                let fd = target
+                    .dir(&dir, true)?
+                    .context("the opaque directory vanished")?;
+                rustix::fs::fsetxattr(
+                    &fd,
+                    "trusted.overlay.opaque",
+                    b"y",
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .with_context(|| format!("failed to make {} opaque", show_path(&dir)))?;
+            }
         }
     }
     for (path, mtime) in target.dir_times.iter().rev() {
@@ -259,6 +291,7 @@ fn apply_entry<R: Read>(
     path: Components,
     applied: &mut Applied,
     opaque_dirs: &mut Vec<Components>,
+    whiteouts: Whiteouts,
 ) -> anyhow::Result<()> {
     let Some(name) = path.last().cloned() else {
         // The root itself ("./"): its mode and owner come from the base device.
@@ -274,8 +307,26 @@ fn apply_entry<R: Read>(
         if hidden.is_empty() || hidden == "." || hidden == ".." {
             bail!("malformed whiteout {name:?}");
         }
-        if let Some(dir) = target.dir(&path[..path.len() - 1], false)? {
-            remove_any(&dir, hidden)?;
+        match whiteouts {
+            Whiteouts::Apply => {
+                if let Some(dir) = target.dir(&path[..path.len() - 1], false)? {
+                    remove_any(&dir, hidden)?;
+                }
+            }
+            Whiteouts::Overlay => {
+                let dir = target
+                    .dir(&path[..path.len() - 1], true)?
+                    .context("the whiteout's directory vanished")?;
+                remove_any(&dir, hidden)?;
+                rustix::fs::mknodat(
+                    &dir,
+                    hidden,
+                    FileType::CharacterDevice,
+                    Mode::empty(),
+                    rustix::fs::makedev(0, 0),
+                )
+                .context("failed to create the overlay whiteout")?;
+            }
         }
         return Ok(());
     }
@@ -405,14 +456,14 @@ mod tests {
             file(b, "data/opaque/a", b"a");
             file(b, "data/opaque/sub/b", b"b");
         });
-        apply_layer(dir.path(), lower.as_slice()).unwrap();
+        apply_layer(dir.path(), lower.as_slice(), Whiteouts::Apply).unwrap();
         let upper = tar_of(|b| {
             file(b, "data/opaque/c", b"c");
             file(b, "data/keep.txt", b"changed");
             file(b, "data/.wh.delete-me.txt", b"");
             file(b, "data/opaque/.wh..wh..opq", b"");
         });
-        let applied = apply_layer(dir.path(), upper.as_slice()).unwrap();
+        let applied = apply_layer(dir.path(), upper.as_slice(), Whiteouts::Apply).unwrap();
         assert_eq!(applied.whiteouts, 2);
         let d = dir.path().join("data");
         assert_eq!(std::fs::read(d.join("keep.txt")).unwrap(), b"changed");
@@ -428,7 +479,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let climb = tar_of(|b| raw_entry(b, b"../escape", EntryType::Regular, None));
-        assert!(apply_layer(dir.path(), climb.as_slice()).is_err());
+        assert!(apply_layer(dir.path(), climb.as_slice(), Whiteouts::Apply).is_err());
 
         let via_link = tar_of(|b| {
             raw_entry(
@@ -439,13 +490,13 @@ mod tests {
             );
             file(b, "evil/owned", b"x");
         });
-        let e = apply_layer(dir.path(), via_link.as_slice()).unwrap_err();
+        let e = apply_layer(dir.path(), via_link.as_slice(), Whiteouts::Apply).unwrap_err();
         assert!(format!("{e:#}").contains("symlink"), "{e:#}");
         assert!(!outside.path().join("owned").exists());
 
         // A symlink replaced by a file is the file, not a write through the link.
         let replace = tar_of(|b| file(b, "evil", b"plain"));
-        apply_layer(dir.path(), replace.as_slice()).unwrap();
+        apply_layer(dir.path(), replace.as_slice(), Whiteouts::Apply).unwrap();
         assert_eq!(std::fs::read(dir.path().join("evil")).unwrap(), b"plain");
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
@@ -454,7 +505,7 @@ mod tests {
     fn absolute_paths_land_inside_the_root() {
         let dir = tempfile::tempdir().unwrap();
         let abs = tar_of(|b| raw_entry(b, b"/abs-dir", EntryType::Directory, None));
-        apply_layer(dir.path(), abs.as_slice()).unwrap();
+        apply_layer(dir.path(), abs.as_slice(), Whiteouts::Apply).unwrap();
         assert!(dir.path().join("abs-dir").is_dir());
     }
 }

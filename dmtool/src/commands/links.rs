@@ -1,0 +1,128 @@
+//! dmtool under thin-provisioning-tools' names: invoked through a link named `thin_check`,
+//! `thin_dump`, ... it runs the verb of that name with that tool's options, and the `links`
+//! verb makes those links.
+//!
+//! [`TOOLS`] is the one place a name meets its verb.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+/// Each tool name and the dmtool verb it runs; `None` for a tool whose verb dmtool does not
+/// have yet (running it says so and exits 1). To wire one, put its verb here.
+pub const TOOLS: [(&str, Option<&str>); 9] = [
+    ("thin_check", Some("check")),
+    ("thin_dump", Some("dump")),
+    ("thin_restore", Some("restore")),
+    ("thin_ls", Some("ls")),
+    ("thin_delta", Some("delta")),
+    ("thin_rmap", Some("rmap")),
+    ("thin_metadata_size", Some("metadata-size")),
+    ("thin_repair", None),
+    ("thin_trim", None),
+];
+
+/// What to run for the command line `argv`.
+pub enum Invocation {
+    /// dmtool's own command line (also what a tool name became: `dmtool VERB ARGS...`).
+    Dmtool(Vec<OsString>),
+    /// A tool name whose verb is missing.
+    Unavailable(&'static str),
+}
+
+/// Turns `thin_ls ARGS...` into `dmtool ls ARGS...`; any other argv[0] is dmtool itself.
+pub fn invocation(argv: Vec<OsString>) -> Invocation {
+    let name = argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("dmtool");
+    let Some(&(tool, verb)) = TOOLS.iter().find(|(t, _)| *t == name) else {
+        return Invocation::Dmtool(argv);
+    };
+    let Some(verb) = verb else {
+        return Invocation::Unavailable(tool);
+    };
+    let mut args = vec![OsString::from("dmtool"), OsString::from(verb)];
+    args.extend(argv.into_iter().skip(1));
+    Invocation::Dmtool(args)
+}
+
+/// The name `metadata-size` reports itself by: the tool's when run through its link.
+pub fn program_name() -> String {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let name = Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("dmtool");
+    if TOOLS.iter().any(|(t, _)| *t == name) {
+        name.to_string()
+    } else {
+        "dmtool metadata-size".to_string()
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory to put the links in (it must exist)
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Replace links (or files) that are already there
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// Makes `DIR/thin_check` and the others symlinks to this executable. Names whose verb is
+/// missing get no link. Each link made is printed; a name already taken (without --force)
+/// fails the run but not the other links.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("failed to find dmtool's own executable")?;
+    let exe = exe.canonicalize().unwrap_or(exe);
+    if !args.dir.is_dir() {
+        anyhow::bail!("{} is not a directory", args.dir.display());
+    }
+    let mut failed = false;
+    for (tool, verb) in TOOLS {
+        if verb.is_none() {
+            continue;
+        }
+        let link = args.dir.join(tool);
+        if let Err(e) = make_link(&exe, &link, args.force) {
+            eprintln!("dmtool: {e:#}");
+            failed = true;
+            continue;
+        }
+        println!("{}", link.display());
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn make_link(exe: &Path, link: &Path, force: bool) -> anyhow::Result<()> {
+    if let Ok(meta) = link.symlink_metadata() {
+        if std::fs::read_link(link).is_ok_and(|target| target == exe) {
+            return Ok(());
+        }
+        if !force {
+            anyhow::bail!(
+                "{} already exists ({}); use --force to replace it",
+                link.display(),
+                if meta.file_type().is_symlink() {
+                    "a link elsewhere"
+                } else {
+                    "not a link"
+                }
+            );
+        }
+        std::fs::remove_file(link)
+            .with_context(|| format!("failed to remove {}", link.display()))?;
+    }
+    std::os::unix::fs::symlink(exe, link)
+        .with_context(|| format!("failed to link {} to {}", link.display(), exe.display()))
+}

@@ -1,0 +1,225 @@
+//! Writing a layer tar from a container's changes (`commit`): every added or changed path
+//! of the upper tree as a tar entry, every deleted one as an OCI whiteout (`.wh.NAME`), in
+//! the sorted order `diff` lists them. The upper tree is a private read-only mount of a
+//! snapshot, so nothing changes under us; no symlink is followed (the walk descends only
+//! into real directories and files are opened with `O_NOFOLLOW`).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use anyhow::Context;
+use tar::{EntryType, Header, HeaderMode};
+
+use crate::container::diff::Kind;
+
+/// What a layer tar holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Packed {
+    pub entries: u64,
+    pub whiteouts: u64,
+    /// Bytes of file content (Docker's layer size).
+    pub bytes: u64,
+}
+
+/// Writes the layer tar of `changes` (from [`crate::container::diff::changes`]) read from
+/// `upper` into `out`, ending the archive.
+pub fn write_layer(
+    upper: &Path,
+    changes: &[(Kind, String)],
+    out: impl Write,
+) -> anyhow::Result<Packed> {
+    let mut tar = tar::Builder::new(out);
+    let mut packed = Packed::default();
+    // The first path each multiply-linked inode was written under: later ones are links.
+    let mut links: HashMap<(u64, u64), String> = HashMap::new();
+    for (kind, path) in changes {
+        let rel = path.trim_start_matches('/');
+        if rel.is_empty() {
+            continue;
+        }
+        match kind {
+            Kind::Deleted => {
+                let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+                let whiteout = if dir.is_empty() {
+                    format!(".wh.{name}")
+                } else {
+                    format!("{dir}/.wh.{name}")
+                };
+                let mut header = Header::new_gnu();
+                header.set_entry_type(EntryType::Regular);
+                header.set_mode(0o644);
+                header.set_size(0);
+                header.set_mtime(0);
+                tar.append_data(&mut header, &whiteout, std::io::empty())
+                    .with_context(|| format!("failed to write the whiteout of /{rel}"))?;
+                packed.whiteouts += 1;
+            }
+            Kind::Added | Kind::Changed => {
+                let written = append(&mut tar, upper, rel, &mut links)
+                    .with_context(|| format!("failed to pack /{rel}"))?;
+                if let Some(bytes) = written {
+                    packed.bytes += bytes;
+                    packed.entries += 1;
+                }
+            }
+        }
+    }
+    tar.into_inner().context("failed to end the layer tar")?;
+    Ok(packed)
+}
+
+/// Appends one path; `Some(content bytes)` when an entry was written (sockets are not:
+/// Docker leaves them out too).
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    upper: &Path,
+    rel: &str,
+    links: &mut HashMap<(u64, u64), String>,
+) -> anyhow::Result<Option<u64>> {
+    let full = upper.join(rel);
+    let meta = fs::symlink_metadata(&full)?;
+    let kind = meta.file_type();
+    if kind.is_socket() {
+        return Ok(None);
+    }
+    let mut header = Header::new_gnu();
+    header.set_metadata_in_mode(&meta, HeaderMode::Complete);
+    // Access and change times would make the same changes pack differently each time
+    // (Docker's tars leave them out too).
+    if let Some(gnu) = header.as_gnu_mut() {
+        gnu.set_atime(0);
+        gnu.set_ctime(0);
+    }
+    if kind.is_file() && meta.nlink() > 1 {
+        let key = (meta.dev(), meta.ino());
+        if let Some(first) = links.get(&key) {
+            header.set_entry_type(EntryType::Link);
+            header.set_size(0);
+            tar.append_link(&mut header, rel, first)?;
+            return Ok(Some(0));
+        }
+        links.insert(key, rel.to_string());
+    }
+    if kind.is_symlink() {
+        let target = fs::read_link(&full)?;
+        header.set_size(0);
+        tar.append_link(&mut header, rel, target)?;
+        Ok(Some(0))
+    } else if kind.is_dir() {
+        header.set_size(0);
+        tar.append_data(&mut header, format!("{rel}/"), std::io::empty())?;
+        Ok(Some(0))
+    } else if kind.is_file() {
+        let file = File::options()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&full)?;
+        tar.append_data(&mut header, rel, file)?;
+        Ok(Some(meta.len()))
+    } else {
+        // Devices and fifos: the header says it all.
+        header.set_size(0);
+        tar.append_data(&mut header, rel, std::io::empty())?;
+        Ok(Some(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::diff::changes;
+    use crate::storage::unpack::{apply_layer, Whiteouts};
+
+    /// What `dir` holds: every path with its type and content or target.
+    fn tree(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for entry in walkdir(dir) {
+            let rel = entry
+                .strip_prefix(dir)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let meta = fs::symlink_metadata(&entry).unwrap();
+            let what = if meta.is_dir() {
+                "dir".to_string()
+            } else if meta.file_type().is_symlink() {
+                format!("-> {}", fs::read_link(&entry).unwrap().display())
+            } else {
+                format!("{:?}", fs::read(&entry).unwrap())
+            };
+            out.push(format!("{rel} {what} {:o}", meta.mode() & 0o7777));
+        }
+        out.sort();
+        out
+    }
+
+    fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.clone());
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                out.extend(walkdir(&p));
+            }
+        }
+        out
+    }
+
+    /// `cp -a`, or with `link` `cp -al`: files hard-linked, as untouched files of a
+    /// snapshot are the same inodes as their origin's.
+    fn copy_tree(from: &Path, to: &Path, link: bool) {
+        let status = std::process::Command::new("cp")
+            .arg(if link { "-al" } else { "-a" })
+            .arg(format!("{}/.", from.display()))
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn the_layer_applied_on_the_parent_gives_the_upper_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lower, upper, replay) = (
+            dir.path().join("lower"),
+            dir.path().join("upper"),
+            dir.path().join("replay"),
+        );
+        for d in [&lower, &upper, &replay] {
+            fs::create_dir(d).unwrap();
+        }
+        fs::create_dir_all(lower.join("etc/conf.d")).unwrap();
+        fs::write(lower.join("etc/keep"), "keep").unwrap();
+        fs::write(lower.join("etc/edit"), "old").unwrap();
+        fs::write(lower.join("etc/conf.d/a"), "a").unwrap();
+        fs::write(lower.join("gone"), "x").unwrap();
+        fs::write(lower.join("becomes-dir"), "x").unwrap();
+        std::os::unix::fs::symlink("etc/keep", lower.join("link")).unwrap();
+        copy_tree(&lower, &upper, true);
+        copy_tree(&lower, &replay, false);
+
+        fs::remove_file(upper.join("etc/edit")).unwrap();
+        fs::write(upper.join("etc/edit"), "new content").unwrap();
+        fs::remove_dir_all(upper.join("etc/conf.d")).unwrap();
+        fs::remove_file(upper.join("gone")).unwrap();
+        fs::remove_file(upper.join("becomes-dir")).unwrap();
+        fs::create_dir(upper.join("becomes-dir")).unwrap();
+        fs::write(upper.join("becomes-dir/inside"), "i").unwrap();
+        fs::create_dir_all(upper.join("new/deep")).unwrap();
+        fs::write(upper.join("new/deep/file"), "f").unwrap();
+        fs::hard_link(upper.join("new/deep/file"), upper.join("new/hard")).unwrap();
+        fs::remove_file(upper.join("link")).unwrap();
+        std::os::unix::fs::symlink("/elsewhere", upper.join("link")).unwrap();
+
+        let list = changes(&lower, &upper).unwrap();
+        let mut bytes = Vec::new();
+        let packed = write_layer(&upper, &list, &mut bytes).unwrap();
+        assert_eq!(packed.whiteouts, 2, "{list:?}");
+        assert_eq!(packed.bytes, "new content".len() as u64 + 1 + 1);
+        apply_layer(&replay, bytes.as_slice(), Whiteouts::Apply).unwrap();
+        assert_eq!(tree(&replay), tree(&upper));
+    }
+}

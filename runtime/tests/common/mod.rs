@@ -1,0 +1,267 @@
+//! What the runtime's privileged tests share: thinbox state directories (`--root` plus its
+//! `THINBOX_RUN_ROOT`) inside a test's temporary directory, the fixture busybox images in a
+//! real `docker-registry` on 127.0.0.1, and a guard that, even when the test fails, kills
+//! what containers left running, unmounts, stops the pool daemons, detaches loop devices and
+//! kills the peers.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use fixtures::registry::{busybox_layout, run, Registry, RegistryAuth};
+
+pub const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
+
+/// Small sizes keep mkfs and the pool quick.
+pub const STORAGE_OPTS: [&str; 4] = [
+    "--storage-opt=dm.basesize=512M",
+    "--storage-opt=dm.loopdatasize=4G",
+    "--storage-opt=dm.loopmetadatasize=64M",
+    "--storage-opt=dm.min_free_space=1%",
+];
+
+/// One thinbox state directory and its run directory.
+pub struct Root {
+    pub root: PathBuf,
+    pub run_root: PathBuf,
+    /// `--storage-driver overlay` instead of devicemapper (with the small pool options).
+    pub overlay: bool,
+}
+
+impl Root {
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(THINBOX);
+        c.arg("--root").arg(&self.root);
+        if self.overlay {
+            c.args(["--storage-driver", "overlay"]);
+        } else {
+            c.args(STORAGE_OPTS);
+        }
+        c.args(args)
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .env_remove("RUST_LOG")
+            .env_remove("THINBOX_PUSH_CHUNK_SIZE");
+        c
+    }
+
+    pub fn output(&self, mut command: Command, stdin: Option<&[u8]>) -> Output {
+        command
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("thinbox runs");
+        if let Some(bytes) = stdin {
+            child.stdin.take().unwrap().write_all(bytes).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    #[track_caller]
+    pub fn check(&self, args: &[&str], out: Output) -> String {
+        assert!(
+            out.status.success(),
+            "thinbox {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(self.command(args), None);
+        self.check(args, out)
+    }
+
+    /// Runs and returns the exit code and stdout and stderr together.
+    pub fn status_and_output(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = self.output(self.command(args), None);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    #[track_caller]
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.output(self.command(args), None);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "thinbox {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn inspect(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
+        v[0].clone()
+    }
+
+    pub fn id(&self, name: &str) -> String {
+        self.inspect(name)["Id"].as_str().unwrap().to_string()
+    }
+
+    /// Every blob file in the content store.
+    pub fn blobs(&self) -> Vec<String> {
+        fs::read_dir(self.root.join("blobs/sha256"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Stops what a test left: container processes and supervisors, external runtimes'
+    /// state, the freezer cgroups of an interrupted commit, mounts, the pool daemon, loops.
+    pub fn cleanup(&self) {
+        if let Ok(entries) = fs::read_dir(self.root.join("containers")) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                kill_container(&self.root, &id, &entry.path().join("config.v2.json"));
+            }
+        }
+        fixtures::activation::unmount_under(&self.root.join("mnt"));
+        fixtures::activation::unmount_under(&self.root.join("overlay2"));
+        let _ = Command::new(THINBOX)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["pool-daemon", "stop", "--force"])
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .stdin(Stdio::null())
+            .output();
+        fixtures::activation::clean_up_run_root(&self.run_root);
+    }
+}
+
+fn kill_container(root: &Path, id: &str, record: &Path) {
+    for hierarchy in ["/sys/fs/cgroup/freezer", "/sys/fs/cgroup/unified"] {
+        let cgroup = Path::new(hierarchy).join(format!("thinbox-pause-{id}"));
+        if cgroup.exists() {
+            let _ = fs::write(cgroup.join("freezer.state"), "THAWED");
+            let _ = fs::write(cgroup.join("cgroup.freeze"), "0");
+        }
+    }
+    if let Ok(v) = fs::read(record)
+        .map_err(drop)
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(drop))
+    {
+        for key in ["pid", "supervisor_pid"] {
+            if let Some(pid) = v["state"][key].as_u64() {
+                let _ = Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    for runtime in ["runc", "crun"] {
+        let _ = Command::new(runtime)
+            .arg("--root")
+            .arg(root.join("runtime").join(runtime))
+            .args(["delete", "--force", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    for hierarchy in ["/sys/fs/cgroup/freezer", "/sys/fs/cgroup/unified"] {
+        let _ = fs::remove_dir(Path::new(hierarchy).join(format!("thinbox-pause-{id}")));
+    }
+}
+
+/// A test's temporary directory, its thinbox roots and its registries.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub roots: Vec<Root>,
+    pub layout: PathBuf,
+    // Fields drop after Drop::drop's body: the peers are killed after the cleanup.
+    pub registries: Vec<Registry>,
+}
+
+impl Env {
+    /// A fixture layout (`base`, `v2`), a registry holding both as `test/busybox`, and
+    /// three roots (`a`, `b`, `c`).
+    pub fn new(auth: RegistryAuth) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = busybox_layout(dir.path());
+        let mut env = Env {
+            dir,
+            roots: Vec::new(),
+            layout,
+            registries: Vec::new(),
+        };
+        let registry = env.start_registry(auth);
+        let l = env.layout.display().to_string();
+        env.registries[registry].push(&format!("oci:{l}:base"), "test/busybox:base");
+        env.registries[registry].push(&format!("oci:{l}:v2"), "test/busybox:v2");
+        for name in ["a", "b", "c"] {
+            env.roots.push(Root {
+                root: env.dir.path().join(format!("root-{name}")),
+                run_root: env.dir.path().join(format!("run-{name}")),
+                overlay: false,
+            });
+        }
+        env
+    }
+
+    /// Adds a root with the overlay driver; its index in `roots`.
+    pub fn add_overlay_root(&mut self, name: &str) -> usize {
+        self.roots.push(Root {
+            root: self.dir.path().join(format!("root-{name}")),
+            run_root: self.dir.path().join(format!("run-{name}")),
+            overlay: true,
+        });
+        self.roots.len() - 1
+    }
+
+    pub fn start_registry(&mut self, auth: RegistryAuth) -> usize {
+        let n = self.registries.len();
+        let dir = self.dir.path().join(format!("registry-{n}"));
+        fs::create_dir_all(&dir).unwrap();
+        self.registries.push(Registry::start(&dir, auth));
+        n
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registries[0]
+    }
+
+    pub fn host(&self) -> String {
+        self.registry().host()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for r in &self.roots {
+            r.cleanup();
+        }
+    }
+}
+
+pub fn skopeo(args: &[&str]) -> String {
+    run(Command::new("skopeo").args(args))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
