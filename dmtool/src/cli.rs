@@ -8,7 +8,9 @@ use engine::store::{VolumeStore, STORE_FILE_NAME};
 use engine::units::{parse_size, MAX_THIN_ID};
 use engine::{DataBlockSize, PoolPaths, ThinId};
 
-use crate::commands::{activate, check, daemon, dump, pool, restore, serve, thin, thin_io};
+use crate::commands::{
+    activate, check, daemon, dump, pool, repair, restore, serve, thin, thin_io, trim,
+};
 use crate::commands::{delta, links, ls, metadata_size, rmap};
 
 /// Admin tool for thinbox pools: create pools and thins, move data in and out, and check and
@@ -47,6 +49,27 @@ pub enum Command {
     /// Write a fresh pool's metadata from thin_dump XML, like thin_restore
     #[command(after_help = "Example: dmtool restore -i pool.xml -o /srv/pool/metadata")]
     Restore(restore::Args),
+    /// Rebuild usable metadata from a damaged metadata device, like thin_repair
+    ///
+    /// Every mapping reachable through intact nodes is kept; subtrees cut off by a broken
+    /// node are found by scanning the whole device and put back where the old space map
+    /// vouches for them. The space maps are recomputed. The input is only read; copy the
+    /// output over it (or point the pool at it) once it checks clean.
+    #[command(
+        after_help = "Example: dmtool repair -i /srv/pool/metadata -o /srv/meta.new \
+                            && dmtool check /srv/meta.new\n\
+                            Without a superblock: dmtool repair -i broken.meta -o new.meta \
+                            --data-block-size 64k"
+    )]
+    Repair(repair::Args),
+    /// Discard the data blocks the pool does not use, like thin_trim
+    ///
+    /// Every run of free blocks in the data space map is discarded on the data device (a
+    /// hole punched in a data file, BLKDISCARD on a block device). The metadata is checked
+    /// first and trim refuses damaged metadata. The pool must be offline.
+    #[command(after_help = "Example: dmtool trim --pool /srv/pool\n\
+                            Example: dmtool trim --metadata /dev/vg/meta --data /dev/vg/data")]
+    Trim(trim::Args),
     /// Export thins over NBD (newstyle); runs until SIGTERM or SIGINT, then commits
     #[command(after_help = "Example: dmtool serve --pool /srv/pool --nbd unix:/run/pool.sock 1")]
     Serve(serve::Args),
@@ -106,6 +129,17 @@ pub enum PoolCommand {
     /// Grow the data and/or metadata space (a file is extended sparse; pools never shrink)
     #[command(after_help = "Example: dmtool pool resize --pool /srv/pool --data-size 200G")]
     Resize(pool::ResizeArgs),
+    /// Change the pool's table options: low-water mark, what happens when it is full, zeroing
+    ///
+    /// dm-thin keeps these in the pool's table, not in its metadata; they are kept in the
+    /// volume store and used whenever the pool is opened, served by its daemon or handed to
+    /// the kernel (as low_water_mark, error_if_no_space, skip_block_zeroing). Refused while
+    /// the pool has an owner; `pool status` shows them.
+    #[command(
+        after_help = "Example: dmtool pool set --pool /srv/pool --low-water-mark 1G \
+                            --when-full queue --zeroing off"
+    )]
+    Set(pool::SetArgs),
     /// Hand the pool to an owner that keeps it while its thins are active
     ///
     /// The owner is the kernel's device-mapper where it works (loop devices are attached to
@@ -131,6 +165,12 @@ pub enum ThinCommand {
     /// Delete a thin device
     #[command(after_help = "Example: dmtool thin delete --pool /srv/pool 2")]
     Delete(thin::DeleteArgs),
+    /// Name a thin, or rename it (names live in the volume store beside the pool)
+    ///
+    /// The change is atomic (the store is replaced in one rename) and goes through the
+    /// pool's owner when one runs. A name another thin has is refused.
+    #[command(after_help = "Example: dmtool thin rename --pool /srv/pool 1 base-v2")]
+    Rename(thin::RenameArgs),
     /// Copy stdin (or --input FILE) into a thin device
     ///
     /// Input that would go past the thin's end is refused; with a file this is known before
@@ -140,6 +180,16 @@ pub enum ThinCommand {
     /// Copy a thin device (or part of it) to stdout
     #[command(after_help = "Example: dmtool thin read --pool /srv/pool 1 --length 4k | xxd")]
     Read(thin_io::ReadArgs),
+    /// Copy a raw or sparse image file into a thin, keeping holes unmapped
+    ///
+    /// Only the file's data extents are read (SEEK_DATA/SEEK_HOLE); the thin's ranges that
+    /// are holes in the file, and whole blocks of zeros, are discarded instead of written,
+    /// so they use no pool space. The thin past the file's end is left as it was.
+    #[command(after_help = "Example: dmtool thin import --pool /srv/pool 1 --input disk.img")]
+    Import(thin_io::ImportArgs),
+    /// Copy a thin into an image file, leaving unmapped and zero ranges as holes
+    #[command(after_help = "Example: dmtool thin export --pool /srv/pool 1 --output disk.img")]
+    Export(thin_io::ExportArgs),
     /// List thin devices: id, name, size, mapped space, origin, block device
     ///
     /// EXCLUSIVE is the space of blocks no other thin maps, SHARED the rest of MAPPED, as
@@ -223,6 +273,15 @@ pub fn default_state_dir(metadata: &Path) -> PathBuf {
     let abs = std::path::absolute(metadata).unwrap_or_else(|_| metadata.to_path_buf());
     let flat = abs.to_string_lossy().replace('/', "_");
     Path::new(DEFAULT_STATE_ROOT).join(flat)
+}
+
+/// A metadata path as the offline tools take it: a pool directory means `DIR/metadata`.
+pub fn metadata_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("metadata")
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// A byte count with an optional k, M, G, T (binary) suffix.

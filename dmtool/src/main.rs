@@ -9,6 +9,7 @@
 mod cli;
 mod commands;
 mod output;
+mod progress;
 
 use std::io;
 use std::process::ExitCode;

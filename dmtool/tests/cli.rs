@@ -435,9 +435,15 @@ fn usage_errors_exit_2() {
         &["thin", "create", "--metadata", m, "1", "--size", "1M"],
         &["thin", "ls"],
         &["thin", "read", "--pool", p, "1", "--bogus"],
+        &["thin", "rename", "--pool", p, "1"],
+        &["thin", "rename", "--pool", p, "1", "x", "--clear"],
         &["pool", "create", "--pool", p, "--block-size", "96k"],
+        &["pool", "set", "--pool", p],
+        &["pool", "set", "--pool", p, "--when-full", "later"],
         &["dump", "--format", "yaml", m],
         &["check"],
+        &["repair", "-i", m],
+        &["repair", "-i", m, "-o", m, "--data-block-size", "96k"],
     ];
     for args in cases {
         let out = run(args);
@@ -454,6 +460,7 @@ fn every_help_has_an_example() {
         &["pool"],
         &["pool", "create"],
         &["pool", "status"],
+        &["pool", "set"],
         &["thin"],
         &["thin", "create"],
         &["thin", "snap"],
@@ -461,8 +468,13 @@ fn every_help_has_an_example() {
         &["thin", "write"],
         &["thin", "read"],
         &["thin", "ls"],
+        &["thin", "import"],
+        &["thin", "rename"],
+        &["thin", "export"],
         &["check"],
         &["dump"],
+        &["repair"],
+        &["trim"],
     ];
     for args in helps {
         let out = ok(run(&[*args, &["--help"]].concat()));
@@ -732,4 +744,348 @@ fn resize_grows_data_and_metadata_and_never_shrinks() {
     assert_eq!(totals(&pool), (2048, 2048));
     let check = ok(run(&["check", pool.metadata().to_str().unwrap()]));
     assert!(check.status.success());
+}
+
+/// Zeroes metadata block `loc` of the file at `path` (4 KiB blocks).
+fn zero_metadata_block(path: &Path, loc: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[0u8; 4096], loc * 4096).unwrap();
+}
+
+#[test]
+fn repair_brings_back_a_pool_whose_superblock_is_destroyed() {
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "24M", "--name", "big"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "4M"]));
+    let one = random_bytes(20 << 20, 11);
+    let two = random_bytes(3 << 20, 12);
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &one));
+    ok(pool.cmd_with_stdin("thin", "write", &["2", "--offset", "1M"], &two));
+    ok(pool.cmd("thin", "snap", &["3", "1"]));
+    let before1 = pool.read("1", &[]);
+    let before2 = pool.read("2", &[]);
+
+    let meta = pool.metadata();
+    let damaged = pool.dir.join("damaged");
+    std::fs::copy(&meta, &damaged).unwrap();
+    zero_metadata_block(&damaged, 0);
+    let new = pool.dir.join("repaired");
+    let (d, n) = (damaged.to_str().unwrap(), new.to_str().unwrap());
+
+    // Nothing says what the block size was: refused, naming the cause.
+    fails(
+        &run(&["repair", "-i", d, "-o", n]),
+        1,
+        "data block size is unknown",
+    );
+    // The output may not be the input.
+    fails(&run(&["repair", "-i", d, "-o", d]), 1, "same metadata");
+
+    let out = ok(run(&[
+        "repair",
+        "-i",
+        d,
+        "-o",
+        n,
+        "--data-block-size",
+        "64k",
+    ]));
+    assert!(out.stdout.is_empty());
+    assert!(stderr(&out).contains("3 devices"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("superblock was unreadable"),
+        "{}",
+        stderr(&out)
+    );
+    if fixtures::tools::available() {
+        let c = fixtures::tools::thin_check(&new, &[]);
+        assert_eq!(c.rc, 0, "thin_check of the repair: {}", c.stderr);
+    }
+    ok(run(&["check", n]));
+    std::fs::rename(&new, &meta).unwrap();
+    assert_eq!(sha256(&pool.read("1", &[])), sha256(&before1));
+    assert_eq!(sha256(&pool.read("2", &[])), sha256(&before2));
+    assert_eq!(sha256(&pool.read("3", &[])), sha256(&before1));
+}
+
+#[test]
+fn repair_refuses_metadata_its_owner_holds() {
+    let pool = TestPool::new();
+    let paths = engine::PoolPaths::in_dir(&pool.dir);
+    let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
+    let new = pool.dir.join("repaired");
+    let out = run(&["repair", "-i", pool.path(), "-o", new.to_str().unwrap()]);
+    fails(&out, 1, &format!("held by pid {}", std::process::id()));
+    drop(held);
+    ok(run(&[
+        "repair",
+        "-i",
+        pool.path(),
+        "-o",
+        new.to_str().unwrap(),
+        "-q",
+    ]));
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn mapped_blocks(pool: &TestPool, id: u64) -> u64 {
+    let ls: serde_json::Value =
+        serde_json::from_slice(&ok(pool.cmd("thin", "ls", &["--json"])).stdout).unwrap();
+    ls.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap()["mapped_blocks"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn import_and_export_keep_holes() {
+    use std::os::unix::fs::FileExt;
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "16M"]));
+    // The thin holds data everywhere first: import must leave the file's holes unmapped.
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &random_bytes(16 << 20, 20)));
+    assert_eq!(mapped_blocks(&pool, 1), 256);
+
+    // 16 MiB sparse: 300000 bytes at 1 MiB (blocks 16..=20), 1 MiB at 8 MiB (blocks
+    // 128..=143), and 256 KiB of written zeros at 12 MiB (a data extent, but zeros).
+    let image = pool.dir.join("image");
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&random_bytes(300_000, 21), 1 << 20).unwrap();
+    f.write_all_at(&random_bytes(1 << 20, 22), 8 << 20).unwrap();
+    f.write_all_at(&vec![0u8; 256 << 10], 12 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let want = std::fs::read(&image).unwrap();
+
+    let img = image.to_str().unwrap();
+    let out = ok(pool.cmd("thin", "import", &["1", "--input", img]));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "quiet in scripts"
+    );
+    assert_eq!(
+        mapped_blocks(&pool, 1),
+        5 + 16,
+        "only the data extents are mapped"
+    );
+    assert_eq!(sha256(&pool.read("1", &[])), sha256(&want));
+
+    let exported = pool.dir.join("exported");
+    let exp = exported.to_str().unwrap();
+    ok(pool.cmd("thin", "export", &["1", "--output", exp]));
+    let back = std::fs::read(&exported).unwrap();
+    assert_eq!(back.len(), 16 << 20);
+    assert_eq!(sha256(&back), sha256(&want));
+    let allocated = allocated_bytes(&exported);
+    assert!(
+        allocated <= 1_500_000,
+        "the export allocates {allocated} bytes for 1.3 MB of data"
+    );
+
+    // Too big for the thin: refused before anything is written.
+    let big = pool.dir.join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(17 << 20)
+        .unwrap();
+    fails(
+        &pool.cmd("thin", "import", &["1", "--input", big.to_str().unwrap()]),
+        1,
+        "does not fit in thin 1",
+    );
+    assert_eq!(sha256(&pool.read("1", &[])), sha256(&want));
+}
+
+#[test]
+fn trim_gives_free_blocks_back_and_keeps_live_data() {
+    use std::os::unix::fs::FileExt;
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "8M"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "8M"]));
+    let one = random_bytes(8 << 20, 30);
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &one));
+    ok(pool.cmd_with_stdin("thin", "write", &["2"], &random_bytes(8 << 20, 31)));
+    ok(pool.cmd("thin", "delete", &["2"]));
+    // Nothing maps data blocks 512 and up (32 MiB): fill them with stale bytes, as a pool
+    // that ran without discard passdown would have left them.
+    let xml = stdout(&ok(run(&["dump", pool.path()])));
+    let highest = xml
+        .lines()
+        .filter_map(|l| {
+            let at = l.find("data_b")? + l[l.find("data_b")?..].find('"')? + 1;
+            let n: u64 = l[at..at + l[at..].find('"')?].parse().ok()?;
+            let len: u64 = l
+                .find("length=\"")
+                .map(|i| {
+                    l[i + 8..i + 8 + l[i + 8..].find('"').unwrap()]
+                        .parse()
+                        .unwrap()
+                })
+                .unwrap_or(1);
+            Some(n + len)
+        })
+        .max()
+        .unwrap();
+    assert!(highest <= 512, "mapped up to block {highest}");
+    let data = pool.dir.join("data");
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    f.write_all_at(&random_bytes(32 << 20, 32), 32 << 20)
+        .unwrap();
+    f.sync_all().unwrap();
+    let before = allocated_bytes(&data);
+    assert!(before >= 40 << 20, "{before}");
+
+    // Refused while someone owns the pool, naming the owner.
+    let paths = engine::PoolPaths::in_dir(&pool.dir);
+    let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
+    fails(
+        &run(&["trim", "--pool", pool.path()]),
+        1,
+        &format!("held by pid {}", std::process::id()),
+    );
+    drop(held);
+
+    let out = ok(run(&["trim", "--pool", pool.path()]));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    let after = allocated_bytes(&data);
+    eprintln!("data file allocated: {before} bytes before trim, {after} after");
+    assert!(
+        after <= (8 << 20) + (1 << 20),
+        "{after} bytes allocated after trim, {before} before"
+    );
+    assert_eq!(sha256(&pool.read("1", &[])), sha256(&one));
+    ok(run(&["check", pool.path()]));
+}
+
+#[test]
+fn rename_is_atomic_and_refuses_a_taken_name() {
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "1M", "--name", "base"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "1M", "--name", "other"]));
+    ok(pool.cmd("thin", "rename", &["1", "base-v2"]));
+    let names = || -> Vec<serde_json::Value> {
+        let ls: serde_json::Value =
+            serde_json::from_slice(&ok(pool.cmd("thin", "ls", &["--json"])).stdout).unwrap();
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].clone())
+            .collect()
+    };
+    assert_eq!(names(), ["base-v2", "other"]);
+    // Renaming to its own name changes nothing; another thin's name is refused.
+    ok(pool.cmd("thin", "rename", &["1", "base-v2"]));
+    fails(
+        &pool.cmd("thin", "rename", &["2", "base-v2"]),
+        1,
+        "name \"base-v2\" is taken by thin 1",
+    );
+    fails(&pool.cmd("thin", "rename", &["3", "x"]), 1, "thin 3");
+    fails(
+        &pool.cmd("thin", "rename", &["2", "bad/name"]),
+        1,
+        "failed to rename thin 2",
+    );
+    assert_eq!(names(), ["base-v2", "other"]);
+    ok(pool.cmd("thin", "rename", &["2", "--clear"]));
+    assert_eq!(
+        names(),
+        [serde_json::json!("base-v2"), serde_json::Value::Null]
+    );
+    // No temporary file is left beside the store.
+    let left: Vec<_> = std::fs::read_dir(&pool.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("volumes") && n != "volumes.json")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Refused while another process owns the pool, naming it.
+    let paths = engine::PoolPaths::in_dir(&pool.dir);
+    let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
+    fails(
+        &pool.cmd("thin", "rename", &["2", "x"]),
+        1,
+        &format!("held by pid {}", std::process::id()),
+    );
+    drop(held);
+}
+
+#[test]
+fn pool_set_is_kept_shown_and_used() {
+    use std::os::unix::fs::FileExt;
+    let pool = TestPool::new();
+    let row = |label: &str| -> String {
+        let table = stdout(&ok(pool.cmd("pool", "status", &[])));
+        let line = table.lines().find(|l| l.starts_with(label));
+        line.unwrap_or_else(|| panic!("no {label} in {table}"))[label.len()..]
+            .trim()
+            .to_string()
+    };
+    assert_eq!(row("Zeroing:"), "on");
+    assert_eq!(row("When Full:"), "error (error_if_no_space)");
+    assert_eq!(row("Low Water Mark:"), "0 blocks (0B)");
+
+    ok(pool.cmd(
+        "pool",
+        "set",
+        &[
+            "--low-water-mark",
+            "1M",
+            "--when-full",
+            "queue",
+            "--zeroing",
+            "off",
+        ],
+    ));
+    assert_eq!(row("Zeroing:"), "off (skip_block_zeroing)");
+    assert_eq!(row("When Full:"), "queue (queue_if_no_space)");
+    assert_eq!(row("Low Water Mark:"), "16 blocks (1MiB)");
+    let json: serde_json::Value =
+        serde_json::from_slice(&ok(pool.cmd("pool", "status", &["--json"])).stdout).unwrap();
+    assert_eq!(json["low_water_blocks"], 16);
+    assert_eq!(json["status"]["zero_new_blocks"], false);
+    assert_eq!(json["status"]["error_if_no_space"], false);
+    // One setting changes alone; the others stay.
+    ok(pool.cmd("pool", "set", &["--when-full", "error"]));
+    let json: serde_json::Value =
+        serde_json::from_slice(&ok(pool.cmd("pool", "status", &["--json"])).stdout).unwrap();
+    assert_eq!(json["status"]["error_if_no_space"], true);
+    assert_eq!(json["low_water_blocks"], 16);
+
+    // Zeroing off is what writes use: a 4 KiB write to a new block leaves the rest of the
+    // block as the data device had it.
+    let data = pool.dir.join("data");
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    f.write_all_at(&vec![0xaa; 1 << 20], 0).unwrap();
+    drop(f);
+    ok(pool.cmd("thin", "create", &["1", "--size", "1M"]));
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &[0x11; 4096]));
+    let block = pool.read("1", &["--length", "64k"]);
+    assert!(block[..4096].iter().all(|&b| b == 0x11));
+    assert!(block[4096..].iter().all(|&b| b == 0xaa), "zeroing is off");
+    ok(pool.cmd("pool", "set", &["--zeroing", "on"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "1M"]));
+    ok(pool.cmd_with_stdin("thin", "write", &["2"], &[0x22; 4096]));
+    let block = pool.read("2", &["--length", "64k"]);
+    assert!(block[4096..].iter().all(|&b| b == 0), "zeroing is on again");
+
+    // Refused while another process owns the pool, naming it.
+    let paths = engine::PoolPaths::in_dir(&pool.dir);
+    let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();
+    fails(
+        &pool.cmd("pool", "set", &["--zeroing", "off"]),
+        1,
+        &format!("held by pid {}", std::process::id()),
+    );
+    drop(held);
 }

@@ -8,6 +8,7 @@
 //! - [`pdata`]: b-trees and space maps;
 //! - [`thin`]: superblock, details and mapping trees, the pool and thin device IO;
 //! - [`tools`]: check and dump, which read metadata without trusting it;
+//! - [`image`]: raw and sparse image files copied into and out of thins, holes kept;
 //! - [`store`]: the volume store beside a pool (sizes and names dm-thin does not keep);
 //! - [`activate`]: thins as block devices (FUSE + loop under the pool daemon, the kernel's
 //!   device-mapper) and NBD exports, behind one [`activate::PoolControl`] interface.
@@ -19,6 +20,7 @@
 pub mod activate;
 pub mod block;
 pub mod error;
+pub mod image;
 pub mod io;
 pub mod pdata;
 pub mod store;

@@ -18,7 +18,9 @@
 //!
 //! `transaction_id` is the pool's transaction id after the last change the store recorded.
 //! `zero_new_blocks` is the pool's zeroing choice, made at create time (the kernel keeps it
-//! in the table, not in the metadata). Every write is atomic: a temporary file in the same
+//! in the table, not in the metadata). `error_if_no_space` and `low_water_blocks` are the
+//! other table options (`dmtool pool set`); like zeroing they are read when the pool is
+//! opened or started, by this process, the daemon or the kernel activation. Every write is atomic: a temporary file in the same
 //! directory, fsync, rename over the store, fsync the directory. A missing file is an empty
 //! store; a damaged one is an [`Error::Store`], never a panic.
 //!
@@ -59,7 +61,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::thin::files::{self, NewPool, PoolPaths};
-use crate::thin::pool::{Pool, PoolOptions};
+use crate::thin::pool::{NoSpacePolicy, Pool, PoolOptions};
 use crate::units::{format_size, ThinId, SECTOR_SIZE};
 
 /// The store's file name inside a pool directory or a state directory.
@@ -226,6 +228,10 @@ struct StoreFile {
     transaction_id: Option<u64>,
     #[serde(default)]
     zero_new_blocks: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error_if_no_space: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    low_water_blocks: Option<u64>,
     #[serde(default)]
     volumes: Vec<Volume>,
     #[serde(default)]
@@ -238,8 +244,46 @@ pub struct VolumeStore {
     path: PathBuf,
     transaction_id: Option<u64>,
     zero_new_blocks: Option<bool>,
+    error_if_no_space: Option<bool>,
+    low_water_blocks: Option<u64>,
     volumes: BTreeMap<ThinId, Volume>,
     pending: Option<Intent>,
+}
+
+/// The pool's table options kept in the store (dm-thin keeps them in the pool's table line,
+/// not in the metadata). `None` leaves the opener's choice (the defaults).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PoolSettings {
+    /// Zero the rest of newly provisioned blocks (off: the kernel's `skip_block_zeroing`).
+    pub zero_new_blocks: Option<bool>,
+    /// Fail writes at once when the data device is full (`error_if_no_space`), or queue
+    /// them (`queue_if_no_space`, the kernel's default).
+    pub error_if_no_space: Option<bool>,
+    /// Free data blocks at or below which the low-water event is raised (the table's
+    /// `low_water_mark`).
+    pub low_water_blocks: Option<u64>,
+}
+
+impl PoolSettings {
+    /// `options` with every setting that is set applied.
+    pub fn apply(&self, mut options: PoolOptions) -> PoolOptions {
+        if let Some(zero) = self.zero_new_blocks {
+            options.zero_new_blocks = zero;
+        }
+        if let Some(error) = self.error_if_no_space {
+            options.no_space = if error {
+                NoSpacePolicy::Error
+            } else {
+                NoSpacePolicy::Queue {
+                    timeout: NoSpacePolicy::DEFAULT_QUEUE_TIMEOUT,
+                }
+            };
+        }
+        if let Some(mark) = self.low_water_blocks {
+            options.low_water_blocks = mark;
+        }
+        options
+    }
 }
 
 fn store_err(path: &Path, message: impl Into<String>) -> Error {
@@ -288,6 +332,8 @@ impl VolumeStore {
             path: path.to_path_buf(),
             transaction_id: None,
             zero_new_blocks: None,
+            error_if_no_space: None,
+            low_water_blocks: None,
             volumes: BTreeMap::new(),
             pending: None,
         }
@@ -329,6 +375,8 @@ impl VolumeStore {
         let mut store = VolumeStore::new(path);
         store.transaction_id = file.transaction_id;
         store.zero_new_blocks = file.zero_new_blocks;
+        store.error_if_no_space = file.error_if_no_space;
+        store.low_water_blocks = file.low_water_blocks;
         for v in file.volumes {
             check_size(v.size_bytes).map_err(|e| format!("thin {}: {e}", v.id))?;
             if let Some(name) = &v.name {
@@ -377,6 +425,8 @@ impl VolumeStore {
             version: FORMAT_VERSION,
             transaction_id: self.transaction_id,
             zero_new_blocks: self.zero_new_blocks,
+            error_if_no_space: self.error_if_no_space,
+            low_water_blocks: self.low_water_blocks,
             volumes: self.volumes.values().cloned().collect(),
             pending: self.pending.clone(),
         };
@@ -427,6 +477,33 @@ impl VolumeStore {
     /// The pool's zeroing choice recorded at create time, if any.
     pub fn zero_new_blocks(&self) -> Option<bool> {
         self.zero_new_blocks
+    }
+
+    /// The pool's table options recorded in the store.
+    pub fn settings(&self) -> PoolSettings {
+        PoolSettings {
+            zero_new_blocks: self.zero_new_blocks,
+            error_if_no_space: self.error_if_no_space,
+            low_water_blocks: self.low_water_blocks,
+        }
+    }
+
+    /// Records the settings that are set in `changes` (the others stay) and saves the store
+    /// atomically. They take effect the next time the pool is opened or started.
+    pub fn change_settings(&mut self, changes: PoolSettings) -> Result<()> {
+        let mut next = self.clone();
+        if let Some(z) = changes.zero_new_blocks {
+            next.zero_new_blocks = Some(z);
+        }
+        if let Some(e) = changes.error_if_no_space {
+            next.error_if_no_space = Some(e);
+        }
+        if let Some(m) = changes.low_water_blocks {
+            next.low_water_blocks = Some(m);
+        }
+        next.save()?;
+        *self = next;
+        Ok(())
     }
 
     /// The intent a crash or failure left pending (always `None` after a reconcile).
@@ -669,13 +746,10 @@ impl Volumes {
     }
 
     /// Opens a pool (see [`files::open`]; for writing it takes the ownership lock), loads its
-    /// store and reconciles the two. The zeroing choice recorded at create time overrides
-    /// `options.zero_new_blocks`.
+    /// store and reconciles the two. The settings the store records (zeroing, no-space
+    /// policy, low-water mark) override `options`.
     pub fn open(paths: &PoolPaths, store_path: &Path, options: PoolOptions) -> Result<Volumes> {
-        let mut options = options;
-        if let Some(zero) = VolumeStore::load(store_path)?.zero_new_blocks {
-            options.zero_new_blocks = zero;
-        }
+        let options = VolumeStore::load(store_path)?.settings().apply(options);
         let pool = files::open(paths, options)?;
         // Read again: only now, as the pool's owner, is the store ours to trust and change.
         let store = VolumeStore::load(store_path)?;
@@ -690,6 +764,12 @@ impl Volumes {
             store,
             report,
         })
+    }
+
+    /// Records the pool's table options in the store (see [`VolumeStore::change_settings`]);
+    /// the pool open now keeps the options it was opened with.
+    pub fn change_settings(&mut self, changes: PoolSettings) -> Result<()> {
+        self.store.change_settings(changes)
     }
 
     /// The pool. Changing thins through it directly bypasses the store (the next reconcile
@@ -967,6 +1047,38 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [STORE_FILE_NAME], "no temporary file is left behind");
+    }
+
+    #[test]
+    fn settings_are_saved_and_applied_to_the_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = VolumeStore::new(&store_path(&dir));
+        store.save().unwrap();
+        let changes = PoolSettings {
+            zero_new_blocks: Some(false),
+            error_if_no_space: Some(false),
+            low_water_blocks: Some(16),
+        };
+        store.change_settings(changes).unwrap();
+        store
+            .change_settings(PoolSettings {
+                low_water_blocks: Some(32),
+                ..PoolSettings::default()
+            })
+            .unwrap();
+        let loaded = VolumeStore::load(&store_path(&dir)).unwrap();
+        let want = PoolSettings {
+            low_water_blocks: Some(32),
+            ..changes
+        };
+        assert_eq!(loaded.settings(), want);
+        let options = loaded.settings().apply(PoolOptions::default());
+        assert!(!options.zero_new_blocks);
+        assert_eq!(options.low_water_blocks, 32);
+        assert!(matches!(options.no_space, NoSpacePolicy::Queue { .. }));
+        // Unset settings leave the opener's choice.
+        let defaults = PoolSettings::default().apply(PoolOptions::default());
+        assert_eq!(defaults, PoolOptions::default());
     }
 
     #[test]

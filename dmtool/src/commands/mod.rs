@@ -5,10 +5,12 @@ pub mod check;
 pub mod daemon;
 pub mod dump;
 pub mod pool;
+pub mod repair;
 pub mod restore;
 pub mod serve;
 pub mod thin;
 pub mod thin_io;
+pub mod trim;
 
 pub mod delta;
 pub mod links;
@@ -33,6 +35,7 @@ pub fn run(command: Command, verbose: u8) -> anyhow::Result<ExitCode> {
         Command::Pool(PoolCommand::Create(args)) => pool::create(args),
         Command::Pool(PoolCommand::Status(args)) => pool::status(args),
         Command::Pool(PoolCommand::Resize(args)) => pool::resize(args),
+        Command::Pool(PoolCommand::Set(args)) => pool::set(args),
         Command::Pool(PoolCommand::Start(args)) => daemon::start(args),
         Command::Pool(PoolCommand::Stop(args)) => daemon::stop(args),
         Command::Thin(ThinCommand::Activate(args)) => activate::activate(args),
@@ -40,12 +43,17 @@ pub fn run(command: Command, verbose: u8) -> anyhow::Result<ExitCode> {
         Command::Thin(ThinCommand::Create(args)) => thin::create(args),
         Command::Thin(ThinCommand::Snap(args)) => thin::snap(args),
         Command::Thin(ThinCommand::Delete(args)) => thin::delete(args),
+        Command::Thin(ThinCommand::Rename(args)) => thin::rename(args),
         Command::Thin(ThinCommand::Ls(args)) => thin::ls(args),
         Command::Thin(ThinCommand::Write(args)) => thin_io::write(args),
         Command::Thin(ThinCommand::Read(args)) => thin_io::read(args),
+        Command::Thin(ThinCommand::Import(args)) => thin_io::import(args),
+        Command::Thin(ThinCommand::Export(args)) => thin_io::export(args),
         Command::Check(args) => check::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Repair(args) => repair::run(args),
+        Command::Trim(args) => trim::run(args),
         Command::Serve(args) => serve::run(args),
 
         Command::Ls(args) => ls::run(args),
@@ -210,6 +218,30 @@ pub fn open_metadata(
         Err(LockError::Held(holder)) => anyhow::bail!(
             "metadata {} is in use by its pool's owner ({holder}); stop the owner first, or \
              use --metadata-snap",
+            path.display()
+        ),
+        Err(LockError::Io(e)) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("failed to lock metadata {}", path.display())))
+        }
+    }
+}
+
+/// Takes the pool ownership lock of the metadata `dev` at `path` (held while the returned
+/// file is open), naming the holder when someone else has it.
+pub fn lock_metadata(
+    dev: &engine::io::FileDevice,
+    path: &std::path::Path,
+) -> anyhow::Result<std::fs::File> {
+    use engine::io::lock::{lock_exclusive, LockError};
+    let lock = dev
+        .file()
+        .try_clone()
+        .with_context(|| format!("failed to open metadata {}", path.display()))?;
+    match lock_exclusive(&lock) {
+        Ok(()) => Ok(lock),
+        Err(LockError::Held(holder)) => anyhow::bail!(
+            "metadata {} is in use by its pool's owner ({holder}); stop the owner first",
             path.display()
         ),
         Err(LockError::Io(e)) => {

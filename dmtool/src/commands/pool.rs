@@ -1,4 +1,4 @@
-//! `pool create` and `pool status`.
+//! `pool create`, `pool status`, `pool resize` and `pool set`.
 
 use std::fs;
 use std::process::ExitCode;
@@ -9,7 +9,9 @@ use engine::units::{format_size, METADATA_BLOCK_SIZE};
 use engine::{DataBlockSize, NewPool, PoolOptions, PoolStatus};
 use serde::Serialize;
 
-use engine::activate::ControlStatus;
+use engine::activate::daemon::RunDir;
+use engine::activate::{ControlStatus, PoolControl};
+use engine::store::{PoolSettings, VolumeStore};
 
 use super::{commit, control, Access};
 use crate::cli::{parse_block_size, parse_bytes, PoolLocation};
@@ -53,6 +55,42 @@ pub struct ResizeArgs {
     /// New size of the metadata device
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     pub metadata_size: Option<u64>,
+}
+
+/// What the pool does when its data device is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WhenFull {
+    /// Fail writes at once (error_if_no_space)
+    Error,
+    /// Hold writes until space appears, failing them after 60 s (queue_if_no_space)
+    Queue,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("setting").required(true).multiple(true)))]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Free data space at or below which the pool raises its low-water event (rounded up
+    /// to whole data blocks; 0 turns the event off)
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, group = "setting")]
+    pub low_water_mark: Option<u64>,
+
+    /// What writes that need a new block do when the data device is full
+    #[arg(long, value_enum, value_name = "POLICY", group = "setting")]
+    pub when_full: Option<WhenFull>,
+
+    /// Zero the rest of a newly provisioned block (off: skip_block_zeroing)
+    #[arg(long, value_enum, value_name = "ON|OFF", group = "setting")]
+    pub zeroing: Option<Switch>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +185,34 @@ pub fn resize(args: ResizeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn set(args: SetArgs) -> anyhow::Result<ExitCode> {
+    // A running owner read the settings when it started and would not see new ones.
+    let run = RunDir::for_pool(&args.loc.paths());
+    if let Some(mut daemon) = run
+        .connect()
+        .with_context(|| format!("failed to reach the daemon of pool {}", args.loc.name()))?
+    {
+        let pid = daemon.status().ok().and_then(|s| s.daemon_pid);
+        let pid = pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+        anyhow::bail!(
+            "pool {} is owned by its pool daemon{pid}; stop it first (dmtool pool stop): the \
+             settings apply when the pool starts",
+            args.loc.name()
+        );
+    }
+    let mut volumes = super::open_volumes(&args.loc, Access::Change)?;
+    let block_bytes = volumes.pool().block_size().bytes();
+    let changes = PoolSettings {
+        zero_new_blocks: args.zeroing.map(|z| z == Switch::On),
+        error_if_no_space: args.when_full.map(|w| w == WhenFull::Error),
+        low_water_blocks: args.low_water_mark.map(|b| b.div_ceil(block_bytes)),
+    };
+    volumes
+        .change_settings(changes)
+        .with_context(|| format!("failed to change the settings of pool {}", args.loc.name()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Bytes used, total and available in one of the pool's two spaces.
 #[derive(Serialize)]
 struct Space {
@@ -173,6 +239,8 @@ struct StatusReport {
     data_space: Space,
     metadata_space: Space,
     thin_count: usize,
+    /// The low-water mark in data blocks recorded for the pool (`pool set`); 0: none.
+    low_water_blocks: u64,
     /// The pool daemon that owns the pool, if one runs.
     daemon_pid: Option<u32>,
     /// The kernel's pool device, when the kernel owns the pool.
@@ -203,6 +271,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             METADATA_BLOCK_SIZE,
         ),
         thin_count,
+        low_water_blocks: VolumeStore::load(&args.loc.store_path())
+            .ok()
+            .and_then(|s| s.settings().low_water_blocks)
+            .unwrap_or(0),
         daemon_pid,
         kernel_device,
         status,
@@ -225,6 +297,32 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         ),
         vec!["Data Block Size:".into(), format_size(data_block)],
         vec!["Thin Devices:".into(), report.thin_count.to_string()],
+        vec![
+            "Zeroing:".into(),
+            if report.status.zero_new_blocks {
+                "on"
+            } else {
+                "off (skip_block_zeroing)"
+            }
+            .into(),
+        ],
+        vec![
+            "When Full:".into(),
+            if report.status.error_if_no_space {
+                "error (error_if_no_space)"
+            } else {
+                "queue (queue_if_no_space)"
+            }
+            .into(),
+        ],
+        vec![
+            "Low Water Mark:".into(),
+            format!(
+                "{} blocks ({})",
+                report.low_water_blocks,
+                format_size(report.low_water_blocks * data_block)
+            ),
+        ],
         vec!["Mode:".into(), report.status.mode.clone()],
         vec!["Needs Check:".into(), report.status.needs_check.to_string()],
         vec!["Owner:".into(), owner(&report)],

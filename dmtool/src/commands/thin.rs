@@ -1,4 +1,4 @@
-//! `thin create`, `thin snap`, `thin delete` and `thin ls`.
+//! `thin create`, `thin snap`, `thin delete`, `thin rename` and `thin ls`.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -64,6 +64,24 @@ pub struct DeleteArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct RenameArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Thin id
+    #[arg(value_parser = parse_thin_id)]
+    pub id: ThinId,
+
+    /// The new name (unique in the pool)
+    #[arg(required_unless_present = "clear")]
+    pub name: Option<String>,
+
+    /// Remove the thin's name instead
+    #[arg(long, conflicts_with = "name")]
+    pub clear: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct LsArgs {
     #[command(flatten)]
     pub loc: PoolLocation,
@@ -109,6 +127,19 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
             args.loc.name()
         )
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rename(args: RenameArgs) -> anyhow::Result<ExitCode> {
+    let mut pool = control(&args.loc, Access::Change)?;
+    pool.rename(args.id, args.name.as_deref())
+        .with_context(|| {
+            format!(
+                "failed to rename thin {} in pool {}",
+                args.id,
+                args.loc.name()
+            )
+        })?;
     Ok(ExitCode::SUCCESS)
 }
 

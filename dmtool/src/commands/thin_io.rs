@@ -1,5 +1,6 @@
 //! `thin write` and `thin read`: stream bytes into and out of a thin, 1 MiB at a time,
-//! never past the thin's size (from the volume store).
+//! never past the thin's size (from the volume store). `thin import` and `thin export`:
+//! image files, holes kept (see `engine::image`).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -14,6 +15,7 @@ use engine::activate::PoolControl;
 
 use super::{control, Access};
 use crate::cli::{parse_bytes, parse_thin_id, PoolLocation};
+use crate::progress::{self, Unit};
 
 /// Bytes moved per read or write.
 const CHUNK: usize = 1 << 20;
@@ -168,4 +170,83 @@ fn size_and_room(
         )
     })?;
     Ok((size, room))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Thin id
+    #[arg(value_parser = parse_thin_id)]
+    pub id: ThinId,
+
+    /// Raw or sparse image file to copy in (from the thin's byte 0)
+    #[arg(short, long, value_name = "FILE")]
+    pub input: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub loc: PoolLocation,
+
+    /// Thin id
+    #[arg(value_parser = parse_thin_id)]
+    pub id: ThinId,
+
+    /// Image file to write (created or truncated; it gets the thin's size)
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let file = File::open(&args.input)
+        .with_context(|| format!("failed to open image {}", args.input.display()))?;
+    let mut pool = control(&args.loc, Access::Change)?;
+    let what = format!("thin {} in pool {}", args.id, args.loc.name());
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress::bar(len, "importing", Unit::Bytes);
+    let report = engine::image::import(pool.as_mut(), args.id, &file, &mut |done, _| {
+        bar.set_position(done)
+    });
+    bar.finish_and_clear();
+    let report =
+        report.with_context(|| format!("failed to import {} into {what}", args.input.display()))?;
+    tracing::info!(
+        bytes = report.bytes,
+        written = report.written,
+        holes = report.holes,
+        "imported"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let mut pool = control(&args.loc, Access::Look)?;
+    let what = format!("thin {} in pool {}", args.id, args.loc.name());
+    let size = pool
+        .size_of(args.id)
+        .with_context(|| format!("failed to export {what}"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&args.output)
+        .with_context(|| format!("failed to create image {}", args.output.display()))?;
+    let bar = progress::bar(size, "exporting", Unit::Bytes);
+    let report = engine::image::export(pool.as_mut(), args.id, &file, &mut |done, _| {
+        bar.set_position(done)
+    });
+    bar.finish_and_clear();
+    let report =
+        report.with_context(|| format!("failed to export {what} to {}", args.output.display()))?;
+    tracing::info!(
+        bytes = report.bytes,
+        written = report.written,
+        holes = report.holes,
+        "exported"
+    );
+    Ok(ExitCode::SUCCESS)
 }

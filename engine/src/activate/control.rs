@@ -64,6 +64,9 @@ pub trait PoolControl {
     /// Snapshots `origin` as `id` (with the origin's size).
     fn create_snap(&mut self, id: ThinId, origin: ThinId, name: Option<&str>) -> Result<()>;
     fn delete(&mut self, id: ThinId) -> Result<()>;
+    /// Sets (`None`: clears) thin `id`'s name in the volume store, atomically; a name
+    /// another thin has is refused with [`Error::InvalidArgument`].
+    fn rename(&mut self, id: ThinId, name: Option<&str>) -> Result<()>;
     fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()>;
     fn reserve_metadata_snap(&mut self) -> Result<()>;
     fn release_metadata_snap(&mut self) -> Result<()>;
@@ -180,6 +183,10 @@ impl PoolControl for Local {
         self.forget(id);
         self.volumes.delete(id)?;
         self.commit()
+    }
+
+    fn rename(&mut self, id: ThinId, name: Option<&str>) -> Result<()> {
+        self.volumes.rename(id, name)
     }
 
     fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {

@@ -50,10 +50,6 @@ use crate::thin::metadata::DeviceDetails;
 use crate::thin::pool::{PoolOptions, PoolStatus};
 use crate::units::{ThinId, SECTOR_SIZE};
 
-/// The low-water mark `KernelControl::start` gives the pool, in data blocks. Nothing listens
-/// for the kernel's low-water event yet, so it is 0 (no event).
-pub const LOW_WATER_BLOCKS: u64 = 0;
-
 /// The block devices the kernel uses for `paths`, plus the loop devices behind regular files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelDevices {
@@ -164,7 +160,7 @@ impl KernelControl {
     ///
     /// Regular files get loop devices first (detached again if the start fails). The store at
     /// `store_path` must already be reconciled with the pool (open it with our engine first);
-    /// its zeroing choice overrides `options.zero_new_blocks`.
+    /// the settings it records (zeroing, no-space policy, low-water mark) override `options`.
     ///
     /// * `Err(Busy)`: the kernel has the pool already, or a device is held elsewhere.
     /// * the errors of [`KernelPool::start`] and [`LoopDevice::attach`].
@@ -180,10 +176,7 @@ impl KernelControl {
             });
         }
         let store = VolumeStore::load(store_path)?;
-        let mut options = options;
-        if let Some(zero) = store.zero_new_blocks() {
-            options.zero_new_blocks = zero;
-        }
+        let options = store.settings().apply(options);
         let mut loops = Vec::new();
         let attached = (|| -> Result<PoolPaths> {
             let mut attach = |role: DeviceRole, path: &Path| -> Result<PathBuf> {
@@ -207,7 +200,7 @@ impl KernelControl {
             })
         })();
         let started = attached.and_then(|block| {
-            let pool = KernelPool::start(&block, &options, LOW_WATER_BLOCKS)?;
+            let pool = KernelPool::start(&block, &options, options.low_water_blocks)?;
             Ok((pool, block))
         });
         let (pool, block) = match started {
@@ -637,6 +630,20 @@ impl PoolControl for KernelControl {
         self.change(Intent::Delete { id }, |pool| {
             pool.message(&format!("delete {}", id.get()))
         })
+    }
+
+    fn rename(&mut self, id: ThinId, name: Option<&str>) -> Result<()> {
+        self.record_size(id)?;
+        if self.store.get(id).and_then(|v| v.name.as_deref()) == name {
+            return Ok(());
+        }
+        self.check_new_name(name)?;
+        let intent = Intent::Rename {
+            id,
+            name: name.map(str::to_owned),
+        };
+        // Nothing changes in the pool; the transaction id still moves, as for every change.
+        self.change(intent, |_| Ok(()))
     }
 
     fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {

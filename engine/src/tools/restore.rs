@@ -122,22 +122,24 @@ pub fn restore_bytes(xml: &[u8], dev: Arc<dyn BlockDevice>) -> Result<RestoreRep
 
 // ---- the model -----------------------------------------------------------------------------
 
-struct Pool {
-    time: u32,
-    transaction: u64,
-    needs_check: bool,
-    data_block_size: DataBlockSize,
-    nr_data_blocks: u64,
-    devices: BTreeMap<ThinId, Device>,
-    nr_mappings: u64,
+/// A pool to write: what the XML describes, or what `repair` recovered.
+pub(super) struct Pool {
+    pub(super) time: u32,
+    pub(super) transaction: u64,
+    pub(super) needs_check: bool,
+    pub(super) data_block_size: DataBlockSize,
+    pub(super) nr_data_blocks: u64,
+    pub(super) devices: BTreeMap<ThinId, Device>,
+    pub(super) nr_mappings: u64,
 }
 
-struct Device {
-    transaction: u64,
-    creation_time: u32,
-    snap_time: u32,
+/// One device of a [`Pool`]: its details (`mapped_blocks` is recomputed) and mappings.
+pub(super) struct Device {
+    pub(super) transaction: u64,
+    pub(super) creation_time: u32,
+    pub(super) snap_time: u32,
     /// Runs by first virtual block: (data block, length, time).
-    runs: BTreeMap<u64, (u64, u64, u32)>,
+    pub(super) runs: BTreeMap<u64, (u64, u64, u32)>,
 }
 
 // ---- the tokenizer -------------------------------------------------------------------------
@@ -747,7 +749,11 @@ fn mapping(
 /// Mappings written between two commits, to bound the dirty blocks held in memory.
 const COMMIT_EVERY: u64 = 1 << 18;
 
-fn write(pool: &Pool, dev: Arc<dyn BlockDevice>) -> Result<RestoreReport> {
+/// Formats `dev` and writes `pool` onto it: every device gets its own trees (nothing is
+/// shared) and each mapping one reference on its data block. Precondition: the model obeys
+/// the rules [`parse`] enforces (ids and times in range, mappings inside the data space map
+/// and not overlapping within a device).
+pub(super) fn write(pool: &Pool, dev: Arc<dyn BlockDevice>) -> Result<RestoreReport> {
     let e = RestoreError::Metadata;
     let mut md = Metadata::format(dev, pool.data_block_size, pool.nr_data_blocks).map_err(e)?;
     md.set_transaction_id(0, pool.transaction).map_err(e)?;

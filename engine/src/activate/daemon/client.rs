@@ -140,6 +140,14 @@ impl PoolControl for Client {
         self.call(&Request::Delete { id: id.get() }, &[]).map(drop)
     }
 
+    fn rename(&mut self, id: ThinId, name: Option<&str>) -> Result<()> {
+        let request = Request::Rename {
+            id: id.get(),
+            name: name.map(str::to_owned),
+        };
+        self.call(&request, &[]).map(drop)
+    }
+
     fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
         self.call(&Request::SetTransactionId { old, new }, &[])
             .map(drop)

@@ -43,6 +43,10 @@ pub enum Request {
     Delete {
         id: u64,
     },
+    Rename {
+        id: u64,
+        name: Option<String>,
+    },
     SetTransactionId {
         old: u64,
         new: u64,
@@ -266,6 +270,10 @@ mod tests {
                 id: 3,
                 offset: 4096,
                 length: 512,
+            },
+            Request::Rename {
+                id: 3,
+                name: Some("renamed".into()),
             },
             Request::Stop { force: false },
         ];

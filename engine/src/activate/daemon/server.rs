@@ -342,6 +342,7 @@ impl Daemon {
                 }
                 state.local.delete(id)?;
             }
+            Request::Rename { id, name } => state.local.rename(thin_id(*id)?, name.as_deref())?,
             Request::SetTransactionId { old, new } => state.local.set_transaction_id(*old, *new)?,
             Request::ReserveMetadataSnap => state.local.reserve_metadata_snap()?,
             Request::ReleaseMetadataSnap => state.local.release_metadata_snap()?,

@@ -44,7 +44,7 @@ impl Bitmap {
         Bitmap { words, used }
     }
 
-    fn get(&self, entry: usize) -> u32 {
+    pub(crate) fn get(&self, entry: usize) -> u32 {
         let w = self.words[entry / 32];
         let j = (entry % 32) * 2;
         ((((w >> j) & 1) << 1) | ((w >> (j + 1)) & 1)) as u32

@@ -1,0 +1,212 @@
+//! The admin verbs against real owners and devices, as root: `thin rename` through the pool
+//! daemon, `pool set`/`trim`/`repair` refused while the daemon owns the pool, and `trim` on
+//! a pool whose devices are loop devices (BLKDISCARD, not hole punching).
+//!
+//! Each test keeps the daemon's run directory under a temporary `THINBOX_RUN_ROOT` and a
+//! guard that kills the daemon and detaches every loop device backed by the test's files,
+//! even when the test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+
+struct Env {
+    dir: tempfile::TempDir,
+    run_root: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let run_root = dir.path().join("run");
+        Env { dir, run_root }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn dmtool(&self, args: &[&str]) -> Output {
+        Command::new(DMTOOL)
+            .args(args)
+            .env("THINBOX_RUN_ROOT", &self.run_root)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("dmtool runs")
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.dmtool(args);
+        assert!(
+            out.status.success(),
+            "dmtool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[track_caller]
+    fn fails(&self, args: &[&str], needle: &str) {
+        let out = self.dmtool(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "dmtool {args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "dmtool {args:?}: {err} lacks {needle:?}"
+        );
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        fixtures::activation::clean_up_run_root(&self.run_root);
+        fixtures::activation::detach_loops_under(self.dir.path());
+    }
+}
+
+fn daemon_pid(run_root: &Path) -> u32 {
+    for d in std::fs::read_dir(run_root).unwrap().flatten() {
+        if let Ok(text) = std::fs::read_to_string(d.path().join("daemon.pid")) {
+            return text.trim().parse().unwrap();
+        }
+    }
+    panic!("no daemon.pid under {}", run_root.display());
+}
+
+fn names(env: &Env, pool: &str) -> Vec<serde_json::Value> {
+    let ls: serde_json::Value =
+        serde_json::from_str(&env.ok(&["thin", "ls", "--pool", pool, "--json"])).unwrap();
+    ls.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].clone())
+        .collect()
+}
+
+#[test]
+fn root_rename_goes_through_the_daemon_and_offline_verbs_refuse_it() {
+    let env = Env::new();
+    let pool_dir = env.path("pool");
+    let pool = pool_dir.to_str().unwrap();
+    env.ok(&[
+        "pool",
+        "create",
+        "--pool",
+        pool,
+        "--data-size",
+        "64M",
+        "--metadata-size",
+        "4M",
+    ]);
+    env.ok(&[
+        "thin", "create", "--pool", pool, "1", "--size", "4M", "--name", "a",
+    ]);
+    env.ok(&[
+        "thin", "create", "--pool", pool, "2", "--size", "4M", "--name", "b",
+    ]);
+    env.ok(&["pool", "start", "--pool", pool, "--backend", "userspace"]);
+    let pid = daemon_pid(&env.run_root);
+
+    env.ok(&["thin", "rename", "--pool", pool, "1", "a2"]);
+    assert_eq!(names(&env, pool), ["a2", "b"]);
+    env.fails(
+        &["thin", "rename", "--pool", pool, "2", "a2"],
+        "is taken by thin 1",
+    );
+
+    // Verbs that change the pool offline refuse it and name the daemon.
+    env.fails(
+        &["pool", "set", "--pool", pool, "--zeroing", "off"],
+        &format!("owned by its pool daemon (pid {pid})"),
+    );
+    env.fails(&["trim", "--pool", pool], &format!("pid {pid}"));
+    let new = env.path("repaired");
+    env.fails(
+        &["repair", "-i", pool, "-o", new.to_str().unwrap()],
+        &format!("pid {pid}"),
+    );
+
+    env.ok(&["pool", "stop", "--pool", pool]);
+    // The rename was the daemon's change to the store: it is there offline too.
+    assert_eq!(names(&env, pool), ["a2", "b"]);
+}
+
+fn losetup(file: &Path) -> String {
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(file)
+        .output()
+        .expect("losetup runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn root_trim_discards_free_blocks_of_a_loop_device() {
+    use std::os::unix::fs::FileExt;
+    let env = Env::new();
+    let (meta_file, data_file) = (env.path("meta.img"), env.path("data.img"));
+    for (f, size) in [(&meta_file, 4u64 << 20), (&data_file, 64 << 20)] {
+        std::fs::File::create(f).unwrap().set_len(size).unwrap();
+    }
+    let (meta, data) = (losetup(&meta_file), losetup(&data_file));
+    let state = env.path("state");
+    let loc = [
+        "--metadata",
+        meta.as_str(),
+        "--data",
+        data.as_str(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let with = |verb: &[&str], rest: &[&str]| -> Vec<String> {
+        verb.iter()
+            .chain(loc.iter())
+            .chain(rest.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: Vec<String>| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        env.ok(&a)
+    };
+    run(with(&["pool", "create"], &[]));
+    run(with(&["thin", "create"], &["1", "--size", "4M"]));
+    let data_bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    let input = env.path("input");
+    std::fs::write(&input, &data_bytes).unwrap();
+    run(with(
+        &["thin", "write"],
+        &["1", "--input", input.to_str().unwrap()],
+    ));
+    // Stale bytes in blocks nothing maps (32 MiB and up), written through the loop device.
+    let dev = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    dev.write_all_at(&vec![0x77u8; 16 << 20], 32 << 20).unwrap();
+    dev.sync_all().unwrap();
+    drop(dev);
+    let before = allocated(&data_file);
+    assert!(before >= 20 << 20, "{before}");
+
+    run(with(&["trim"], &[]));
+    let after = allocated(&data_file);
+    eprintln!("loop-backed data file: {before} bytes allocated before trim, {after} after");
+    assert!(after <= (4 << 20) + (1 << 20), "{after} bytes after trim");
+    let out = env.path("exported");
+    run(with(
+        &["thin", "export"],
+        &["1", "--output", out.to_str().unwrap()],
+    ));
+    assert!(std::fs::read(&out).unwrap() == data_bytes, "thin 1 changed");
+}
