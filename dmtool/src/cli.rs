@@ -221,11 +221,11 @@ pub struct PoolLocation {
     pub pool: Option<PathBuf>,
 
     /// Metadata device or file (with --data, instead of --pool)
-    #[arg(long, value_name = "DEV", requires = "data")]
+    #[arg(long, alias = "metadata-dev", value_name = "DEV", requires = "data")]
     pub metadata: Option<PathBuf>,
 
     /// Data device or file (with --metadata)
-    #[arg(long, value_name = "DEV", requires = "metadata")]
+    #[arg(long, alias = "data-dev", value_name = "DEV", requires = "metadata")]
     pub data: Option<PathBuf>,
 
     /// Directory for the volume store (volumes.json) [default: the --pool directory, or

@@ -18,18 +18,12 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command};
-use crate::commands::links::{invocation, Invocation};
+use crate::commands::links::invocation;
 
 fn main() -> ExitCode {
     // Through a link named thin_check, thin_ls, ... dmtool is that tool: `thin_ls ARGS` runs
     // as `dmtool ls ARGS`.
-    let argv = match invocation(std::env::args_os().collect()) {
-        Invocation::Dmtool(argv) => argv,
-        Invocation::Unavailable(tool) => {
-            eprintln!("{tool}: not available: this dmtool has no verb for it yet");
-            return ExitCode::FAILURE;
-        }
-    };
+    let argv = invocation(std::env::args_os().collect());
     let argv = commands::delta::normalize_args(argv);
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,

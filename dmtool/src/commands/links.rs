@@ -10,44 +10,33 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-/// Each tool name and the dmtool verb it runs; `None` for a tool whose verb dmtool does not
-/// have yet (running it says so and exits 1). To wire one, put its verb here.
-pub const TOOLS: [(&str, Option<&str>); 9] = [
-    ("thin_check", Some("check")),
-    ("thin_dump", Some("dump")),
-    ("thin_restore", Some("restore")),
-    ("thin_ls", Some("ls")),
-    ("thin_delta", Some("delta")),
-    ("thin_rmap", Some("rmap")),
-    ("thin_metadata_size", Some("metadata-size")),
-    ("thin_repair", None),
-    ("thin_trim", None),
+/// Each tool name and the dmtool verb it runs.
+pub const TOOLS: [(&str, &str); 9] = [
+    ("thin_check", "check"),
+    ("thin_dump", "dump"),
+    ("thin_restore", "restore"),
+    ("thin_ls", "ls"),
+    ("thin_delta", "delta"),
+    ("thin_rmap", "rmap"),
+    ("thin_metadata_size", "metadata-size"),
+    ("thin_repair", "repair"),
+    ("thin_trim", "trim"),
 ];
 
-/// What to run for the command line `argv`.
-pub enum Invocation {
-    /// dmtool's own command line (also what a tool name became: `dmtool VERB ARGS...`).
-    Dmtool(Vec<OsString>),
-    /// A tool name whose verb is missing.
-    Unavailable(&'static str),
-}
-
-/// Turns `thin_ls ARGS...` into `dmtool ls ARGS...`; any other argv[0] is dmtool itself.
-pub fn invocation(argv: Vec<OsString>) -> Invocation {
+/// The command line to parse for `argv`: `thin_ls ARGS...` becomes `dmtool ls ARGS...`; any
+/// other argv[0] is dmtool itself.
+pub fn invocation(argv: Vec<OsString>) -> Vec<OsString> {
     let name = argv
         .first()
         .and_then(|a| Path::new(a).file_name())
         .and_then(|n| n.to_str())
         .unwrap_or("dmtool");
-    let Some(&(tool, verb)) = TOOLS.iter().find(|(t, _)| *t == name) else {
-        return Invocation::Dmtool(argv);
-    };
-    let Some(verb) = verb else {
-        return Invocation::Unavailable(tool);
+    let Some(&(_, verb)) = TOOLS.iter().find(|(t, _)| *t == name) else {
+        return argv;
     };
     let mut args = vec![OsString::from("dmtool"), OsString::from(verb)];
     args.extend(argv.into_iter().skip(1));
-    Invocation::Dmtool(args)
+    args
 }
 
 /// The name `metadata-size` reports itself by: the tool's when run through its link.
@@ -75,8 +64,8 @@ pub struct Args {
     pub force: bool,
 }
 
-/// Makes `DIR/thin_check` and the others symlinks to this executable. Names whose verb is
-/// missing get no link. Each link made is printed; a name already taken (without --force)
+/// Makes `DIR/thin_check` and the others symlinks to this executable. Each link made is
+/// printed; a name already taken (without --force)
 /// fails the run but not the other links.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("failed to find dmtool's own executable")?;
@@ -85,10 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{} is not a directory", args.dir.display());
     }
     let mut failed = false;
-    for (tool, verb) in TOOLS {
-        if verb.is_none() {
-            continue;
-        }
+    for (tool, _) in TOOLS {
         let link = args.dir.join(tool);
         if let Err(e) = make_link(&exe, &link, args.force) {
             eprintln!("dmtool: {e:#}");
