@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use engine::io::{FileDevice, OpenMode};
 use engine::thin::metadata::superblock::clear_needs_check;
-use engine::tools::check::{check, CheckOptions};
+use engine::tools::check::{check_with_progress, CheckOptions};
 
 use super::open_metadata;
 
@@ -42,7 +42,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         skip_mappings: args.skip_mappings,
         use_metadata_snap: args.metadata_snap,
     };
-    let report = check(&dev, &opts);
+    let bar = crate::progress::bar(0, "checking", crate::progress::Unit::Blocks);
+    let report = check_with_progress(&dev, &opts, &mut |done, all| {
+        bar.set_length(all.max(done));
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
     if !args.quiet {
         // thin_check 0.9.0 prints these two lines on stdout, the second being the metadata
         // space map's block count minus one (see check::Report::metadata_nr_blocks).

@@ -174,7 +174,18 @@ impl Report {
 /// Checks the metadata on `dev`. Never fails and never panics: every problem, including an
 /// unreadable device, is a finding in the report.
 pub fn check(dev: &dyn BlockDevice, opts: &CheckOptions) -> Report {
+    check_with_progress(dev, opts, &mut |_, _| {})
+}
+
+/// [`check`], telling `progress` now and then how many metadata blocks it has visited and
+/// how many the metadata space map says are in use (0 until the superblock is read).
+pub fn check_with_progress(
+    dev: &dyn BlockDevice,
+    opts: &CheckOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Report {
     let mut c = Checker {
+        progress,
         dev,
         opts: *opts,
         meta_end: 0,
@@ -189,6 +200,8 @@ pub fn check(dev: &dyn BlockDevice, opts: &CheckOptions) -> Report {
         report: Report::default(),
     };
     c.run();
+    let visited = c.seen.len() as u64;
+    (c.progress)(visited, visited);
     c.report
 }
 
@@ -380,6 +393,7 @@ impl DiskSm {
 
 struct Checker<'a> {
     dev: &'a dyn BlockDevice,
+    progress: &'a mut dyn FnMut(u64, u64),
     opts: CheckOptions,
     /// First metadata block a pointer may not name: the metadata space map's size, or the
     /// device's if smaller.
@@ -793,6 +807,9 @@ impl Checker<'_> {
                 state: State::InProgress,
             },
         );
+        if self.seen.len() % 1024 == 0 {
+            (self.progress)(self.seen.len() as u64, self.meta_sm.root.nr_allocated);
+        }
         let summary = if n.is_internal() {
             self.internal(loc, &n, tree, depth, walk)
         } else {
