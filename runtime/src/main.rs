@@ -1,7 +1,8 @@
-//! thinbox: Docker-style images (and, later, containers) on a thin pool. Each image layer is
-//! a snapshot of its parent layer's thin device, the first of a formatted base device, the
-//! way Docker's devicemapper driver kept them; the pool is the engine's userspace dm-thin
-//! pool, served as block devices by its pool daemon.
+//! thinbox: Docker-style images and containers on a thin pool. Each image layer is a
+//! snapshot of its parent layer's thin device, the first of a formatted base device, and each
+//! container a writable snapshot of its image's top layer, the way Docker's devicemapper
+//! driver kept them; the pool is the engine's userspace dm-thin pool, served as block devices
+//! by its pool daemon. The overlay driver keeps the same images as overlayfs layers instead.
 //!
 //! Exit codes: 0 ok, 1 the operation failed, 2 usage error. Data goes to stdout,
 //! diagnostics to stderr; a closed stdout (a broken pipe) ends quietly.
