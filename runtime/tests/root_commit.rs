@@ -209,7 +209,7 @@ fn root_commit_of_a_running_container_pauses_and_resumes_it() {
         &base,
         "sh",
         "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > /data/counter; sleep 0.02; done",
+        "i=0; while true; do i=$((i+1)); echo $i > /data/.c; mv /data/.c /data/counter; sleep 0.02; done",
     ]);
     let pid = json(
         &fs::read_to_string(
@@ -277,4 +277,34 @@ fn root_commit_of_a_running_container_pauses_and_resumes_it() {
     );
     assert!(one.starts_with("sha256:"));
     a.ok(&["rm", "busy"]);
+}
+
+#[test]
+fn root_a_container_left_frozen_by_a_dead_commit_still_stops() {
+    let env = Env::new(RegistryAuth::None);
+    let a = &env.roots[0];
+    let base = format!("{}/test/busybox:base", env.host());
+    a.ok(&["pull", "-q", &base]);
+    let id = a.ok(&["run", "-d", "--name", "stuck", &base, "sleep", "600"]);
+    let id = id.trim();
+    let record = json(
+        &fs::read_to_string(a.root.join("containers").join(id).join("config.v2.json")).unwrap(),
+    );
+    let pid = record["state"]["pid"].as_u64().unwrap();
+    // What a commit killed between its freeze and its thaw leaves: the process in a frozen
+    // freezer cgroup and the rootfs frozen.
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/freezer").join(format!("thinbox-pause-{id}"));
+    fs::create_dir(&cgroup).unwrap();
+    fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+    fs::write(cgroup.join("freezer.state"), "FROZEN").unwrap();
+    let mountpoint = a.root.join("mnt").join(id);
+    fixtures::registry::run(
+        std::process::Command::new("fsfreeze")
+            .arg("--freeze")
+            .arg(&mountpoint),
+    );
+
+    a.ok(&["rm", "-f", "stuck"]);
+    assert!(!cgroup.exists(), "the freezer cgroup is gone");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }

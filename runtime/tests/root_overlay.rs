@@ -115,7 +115,7 @@ fn root_overlay_driver_pulls_runs_commits_and_agrees_with_devicemapper() {
         &base,
         "sh",
         "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > /data/n; sleep 0.02; done",
+        "i=0; while true; do i=$((i+1)); echo $i > /data/.n; mv /data/.n /data/n; sleep 0.02; done",
     ]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     ov.ok(&["commit", "live", "live:snap"]);

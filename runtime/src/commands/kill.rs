@@ -1,5 +1,6 @@
 //! `kill [-s SIGNAL] CONTAINER...`: signals a running container's first process.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::bail;
@@ -7,7 +8,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::cli::Global;
-use crate::container::{find, parse_signal, Container};
+use crate::container::{find, parse_signal, pause, Container};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,8 +20,9 @@ pub struct Args {
     pub containers: Vec<String>,
 }
 
-/// Sends `signal` to `c`'s first process.
-pub fn signal(c: &Container, signal: Signal) -> anyhow::Result<()> {
+/// Sends `signal` to `c`'s first process, after thawing what an interrupted commit may have
+/// left frozen (a frozen process would not take the signal).
+pub fn signal(root: &Path, c: &Container, signal: Signal) -> anyhow::Result<()> {
     let (true, Some(pid)) = (c.is_running(), c.state.pid) else {
         bail!(
             "Cannot kill container: {}: Container {} is not running",
@@ -28,6 +30,7 @@ pub fn signal(c: &Container, signal: Signal) -> anyhow::Result<()> {
             c.id
         );
     };
+    pause::recover(root, c);
     kill(Pid::from_raw(pid as i32), signal)?;
     Ok(())
 }
@@ -36,7 +39,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let sig = parse_signal(&args.signal)?;
     let mut failed = false;
     for name in &args.containers {
-        match find(&global.root, name).and_then(|c| signal(&c, sig)) {
+        match find(&global.root, name).and_then(|c| signal(&global.root, &c, sig)) {
             Ok(()) => println!("{name}"),
             Err(e) => {
                 eprintln!("Error response from daemon: {e:#}");

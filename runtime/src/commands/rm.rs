@@ -36,7 +36,7 @@ fn remove_one(global: &Global, c: &Container, force: bool) -> anyhow::Result<()>
                 c.id
             );
         }
-        let _ = signal(c, Signal::SIGKILL);
+        let _ = signal(&global.root, c, Signal::SIGKILL);
         if !c.wait_stopped(&global.root, Duration::from_secs(30))? {
             bail!("container {} did not stop after SIGKILL", c.name);
         }

@@ -28,11 +28,11 @@ pub fn stop(global: &Global, c: &Container, grace: Duration) -> anyhow::Result<(
     }
     let root = &global.root;
     // It may stop between our look and the signal.
-    let _ = signal(c, Signal::SIGTERM);
+    let _ = signal(&global.root, c, Signal::SIGTERM);
     if c.wait_stopped(root, grace)? {
         return Ok(());
     }
-    let _ = signal(c, Signal::SIGKILL);
+    let _ = signal(&global.root, c, Signal::SIGKILL);
     if !c.wait_stopped(root, Duration::from_secs(30))? {
         bail!("container {} did not stop after SIGKILL", c.name);
     }

@@ -200,6 +200,41 @@ pub fn pause(root: &Path, c: &Container) -> anyhow::Result<Paused> {
     Ok(paused)
 }
 
+/// Undoes what a commit that died while the container was paused left: the freezer cgroup
+/// is thawed and emptied into its hierarchy's root, and the rootfs thawed. Nothing left is
+/// fine; failures are logged (the caller goes on to signal the container).
+pub fn recover(root: &Path, c: &Container) {
+    for (hierarchy, v1) in [
+        (PathBuf::from("/sys/fs/cgroup/freezer"), true),
+        (PathBuf::from("/sys/fs/cgroup"), false),
+        (PathBuf::from("/sys/fs/cgroup/unified"), false),
+    ] {
+        let dir = hierarchy.join(format!("thinbox-pause-{}", c.id));
+        if !dir.is_dir() {
+            continue;
+        }
+        tracing::warn!(container = %c.id, "thawing what an interrupted commit left frozen");
+        let cgroup = Cgroup { hierarchy, dir, v1 };
+        if let Err(e) = cgroup.set_frozen(false) {
+            tracing::warn!("{e:#}");
+        }
+        if let Ok(left) = fs::read_to_string(cgroup.dir.join("cgroup.procs")) {
+            for pid in left.lines() {
+                let _ = fs::write(cgroup.hierarchy.join("cgroup.procs"), pid);
+            }
+        }
+        cgroup.remove();
+    }
+    if c.runtime.is_none() {
+        // Not frozen is the usual answer (EINVAL); nothing to report then.
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(c.mountpoint(root))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 fn run_runtime(runtime: &str, state_root: &Path, verb: &str, id: &str) -> anyhow::Result<()> {
     let output = oci::runtime_command(runtime, state_root)
         .args([verb, id])
