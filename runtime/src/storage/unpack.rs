@@ -203,7 +203,7 @@ impl<R: Read> Read for RatioGuard<R> {
 mod guard;
 #[cfg(test)]
 mod hostile_tests;
-use guard::TarGuard;
+pub use guard::TarGuard;
 
 /// A path inside the layer root: its components, none of them empty, `.` or `..`.
 type Components = Vec<String>;

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -612,4 +613,229 @@ fn root_flipping_a_directory_to_an_outward_symlink_never_leaks_a_write() {
             );
         }
     }
+}
+
+fn limited(f: impl FnOnce(&mut Limits)) -> Limits {
+    let mut l = Limits::default();
+    f(&mut l);
+    l
+}
+
+/// A GNU sparse entry: `realsize` bytes of which only the last 512 are stored.
+fn sparse(t: &mut Tar, name: &str, realsize: u64) {
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_entry_type(EntryType::GNUSparse);
+    h.set_size(512);
+    h.set_mode(0o644);
+    h.set_mtime(1);
+    let gnu = h.as_gnu_mut().unwrap();
+    gnu.sparse[0].set_offset(realsize - 512);
+    gnu.sparse[0].set_length(512);
+    gnu.set_real_size(realsize);
+    h.set_cksum();
+    t.0.extend_from_slice(h.as_bytes());
+    t.data(&[b'S'; 512]);
+}
+
+fn used_bytes(path: &Path) -> u64 {
+    let st = rustix::fs::statvfs(path).unwrap();
+    (st.f_blocks - st.f_bfree) * st.f_frsize
+}
+
+#[test]
+fn root_bombs_stop_at_their_limits_and_leave_nothing_outside() {
+    let bed = Bed::new();
+    let before = bed.hash();
+    let err = |bytes: &[u8], limits: &Limits| -> String {
+        bed.clear_root();
+        let e = apply(&bed.root, bytes, Whiteouts::Apply, limits, None).unwrap_err();
+        format!("{e:#}")
+    };
+
+    // A tar bomb: more content than the layer may hold.
+    let mut t = Tar::default();
+    t.file("big", &vec![b'A'; 4 << 20]);
+    let e = err(&t.finish(), &limited(|l| l.max_bytes = 1 << 20));
+    assert!(e.contains("THINBOX_MAX_LAYER_BYTES"), "{e}");
+
+    // A sparse bomb: a 1 TiB file with 512 bytes stored is refused at the byte limit ...
+    let mut t = Tar::default();
+    sparse(&mut t, "sparse", 1 << 40);
+    let e = err(&t.finish(), &limited(|l| l.max_bytes = 64 << 20));
+    assert!(e.contains("THINBOX_MAX_LAYER_BYTES"), "{e}");
+    // ... and one under the limit is written with holes: it takes no room.
+    bed.clear_root();
+    let used = used_bytes(&bed.root);
+    let mut t = Tar::default();
+    sparse(&mut t, "sparse", 256 << 20);
+    apply(
+        &bed.root,
+        t.finish().as_slice(),
+        Whiteouts::Apply,
+        &Limits::default(),
+        None,
+    )
+    .unwrap();
+    let m = fs::metadata(bed.root.join("sparse")).unwrap();
+    assert_eq!(m.len(), 256 << 20);
+    assert!(
+        m.blocks() * 512 <= 64 << 10,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+    assert!(used_bytes(&bed.root) - used <= 1 << 20);
+
+    // Too many entries; a path too long (through PAX); a PAX or GNU long-name record too
+    // large to buffer (refused at its header, before its data is read).
+    let mut t = Tar::default();
+    for i in 0..50 {
+        t.file(&format!("f{i}"), b"");
+    }
+    let e = err(&t.finish(), &limited(|l| l.max_entries = 10));
+    assert!(e.contains("THINBOX_MAX_LAYER_ENTRIES"), "{e}");
+    let mut t = Tar::default();
+    t.pax(&[("path", "a/".repeat(3000).as_bytes())]);
+    t.file("x", b"");
+    let e = err(&t.finish(), &Limits::default());
+    assert!(e.contains("THINBOX_MAX_PATH_BYTES"), "{e}");
+    for kind in [EntryType::XHeader, EntryType::GNULongName] {
+        let mut t = Tar::default();
+        t.header(b"././@LongLink", kind, 1 << 40, b"", META);
+        t.data(&[b'a'; 4096]);
+        let e = err(&t.finish(), &Limits::default());
+        assert!(e.contains("THINBOX_MAX_TAR_RECORD_BYTES"), "{e}");
+    }
+
+    // A decompression bomb: 64 MiB of zeros from a few kilobytes of gzip.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let mut t = Tar::default();
+    t.header(b"zeros", EntryType::Regular, 64 << 20, b"", META);
+    t.data(&[]);
+    let mut bytes = t.0;
+    bytes.resize(bytes.len() + (64 << 20) + 1024, 0);
+    gz.write_all(&bytes).unwrap();
+    let gz = gz.finish().unwrap();
+    let limits = limited(|l| l.ratio_floor = 1 << 20);
+    let (counted, compressed) = Counted::new(gz.as_slice());
+    let decoded = RatioGuard::new(flate2::read::GzDecoder::new(counted), compressed, &limits);
+    bed.clear_root();
+    let e = apply(&bed.root, decoded, Whiteouts::Apply, &limits, None).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("THINBOX_MAX_LAYER_RATIO"),
+        "{e:#}"
+    );
+
+    assert_eq!(bed.hash(), before);
+}
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    rustix::fs::lgetxattr(path, name, &mut buf[..])
+        .ok()
+        .map(|n| buf[..n].to_vec())
+}
+
+#[test]
+fn root_duplicates_pax_records_and_special_files_resolve_as_docker_does() {
+    let bed = Bed::new();
+    let r = &bed.root;
+    let cap = [
+        1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let mut t = Tar::default();
+    // The last entry wins; a directory over a directory merges.
+    t.file("x", b"first");
+    t.file("x", b"second");
+    t.dir("d/");
+    t.file("d/a", b"a");
+    t.header(
+        b"d/",
+        EntryType::Directory,
+        0,
+        b"",
+        Meta {
+            mode: 0o700,
+            ..META
+        },
+    );
+    t.file("y", b"file");
+    t.dir("y/");
+    t.dir("z/");
+    t.file("z/a", b"a");
+    t.file("z", b"now a file");
+    // PAX path and ids override the ustar header.
+    t.pax(&[("path", b"pax-name"), ("uid", b"1234"), ("gid", b"4321")]);
+    t.file("ustar-name", b"p");
+    // A hard link to an earlier entry keeps that entry's inode when the path is replaced.
+    t.file("orig", b"old");
+    t.hardlink("hard", "orig");
+    t.file("orig", b"new");
+    t.symlink("s", "/etc/passwd");
+    t.hardlink("hs", "s");
+    // Set-id bits, devices, owners and capabilities as the image says.
+    t.file_meta(
+        "suid",
+        b"#!",
+        Meta {
+            mode: 0o4755,
+            uid: 1000,
+            ..META
+        },
+    );
+    t.node("null", EntryType::Char, 1, 3);
+    t.pax(&[
+        ("SCHILY.xattr.security.capability", &cap[..]),
+        ("SCHILY.xattr.user.note", b"kept"),
+        ("SCHILY.xattr.trusted.overlay.redirect", b"/elsewhere"),
+    ]);
+    t.file_meta(
+        "ping",
+        b"elf",
+        Meta {
+            mode: 0o755,
+            uid: 1000,
+            ..META
+        },
+    );
+    apply(
+        r,
+        t.finish().as_slice(),
+        Whiteouts::Apply,
+        &Limits::default(),
+        None,
+    )
+    .unwrap();
+
+    assert_eq!(fs::read(r.join("x")).unwrap(), b"second");
+    assert_eq!(fs::read(r.join("d/a")).unwrap(), b"a");
+    assert_eq!(fs::metadata(r.join("d")).unwrap().mode() & 0o7777, 0o700);
+    assert!(fs::metadata(r.join("y")).unwrap().is_dir());
+    assert_eq!(fs::read(r.join("z")).unwrap(), b"now a file");
+    let p = fs::metadata(r.join("pax-name")).unwrap();
+    assert_eq!((p.uid(), p.gid()), (1234, 4321));
+    assert!(!r.join("ustar-name").exists());
+    assert_eq!(fs::read(r.join("hard")).unwrap(), b"old");
+    assert_eq!(fs::read(r.join("orig")).unwrap(), b"new");
+    let (s, hs) = (
+        fs::symlink_metadata(r.join("s")).unwrap(),
+        fs::symlink_metadata(r.join("hs")).unwrap(),
+    );
+    assert!(hs.file_type().is_symlink());
+    assert_eq!(s.ino(), hs.ino());
+    let suid = fs::metadata(r.join("suid")).unwrap();
+    assert_eq!((suid.mode() & 0o7777, suid.uid()), (0o4755, 1000));
+    let null = fs::symlink_metadata(r.join("null")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &null.file_type()
+    ));
+    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+    let ping = r.join("ping");
+    assert_eq!(
+        xattr(&ping, "security.capability").as_deref(),
+        Some(&cap[..])
+    );
+    assert_eq!(xattr(&ping, "user.note").as_deref(), Some(&b"kept"[..]));
+    assert_eq!(xattr(&ping, "trusted.overlay.redirect"), None);
+    assert_eq!(fs::metadata(&ping).unwrap().uid(), 1000);
 }
