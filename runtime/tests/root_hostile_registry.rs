@@ -123,6 +123,9 @@ fn manifest_json(config: &str, config_size: usize, layer: &str, layer_size: usiz
     )
 }
 
+/// Makes one lying server's routes.
+type Routes = dyn Fn() -> HashMap<String, Reply>;
+
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
 #[test]
@@ -150,7 +153,7 @@ fn root_hostile_registries_are_refused_and_nothing_is_kept() {
     }
 
     // The lying server.
-    let cases: Vec<(&str, Box<dyn Fn() -> HashMap<String, Reply>>)> = vec![
+    let cases: Vec<(&str, Box<Routes>)> = vec![
         (
             "layer with another digest",
             Box::new(|| {
