@@ -19,6 +19,7 @@ use crate::image::{
     parse_manifest, pick_platform, Compression, ConfigSummary, Descriptor, Digest, HashingReader,
     ManifestKind, Reference,
 };
+use crate::storage::unpack::{Counted, Limits, RatioGuard, TarGuard};
 
 /// Archives (and their metadata files) larger than this are not read into memory.
 const MAX_JSON_BYTES: u64 = 16 << 20;
@@ -58,17 +59,27 @@ fn normalize(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Opens `input` (compressed or not) as a tar stream.
-fn decompressed(input: Box<dyn Read>) -> anyhow::Result<Box<dyn Read>> {
+/// Opens `input` (compressed or not) as a tar stream, refused when it decompresses more
+/// than `limits` allow.
+fn decompressed(input: Box<dyn Read>, limits: &Limits) -> anyhow::Result<Box<dyn Read>> {
+    let (input, compressed) = Counted::new(input);
     let mut input = BufReader::with_capacity(256 << 10, input);
     let head = input
         .fill_buf()
         .context("failed to read the archive")?
         .to_vec();
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(input))
+        Box::new(RatioGuard::new(
+            flate2::bufread::MultiGzDecoder::new(input),
+            compressed,
+            limits,
+        ))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(input)?)
+        Box::new(RatioGuard::new(
+            zstd::stream::read::Decoder::with_buffer(input)?,
+            compressed,
+            limits,
+        ))
     } else {
         Box::new(input)
     })
@@ -77,17 +88,36 @@ fn decompressed(input: Box<dyn Read>) -> anyhow::Result<Box<dyn Read>> {
 impl Layout {
     /// Extracts the tar `input` into `dir` (created; removed again when the layout drops).
     /// Only directories, regular files and symbolic links are taken; paths that climb out
-    /// are refused.
+    /// are refused, and so is an archive past the layer [`Limits`] (bytes, entries, path
+    /// length, record size, decompression ratio): a bomb does not fill the host.
     pub fn extract(input: Box<dyn Read>, dir: PathBuf) -> anyhow::Result<Layout> {
+        Layout::extract_with(input, dir, &Limits::from_env()?)
+    }
+
+    fn extract_with(input: Box<dyn Read>, dir: PathBuf, limits: &Limits) -> anyhow::Result<Layout> {
         fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
         let mut layout = Layout {
             dir,
             links: HashMap::new(),
             owned: true,
         };
-        let mut archive = tar::Archive::new(decompressed(input)?);
+        let mut archive = tar::Archive::new(TarGuard::new(
+            decompressed(input, limits)?,
+            limits.max_record_bytes,
+        ));
+        let (mut entries, mut bytes) = (0u64, 0u64);
         for entry in archive.entries().context("failed to read the archive")? {
             let mut entry = entry.context("failed to read the archive")?;
+            entries += 1;
+            if entries > limits.max_entries {
+                bail!(
+                    "the archive has more than {} entries: refused (THINBOX_MAX_LAYER_ENTRIES)",
+                    limits.max_entries
+                );
+            }
+            if entry.path_bytes().len() > limits.max_path_bytes {
+                bail!("an archive entry's path is too long: refused (THINBOX_MAX_PATH_BYTES)");
+            }
             let raw = entry.path().context("an archive entry has a bad path")?;
             let Some(path) = normalize(&raw) else {
                 bail!("archive entry {} climbs out of the archive", raw.display());
@@ -104,8 +134,16 @@ impl Layout {
                     }
                     let mut file = File::create(&target)
                         .with_context(|| format!("failed to create {}", target.display()))?;
-                    io::copy(&mut entry, &mut file)
+                    let budget = limits.max_bytes.saturating_sub(bytes);
+                    bytes += io::copy(&mut (&mut entry).take(budget.saturating_add(1)), &mut file)
                         .with_context(|| format!("failed to extract {}", path.display()))?;
+                    if bytes > limits.max_bytes {
+                        bail!(
+                            "the archive unpacks to more than {} bytes: refused \
+                             (THINBOX_MAX_LAYER_BYTES)",
+                            limits.max_bytes
+                        );
+                    }
                 }
                 tar::EntryType::Symlink => {
                     let link = entry
@@ -513,6 +551,45 @@ mod tests {
             .unwrap();
         assert!(err.to_string().contains("climbs out"), "{err:#}");
         assert!(!dir.path().join("evil").exists());
+    }
+
+    #[test]
+    fn archive_bombs_are_refused_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = tar_with(&[("a", &[b'x'; 8192]), ("b", &[b'y'; 8192])]);
+        let limits = Limits {
+            max_bytes: 10_000,
+            ..Limits::default()
+        };
+        let err = Layout::extract_with(
+            Box::new(io::Cursor::new(bytes)),
+            dir.path().join("x"),
+            &limits,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            format!("{err:#}").contains("THINBOX_MAX_LAYER_BYTES"),
+            "{err:#}"
+        );
+        assert!(!dir.path().join("x").exists());
+
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &tar_with(&[("zeros", &vec![0u8; 32 << 20])])).unwrap();
+        let limits = Limits {
+            ratio_floor: 1 << 20,
+            ..Limits::default()
+        };
+        let gz = gz.finish().unwrap();
+        let err =
+            Layout::extract_with(Box::new(io::Cursor::new(gz)), dir.path().join("y"), &limits)
+                .err()
+                .unwrap();
+        assert!(
+            format!("{err:#}").contains("THINBOX_MAX_LAYER_RATIO"),
+            "{err:#}"
+        );
+        assert!(!dir.path().join("y").exists());
     }
 
     #[test]

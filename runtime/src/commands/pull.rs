@@ -421,17 +421,21 @@ pub(crate) fn unpack_blob(
     root: &Path,
     whiteouts: unpack::Whiteouts,
 ) -> anyhow::Result<unpack::Applied> {
-    let mut file = BufReader::new(
+    let limits = unpack::Limits::from_env()?;
+    let (counted, compressed) = unpack::Counted::new(
         File::open(path).with_context(|| format!("failed to open {}", path.display()))?,
     );
+    let mut file = BufReader::new(counted);
     let head = io::BufRead::fill_buf(&mut file)?.to_vec();
     let decoded: Box<dyn Read> = match Compression::of_layer(media_type, &head)? {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::bufread::GzDecoder::new(file)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
     };
+    // A decompression bomb stops here, before it fills the layer.
+    let decoded = unpack::RatioGuard::new(decoded, compressed, &limits);
     let mut tar = HashingReader::new(decoded);
-    let applied = unpack::apply_layer(root, &mut tar, whiteouts)?;
+    let applied = unpack::apply_layer_with(root, &mut tar, whiteouts, &limits)?;
     // The tar's end-of-archive blocks and any padding count toward the diff id too.
     io::copy(&mut tar, &mut io::sink()).context("failed to read the rest of the layer")?;
     let (actual, _) = tar.finish();

@@ -79,6 +79,23 @@ fn append<W: Write>(
     rel: &str,
     links: &mut HashMap<(u64, u64), String>,
 ) -> anyhow::Result<Option<u64>> {
+    // Every directory on the way must be a real directory of the tree: a path through a
+    // symlink (which `changes` never lists, but a caller could) would read outside it.
+    let mut at = upper.to_path_buf();
+    if let Some((dirs, _)) = rel.rsplit_once('/') {
+        for c in dirs.split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                anyhow::bail!("/{rel} is not a plain path inside the container");
+            }
+            at.push(c);
+            if !fs::symlink_metadata(&at)?.is_dir() {
+                anyhow::bail!("/{rel} goes through a symlink or a file: not packed");
+            }
+        }
+    }
+    if rel == ".." || rel == "." {
+        anyhow::bail!("/{rel} is not a plain path inside the container");
+    }
     let full = upper.join(rel);
     let meta = fs::symlink_metadata(&full)?;
     let kind = meta.file_type();
@@ -178,6 +195,45 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    #[test]
+    fn symlinks_out_of_the_rootfs_are_packed_as_links_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lower, upper) = (dir.path().join("lower"), dir.path().join("upper"));
+        fs::create_dir(&lower).unwrap();
+        fs::create_dir(&upper).unwrap();
+        for (name, target) in [
+            ("root", "/"),
+            ("etc", "/etc"),
+            ("up", "../../../../.."),
+            ("pw", "/etc/passwd"),
+        ] {
+            std::os::unix::fs::symlink(target, upper.join(name)).unwrap();
+        }
+        let list = changes(&lower, &upper).unwrap();
+        let names: Vec<&str> = list.iter().map(|(_, p)| p.as_str()).collect();
+        assert_eq!(names, ["/etc", "/pw", "/root", "/up"]);
+        let mut bytes = Vec::new();
+        let packed = write_layer(&upper, &list, &mut bytes).unwrap();
+        assert_eq!((packed.entries, packed.bytes), (4, 0));
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            assert_eq!(entry.header().entry_type(), EntryType::Symlink);
+            assert_eq!(entry.size(), 0);
+        }
+        // A change list naming paths through those links is refused, not followed.
+        for bad in [
+            "/etc/passwd",
+            "/root/etc/shadow",
+            "/up/etc/hostname",
+            "/../etc/passwd",
+        ] {
+            let list = vec![(Kind::Added, bad.to_string())];
+            let e = write_layer(&upper, &list, Vec::new()).unwrap_err();
+            assert!(format!("{e:#}").contains("not"), "{bad}: {e:#}");
+        }
     }
 
     #[test]

@@ -1,10 +1,32 @@
 //! Applying a layer tar onto a mounted layer filesystem, with OCI whiteouts.
 //!
-//! Every path is resolved one component at a time from a directory fd of the layer's root,
-//! with `O_NOFOLLOW`: an entry whose path goes through a symlink (or climbs with `..`) is
-//! refused, so nothing a layer contains can make us write outside the root, whatever links
-//! earlier layers left. Absolute entry paths are taken relative to the root. Files are
-//! created with `O_EXCL | O_NOFOLLOW` after whatever was at their place is removed.
+//! Layers are hostile input and we run as root, so nothing a layer holds may reach outside
+//! the layer's root:
+//! - Entry paths are cleaned lexically the way Docker cleans them (`a/../b` is `b`, a path
+//!   that climbs above the root is refused, absolute paths are taken relative to the root).
+//! - The parent directory of every entry is opened with `openat2(RESOLVE_IN_ROOT |
+//!   RESOLVE_NO_MAGICLINKS)` from a directory fd of the root: the kernel resolves symlinks
+//!   as if the root were `/`, so a link to `/etc` or `../../..` stays inside, even when
+//!   another process swaps directories for links while we run. Kernels without `openat2`
+//!   get a component-by-component walk with `O_NOFOLLOW` that refuses every symlink.
+//! - The last component is never followed: files are created with `O_EXCL | O_NOFOLLOW`
+//!   after whatever was there is removed, and owner, mode, times and extended attributes are
+//!   set with the no-follow variants (the mode through an `O_PATH` fd).
+//! - Hard links name a path inside the root (resolved the same way) and link the entry
+//!   itself, never what a symlink points to.
+//!
+//! Ownership, modes with set-id bits, device nodes and extended attributes (`SCHILY.xattr.*`
+//! PAX records, so file capabilities too) are applied as the image says, inside the root.
+//! overlayfs' own attributes (`trusted.overlay.*`, `user.overlay.*`) are never taken from an
+//! image: they would let a layer redirect overlayfs lookups.
+//!
+//! Bounds ([`Limits`]): bytes unpacked, entries, path length, the size of PAX and GNU long
+//! name records (read into memory by the tar reader) and, for compressed layers,
+//! [`RatioGuard`]. Runs of zeros are written as holes, so a sparse file (GNU sparse entries
+//! are expanded with zeros by the tar reader) takes no space for what it does not hold.
+//!
+//! Duplicates resolve as Docker resolves them: entries apply in order and the last wins,
+//! except that a directory over a directory merges (its metadata is updated).
 //!
 //! Whiteouts, on a layer that is a snapshot of the layers below ([`Whiteouts::Apply`], the
 //! devicemapper driver): `DIR/.wh.NAME` removes `DIR/NAME` of the layers below;
@@ -12,25 +34,25 @@
 //! wrote, before or after the marker, stays). On a layer directory of its own that overlayfs
 //! stacks ([`Whiteouts::Overlay`], the overlay driver), they become what overlayfs reads: a
 //! 0:0 character device named NAME, and the `trusted.overlay.opaque=y` attribute on DIR.
-//! Markers are never written to the filesystem.
-//!
-//! Not yet: extended attributes (`SCHILY.xattr.*`, file capabilities) and sub-second times;
-//! a later hardening issue takes `openat2(RESOLVE_IN_ROOT)` and fuzzes this with hostile
-//! archives.
+//! Markers are never written to the filesystem; a bare `.wh.` is refused.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{bail, Context};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, CWD};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
 use tar::EntryType;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// AUFS keeps its own metadata under names with this prefix; Docker skips them.
+const AUFS_META_PREFIX: &str = ".wh..wh.";
 
 /// What a layer's whiteouts do to the directory it is applied on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,23 +68,167 @@ pub enum Whiteouts {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub entries: u64,
-    /// Bytes of regular file content written.
+    /// Bytes of regular file content (holes included).
     pub bytes: u64,
     pub whiteouts: u64,
 }
 
+/// Bounds on what one layer may unpack to. Each can be changed through its environment
+/// variable (a plain number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of file content, holes included (`THINBOX_MAX_LAYER_BYTES`, 64 GiB).
+    pub max_bytes: u64,
+    /// Tar entries, whiteouts included (`THINBOX_MAX_LAYER_ENTRIES`, 4 Mi).
+    pub max_entries: u64,
+    /// Bytes of an entry's path or link target (`THINBOX_MAX_PATH_BYTES`, 4096: Linux's
+    /// PATH_MAX).
+    pub max_path_bytes: usize,
+    /// Bytes of one PAX or GNU long-name record (`THINBOX_MAX_TAR_RECORD_BYTES`, 1 MiB).
+    pub max_record_bytes: u64,
+    /// Uncompressed bytes per compressed byte (`THINBOX_MAX_LAYER_RATIO`, 1000: gzip cannot
+    /// pass 1032, so only long runs of one byte or a crafted stream get there) ...
+    pub max_ratio: u64,
+    /// ... once more than this many bytes came out (`THINBOX_LAYER_RATIO_FLOOR`, 256 MiB).
+    pub ratio_floor: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_bytes: 64 << 30,
+            max_entries: 4 << 20,
+            max_path_bytes: 4096,
+            max_record_bytes: 1 << 20,
+            max_ratio: 1000,
+            ratio_floor: 256 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults, with what the environment sets instead.
+    pub fn from_env() -> anyhow::Result<Limits> {
+        fn var(name: &str, default: u64) -> anyhow::Result<u64> {
+            match std::env::var(name) {
+                Ok(text) => text
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name}={text:?} is not a number")),
+                Err(_) => Ok(default),
+            }
+        }
+        let d = Limits::default();
+        Ok(Limits {
+            max_bytes: var("THINBOX_MAX_LAYER_BYTES", d.max_bytes)?,
+            max_entries: var("THINBOX_MAX_LAYER_ENTRIES", d.max_entries)?,
+            max_path_bytes: usize::try_from(var(
+                "THINBOX_MAX_PATH_BYTES",
+                d.max_path_bytes as u64,
+            )?)?,
+            max_record_bytes: var("THINBOX_MAX_TAR_RECORD_BYTES", d.max_record_bytes)?,
+            max_ratio: var("THINBOX_MAX_LAYER_RATIO", d.max_ratio)?,
+            ratio_floor: var("THINBOX_LAYER_RATIO_FLOOR", d.ratio_floor)?,
+        })
+    }
+}
+
+/// A reader that counts the (compressed) bytes read through it into a shared counter, for
+/// [`RatioGuard`].
+pub struct Counted<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R> Counted<R> {
+    pub fn new(inner: R) -> (Counted<R>, Rc<Cell<u64>>) {
+        let count = Rc::new(Cell::new(0));
+        (
+            Counted {
+                inner,
+                count: count.clone(),
+            },
+            count,
+        )
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// A reader of decompressed bytes that fails once they outgrow the compressed bytes read
+/// (a [`Counted`] counter) by more than the limits allow: a decompression bomb stops
+/// before it fills anything.
+pub struct RatioGuard<R> {
+    inner: R,
+    compressed: Rc<Cell<u64>>,
+    out: u64,
+    max_ratio: u64,
+    floor: u64,
+}
+
+impl<R> RatioGuard<R> {
+    pub fn new(inner: R, compressed: Rc<Cell<u64>>, limits: &Limits) -> RatioGuard<R> {
+        RatioGuard {
+            inner,
+            compressed,
+            out: 0,
+            max_ratio: limits.max_ratio,
+            floor: limits.ratio_floor,
+        }
+    }
+}
+
+impl<R: Read> Read for RatioGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out += n as u64;
+        let compressed = self.compressed.get();
+        if self.out > self.floor && self.out > compressed.saturating_mul(self.max_ratio) {
+            return Err(io::Error::other(format!(
+                "the layer decompresses to more than {} times its size ({} bytes from {} \
+                 read): refused as a decompression bomb (THINBOX_MAX_LAYER_RATIO)",
+                self.max_ratio, self.out, compressed
+            )));
+        }
+        Ok(n)
+    }
+}
+
+mod guard;
+#[cfg(test)]
+mod hostile_tests;
+pub use guard::TarGuard;
+
 /// A path inside the layer root: its components, none of them empty, `.` or `..`.
 type Components = Vec<String>;
 
+/// Cleans `raw` lexically, as Docker does (`filepath.Clean` of the name joined to the
+/// root): `.` and empty components go, `..` removes the one before; climbing above the root
+/// is refused.
 fn components(raw: &[u8]) -> anyhow::Result<Components> {
     let text = std::str::from_utf8(raw)
         .with_context(|| format!("entry path {:?} is not UTF-8", String::from_utf8_lossy(raw)))?;
-    let mut out = Vec::new();
+    let mut out: Components = Vec::new();
     for c in text.split('/') {
         match c {
             "" | "." => {}
-            ".." => bail!("entry path {text:?} climbs out with '..'"),
-            c => out.push(c.to_string()),
+            ".." => {
+                if out.pop().is_none() {
+                    bail!("entry path {text:?} climbs out of the layer with '..'");
+                }
+            }
+            c => {
+                if c.len() > 255 {
+                    bail!("entry path {text:?} has a component longer than 255 bytes");
+                }
+                out.push(c.to_string())
+            }
         }
     }
     Ok(out)
@@ -81,40 +247,100 @@ fn open_dir(parent: impl AsFd, name: &str) -> rustix::io::Result<OwnedFd> {
     )
 }
 
+/// How paths are resolved under the root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resolve {
+    /// `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: symlinks followed, inside the root.
+    InRoot,
+    /// One component at a time with `O_NOFOLLOW`: symlinks refused.
+    NoFollow,
+}
+
 /// The layer being applied.
 struct Target {
     root: OwnedFd,
+    resolve: Resolve,
     /// Paths this layer wrote (an opaque marker keeps them).
     written: HashSet<Components>,
     /// Directory times, set at the end (creating entries inside changes them).
     dir_times: Vec<(Components, u64)>,
+    limits: Limits,
+    buf: Vec<u8>,
 }
 
 impl Target {
-    /// Opens the directory `path` (every component a real directory, no symlink), creating
-    /// missing ones (mode 0755) when `create`. `Ok(None)` when missing and not `create`.
+    /// Opens the directory at `path` under the root, as [`Resolve`] says.
+    fn open(&self, path: &[String]) -> rustix::io::Result<OwnedFd> {
+        if path.is_empty() {
+            return open_dir(&self.root, ".");
+        }
+        match self.resolve {
+            Resolve::InRoot => {
+                let joined = path.join("/");
+                // EAGAIN: a rename or mount raced with the lookup; the kernel asks for a retry.
+                let mut last = Errno::AGAIN;
+                for _ in 0..64 {
+                    match rustix::fs::openat2(
+                        &self.root,
+                        joined.as_str(),
+                        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+                    ) {
+                        Err(Errno::AGAIN) => last = Errno::AGAIN,
+                        other => return other,
+                    }
+                }
+                Err(last)
+            }
+            Resolve::NoFollow => {
+                let mut cur = open_dir(&self.root, ".")?;
+                for c in path {
+                    cur = open_dir(&cur, c.as_str())?;
+                }
+                Ok(cur)
+            }
+        }
+    }
+
+    fn open_error(e: Errno, path: &[String]) -> anyhow::Error {
+        match e {
+            Errno::LOOP | Errno::NOTDIR => anyhow::anyhow!(
+                "{} is not a directory (a file, or a symlink this resolution may not follow); \
+                 entries may not go through it",
+                show_path(path)
+            ),
+            e => anyhow::Error::new(e).context(format!("failed to open {}", show_path(path))),
+        }
+    }
+
+    /// Opens the directory `path`, creating missing ones (mode 0755) when `create`.
+    /// `Ok(None)` when missing and not `create`.
     fn dir(&self, path: &[String], create: bool) -> anyhow::Result<Option<OwnedFd>> {
-        let mut cur = open_dir(&self.root, ".").context("failed to open the layer root")?;
-        for (i, c) in path.iter().enumerate() {
-            let next = match open_dir(&cur, c.as_str()) {
+        match self.open(path) {
+            Ok(fd) => return Ok(Some(fd)),
+            Err(Errno::NOENT) if create => {}
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(Self::open_error(e, path)),
+        }
+        let mut cur = self.open(&[]).context("failed to open the layer root")?;
+        for i in 0..path.len() {
+            cur = match self.open(&path[..=i]) {
                 Ok(fd) => fd,
-                Err(Errno::NOENT) if create => {
-                    rustix::fs::mkdirat(&cur, c.as_str(), Mode::from_raw_mode(0o755))
-                        .with_context(|| format!("failed to create {}", show_path(&path[..=i])))?;
-                    open_dir(&cur, c.as_str())
-                        .with_context(|| format!("failed to open {}", show_path(&path[..=i])))?
+                Err(Errno::NOENT) => {
+                    match rustix::fs::mkdirat(&cur, path[i].as_str(), Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("failed to create {}", show_path(&path[..=i]))
+                            })
+                        }
+                    }
+                    self.open(&path[..=i])
+                        .map_err(|e| Self::open_error(e, &path[..=i]))?
                 }
-                Err(Errno::NOENT) => return Ok(None),
-                Err(Errno::LOOP | Errno::NOTDIR) => bail!(
-                    "{} is a symlink or not a directory; entries may not go through it",
-                    show_path(&path[..=i])
-                ),
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("failed to open {}", show_path(&path[..=i])))
-                }
+                Err(e) => return Err(Self::open_error(e, &path[..=i])),
             };
-            cur = next;
         }
         Ok(Some(cur))
     }
@@ -133,7 +359,6 @@ impl Target {
 }
 
 fn proc_path(fd: &OwnedFd, name: &str) -> PathBuf {
-    use std::os::fd::AsRawFd;
     Path::new("/proc/self/fd")
         .join(fd.as_raw_fd().to_string())
         .join(name)
@@ -146,8 +371,9 @@ fn remove_any(dir: &OwnedFd, name: &str) -> anyhow::Result<()> {
         Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(e).with_context(|| format!("failed to stat {name}")),
         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-            // std's remove_dir_all walks with openat and never follows symlinks; the path
-            // goes through our own directory fd.
+            // std's remove_dir_all walks with openat and never follows symlinks (a link
+            // swapped in for the directory is unlinked itself); the path goes through our
+            // own directory fd.
             std::fs::remove_dir_all(proc_path(dir, name))
                 .with_context(|| format!("failed to remove directory {name}"))
         }
@@ -161,10 +387,44 @@ fn is_dir(dir: &OwnedFd, name: &str) -> bool {
         .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
 }
 
-fn set_owner_mode_time(
+/// The extended attributes an entry's PAX records carry (`SCHILY.xattr.NAME=VALUE`), less
+/// those an image may not set.
+fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let Some(pax) = entry.pax_extensions().context("malformed PAX records")? else {
+        return Ok(out);
+    };
+    for record in pax {
+        let record = record.context("malformed PAX record")?;
+        let Ok(key) = record.key() else { continue };
+        let Some(name) = key.strip_prefix("SCHILY.xattr.") else {
+            continue;
+        };
+        let allowed = (name.starts_with("security.")
+            || name.starts_with("user.")
+            || name.starts_with("trusted."))
+            && !name.starts_with("trusted.overlay.")
+            && !name.starts_with("user.overlay.");
+        if !allowed || name.contains('\0') {
+            tracing::warn!(
+                xattr = name,
+                "extended attribute from the image not applied"
+            );
+            continue;
+        }
+        out.push((name.to_string(), record.value_bytes().to_vec()));
+    }
+    Ok(out)
+}
+
+/// Sets owner, extended attributes, mode (for all but symlinks) and mtime of `dir/name`,
+/// never following `name`. The order is Docker's: chown first (it clears set-id bits and
+/// file capabilities), then attributes, then the mode.
+fn set_metadata(
     dir: &OwnedFd,
     name: &str,
     header: &tar::Header,
+    xattrs: &[(String, Vec<u8>)],
     symlink: bool,
 ) -> anyhow::Result<()> {
     let uid = header.uid().ok().and_then(|u| u32::try_from(u).ok());
@@ -177,11 +437,48 @@ fn set_owner_mode_time(
         AtFlags::SYMLINK_NOFOLLOW,
     )
     .with_context(|| format!("failed to chown {name}"))?;
+    for (key, value) in xattrs {
+        // lsetxattr through our directory fd: the last component is never followed.
+        match rustix::fs::lsetxattr(
+            proc_path(dir, name),
+            key.as_str(),
+            value,
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            Ok(()) => {}
+            // No xattrs on this filesystem, or none of that namespace on this file type
+            // (user.* on symlinks and devices): Docker skips these too.
+            Err(Errno::NOTSUP | Errno::PERM) => {
+                tracing::warn!(xattr = %key, file = name, "extended attribute not supported here")
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("failed to set attribute {key} on {name}"))
+            }
+        }
+    }
     if !symlink {
-        // After chown, which clears set-id bits.
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
-            .with_context(|| format!("failed to chmod {name}"))?;
+        // chmod has no no-follow form on older kernels: pin the inode with O_PATH |
+        // O_NOFOLLOW, check it is not a symlink, and chmod it through its fd's /proc link.
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("failed to open {name}"))?;
+        let st = rustix::fs::fstat(&fd).with_context(|| format!("failed to stat {name}"))?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            bail!("{name} was replaced by a symlink while it was applied");
+        }
+        let via = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        rustix::fs::chmodat(
+            CWD,
+            via.as_str(),
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )
+        .with_context(|| format!("failed to chmod {name}"))?;
     }
     if let Ok(mtime) = header.mtime() {
         set_time(dir, name, mtime)?;
@@ -203,8 +500,30 @@ fn set_time(dir: &OwnedFd, name: &str, mtime: u64) -> anyhow::Result<()> {
 }
 
 /// Applies the tar stream `tar` onto the directory `root` (a mounted layer snapshot, or an
-/// overlay layer directory), with whiteouts treated as `whiteouts` says.
+/// overlay layer directory), with whiteouts treated as `whiteouts` says, within the
+/// [`Limits`] the environment sets.
+#[allow(dead_code)] // pull and load pass the limits their decompression checks use
 pub fn apply_layer(root: &Path, tar: impl Read, whiteouts: Whiteouts) -> anyhow::Result<Applied> {
+    apply_layer_with(root, tar, whiteouts, &Limits::from_env()?)
+}
+
+/// [`apply_layer`] within `limits`.
+pub fn apply_layer_with(
+    root: &Path,
+    tar: impl Read,
+    whiteouts: Whiteouts,
+    limits: &Limits,
+) -> anyhow::Result<Applied> {
+    apply(root, tar, whiteouts, limits, None)
+}
+
+fn apply(
+    root: &Path,
+    tar: impl Read,
+    whiteouts: Whiteouts,
+    limits: &Limits,
+    resolve: Option<Resolve>,
+) -> anyhow::Result<Applied> {
     let root_fd = rustix::fs::openat(
         CWD,
         root,
@@ -212,17 +531,54 @@ pub fn apply_layer(root: &Path, tar: impl Read, whiteouts: Whiteouts) -> anyhow:
         Mode::empty(),
     )
     .with_context(|| format!("failed to open {}", root.display()))?;
+    let resolve = resolve.unwrap_or_else(|| {
+        match rustix::fs::openat2(
+            &root_fd,
+            ".",
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(_) => Resolve::InRoot,
+            Err(e) => {
+                tracing::warn!(
+                    "openat2 is not available ({e}): symlinks in layer paths are refused"
+                );
+                Resolve::NoFollow
+            }
+        }
+    });
     let mut target = Target {
         root: root_fd,
+        resolve,
         written: HashSet::new(),
         dir_times: Vec::new(),
+        limits: *limits,
+        buf: vec![0; 64 << 10],
     };
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(TarGuard::new(tar, limits.max_record_bytes));
     let mut applied = Applied::default();
+    let mut seen = 0u64;
     let mut opaque_dirs: Vec<Components> = Vec::new();
     for entry in archive.entries().context("failed to read the layer tar")? {
         let mut entry = entry.context("failed to read the layer tar")?;
-        let path = components(&entry.path_bytes())?;
+        seen += 1;
+        if seen > limits.max_entries {
+            bail!(
+                "the layer has more than {} entries: refused (THINBOX_MAX_LAYER_ENTRIES)",
+                limits.max_entries
+            );
+        }
+        let raw = entry.path_bytes();
+        if raw.len() > limits.max_path_bytes {
+            bail!(
+                "a layer entry's path is {} bytes long, more than {}: refused \
+                 (THINBOX_MAX_PATH_BYTES)",
+                raw.len(),
+                limits.max_path_bytes
+            );
+        }
+        let path = components(&raw)?;
         let shown = show_path(&path);
         apply_entry(
             &mut target,
@@ -258,7 +614,9 @@ pub fn apply_layer(root: &Path, tar: impl Read, whiteouts: Whiteouts) -> anyhow:
     }
     for (path, mtime) in target.dir_times.iter().rev() {
         if let Some((fd, name)) = target.parent(path, false)? {
-            set_time(&fd, name, *mtime)?;
+            if is_dir(&fd, name) {
+                set_time(&fd, name, *mtime)?;
+            }
         }
     }
     Ok(applied)
@@ -285,6 +643,43 @@ fn make_opaque(target: &Target, dir: &OwnedFd, path: &[String]) -> anyhow::Resul
     Ok(())
 }
 
+/// Copies a file's content, leaving holes where whole chunks are zero, within the layer's
+/// byte budget.
+fn write_content(
+    entry: &mut impl Read,
+    file: &mut File,
+    buf: &mut [u8],
+    applied: &mut Applied,
+    limits: &Limits,
+) -> anyhow::Result<()> {
+    let mut len = 0u64;
+    loop {
+        let n = match entry.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("failed to read the file from the layer"),
+        };
+        applied.bytes += n as u64;
+        if applied.bytes > limits.max_bytes {
+            bail!(
+                "the layer unpacks to more than {} bytes: refused (THINBOX_MAX_LAYER_BYTES)",
+                limits.max_bytes
+            );
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            file.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            file.write_all(&buf[..n])
+                .context("failed to write the file")?;
+        }
+        len += n as u64;
+    }
+    // A trailing hole needs the length set.
+    file.set_len(len).context("failed to size the file")?;
+    Ok(())
+}
+
 fn apply_entry<R: Read>(
     target: &mut Target,
     entry: &mut tar::Entry<'_, R>,
@@ -300,6 +695,10 @@ fn apply_entry<R: Read>(
     if name == OPAQUE_MARKER {
         applied.whiteouts += 1;
         opaque_dirs.push(path[..path.len() - 1].to_vec());
+        return Ok(());
+    }
+    if path[0].starts_with(AUFS_META_PREFIX) {
+        tracing::debug!(path = %show_path(&path), "skipping AUFS metadata");
         return Ok(());
     }
     if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
@@ -332,6 +731,22 @@ fn apply_entry<R: Read>(
     }
     let header = entry.header().clone();
     let kind = header.entry_type();
+    let link_name = |entry: &tar::Entry<'_, R>| -> anyhow::Result<Vec<u8>> {
+        let link = entry
+            .link_name_bytes()
+            .context("a link without a target")?
+            .into_owned();
+        if link.len() > target.limits.max_path_bytes {
+            bail!(
+                "the link target is {} bytes long, more than {}: refused \
+                 (THINBOX_MAX_PATH_BYTES)",
+                link.len(),
+                target.limits.max_path_bytes
+            );
+        }
+        Ok(link)
+    };
+    let xattrs = xattrs_of(entry)?;
     let (dir, name) = target
         .parent(&path, true)?
         .context("the parent directory vanished")?;
@@ -342,12 +757,12 @@ fn apply_entry<R: Read>(
                 rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))
                     .context("failed to create the directory")?;
             }
-            set_owner_mode_time(&dir, name, &header, false)?;
+            set_metadata(&dir, name, &header, &xattrs, false)?;
             if let Ok(mtime) = header.mtime() {
                 target.dir_times.push((path.clone(), mtime));
             }
         }
-        EntryType::Regular | EntryType::Continuous => {
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
             remove_any(&dir, name)?;
             let fd = rustix::fs::openat(
                 &dir,
@@ -357,29 +772,29 @@ fn apply_entry<R: Read>(
             )
             .context("failed to create the file")?;
             let mut file = File::from(fd);
-            applied.bytes += io::copy(entry, &mut file).context("failed to write the file")?;
-            set_owner_mode_time(&dir, name, &header, false)?;
+            write_content(entry, &mut file, &mut target.buf, applied, &target.limits)?;
+            drop(file);
+            set_metadata(&dir, name, &header, &xattrs, false)?;
         }
         EntryType::Symlink => {
-            let link = entry
-                .link_name_bytes()
-                .context("a symlink without a target")?
-                .into_owned();
+            let link = link_name(entry)?;
             remove_any(&dir, name)?;
             rustix::fs::symlinkat(link.as_slice(), &dir, name)
                 .context("failed to create the symlink")?;
-            set_owner_mode_time(&dir, name, &header, true)?;
+            set_metadata(&dir, name, &header, &xattrs, true)?;
         }
         EntryType::Link => {
-            let link = entry
-                .link_name_bytes()
-                .context("a hard link without a target")?
-                .into_owned();
-            let source = components(&link)?;
+            let source = components(&link_name(entry)?)?;
             let (source_dir, source_name) = target.parent(&source, false)?.with_context(|| {
                 format!("hard link target {} does not exist", show_path(&source))
             })?;
+            if source == path {
+                // Docker removes the path first and then fails to link it; linking a path
+                // to itself is nothing to do.
+                bail!("{} is a hard link to itself", show_path(&path));
+            }
             remove_any(&dir, name)?;
+            // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
             rustix::fs::linkat(&source_dir, source_name, &dir, name, AtFlags::empty())
                 .with_context(|| format!("failed to link to {}", show_path(&source)))?;
         }
@@ -400,7 +815,7 @@ fn apply_entry<R: Read>(
                 rustix::fs::makedev(major, minor),
             )
             .context("failed to create the device node")?;
-            set_owner_mode_time(&dir, name, &header, false)?;
+            set_metadata(&dir, name, &header, &xattrs, false)?;
         }
         other => {
             tracing::debug!(path = %show_path(&path), "skipping a tar entry of type {other:?}");
@@ -490,8 +905,9 @@ mod tests {
             );
             file(b, "evil/owned", b"x");
         });
+        // The link is resolved inside the root, where its target does not exist.
         let e = apply_layer(dir.path(), via_link.as_slice(), Whiteouts::Apply).unwrap_err();
-        assert!(format!("{e:#}").contains("symlink"), "{e:#}");
+        assert!(format!("{e:#}").contains("/evil"), "{e:#}");
         assert!(!outside.path().join("owned").exists());
 
         // A symlink replaced by a file is the file, not a write through the link.
