@@ -194,6 +194,24 @@ impl Store {
         &self.root
     }
 
+    /// Takes `ROOT/lock` if no other command holds it; `None` when one does.
+    pub fn try_lock(root: &Path) -> anyhow::Result<Option<Store>> {
+        let path = root.join("lock");
+        let file = match File::options().write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("failed to open {}", path.display())),
+        };
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("failed to lock {}", path.display())),
+        }
+        let mut store = Store::load(root)?;
+        store._lock = Some(file);
+        Ok(Some(store))
+    }
+
     pub fn save_layers(&self) -> anyhow::Result<()> {
         save_json(&self.root.join("layers.json"), &self.layers)
     }

@@ -6,7 +6,8 @@ mod common;
 use common::Env;
 use fixtures::registry::RegistryAuth;
 
-/// `CapBnd` and `CapEff` of the container's process, as `/proc/self/status` shows them.
+/// `CapBnd` and `CapEff` of the container's process, as `/proc/self/status` shows them;
+/// its inheritable and ambient sets must be empty and its permitted set its effective one.
 fn caps(out: &str) -> (String, String) {
     let field = |name: &str| {
         out.lines()
@@ -14,6 +15,9 @@ fn caps(out: &str) -> (String, String) {
             .map(|v| v.trim().to_string())
             .unwrap_or_else(|| panic!("no {name} in {out}"))
     };
+    assert_eq!(field("CapInh:"), "0000000000000000", "{out}");
+    assert_eq!(field("CapAmb:"), "0000000000000000", "{out}");
+    assert_eq!(field("CapPrm:"), field("CapEff:"), "{out}");
     (field("CapBnd:"), field("CapEff:"))
 }
 
@@ -42,6 +46,11 @@ fn root_containers_keep_dockers_capabilities() {
         ("0000000000000001".into(), "0000000000000001".into())
     );
     assert_eq!(run(&["--cap-add", "SYS_ADMIN"]).0, "00000000a82425fb");
+    assert_eq!(
+        run(&["--cap-add", "ALL", "--cap-drop", "NET_RAW"]).0,
+        "000001ffffffdfff",
+        "ALL in --cap-add still loses what --cap-drop names"
+    );
     assert_eq!(
         run(&["--runtime", "runc"]),
         (docker_default.clone(), docker_default.clone())

@@ -1,12 +1,14 @@
 //! `commit [-a AUTHOR] [-c CHANGE] [-m MESSAGE] [-p=true|false] CONTAINER [REPO[:TAG]]`: a
 //! new image from a container.
 //!
-//! The new top layer is a thin snapshot of the container's own thin (constant time, whatever
-//! the container wrote), taken while its processes are paused (unless `-p=false`) and its
-//! filesystem frozen (`fsfreeze`: dirty data written, the journal clean, so the snapshot
-//! mounts like a cleanly unmounted filesystem). The layer's blob, which push and save need,
-//! is the tar of the snapshot's differences from the image's top layer (both mounted
-//! privately, read-only for the parent), with OCI whiteouts for what was deleted.
+//! With devicemapper, the new top layer is a thin snapshot of the container's own thin
+//! (constant time, whatever the container wrote), taken while its processes are paused
+//! (unless `-p=false`) and its filesystem frozen (`fsfreeze`: dirty data written, the journal
+//! clean, so the snapshot mounts like a cleanly unmounted filesystem). The layer's blob,
+//! which push and save need, is the tar of the snapshot's differences from the image's top
+//! layer (the parent mounted read-only under ROOT/mnt), with OCI whiteouts for what was
+//! deleted. With overlay, the blob is packed from the container's merged view (paused, not
+//! frozen: overlayfs cannot be) and applied to a new layer directory.
 //!
 //! The new image's config is the container's (Docker's rule: a committed image runs what
 //! its container ran), with the `-c` instructions applied, a history entry, and the layer's
@@ -20,7 +22,6 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context};
 use clap::ArgAction;
 use engine::activate::daemon::Client;
-use engine::activate::PoolControl;
 use engine::ThinId;
 use serde_json::{json, Map, Value};
 
@@ -95,9 +96,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         (_, Some(Value::Object(from_image))) => from_image.clone(),
         _ => Map::new(),
     };
-    for line in &args.changes {
-        change::apply(&mut config, line).with_context(|| format!("invalid change {line:?}"))?;
-    }
+    change::apply_all(&mut config, &args.changes)?;
     // A container's host name is not the image's business (Docker keeps it; we do not).
     config.remove("Hostname");
 
@@ -287,18 +286,21 @@ fn make_layer(
             ..record.clone()
         })
     });
-    store.layers.remove(&provisional);
     let _ = fs::remove_file(&partial);
     let done = match result {
         Ok(done) => done,
         Err(e) => {
+            let e = e.context(format!("failed to commit container {}", c.short_id()));
+            // What cannot be deleted now stays `Preparing`, for the next reconcile.
             if let Err(d) = storage.remove_layers(&[&record]) {
-                tracing::warn!("failed to delete what a failed commit left: {d:#}");
+                return Err(e.context(format!("and its cleanup failed: {d:#}")));
             }
+            store.layers.remove(&provisional);
             store.save_layers()?;
-            return Err(e.context(format!("failed to commit container {}", c.short_id())));
+            return Err(e);
         }
     };
+    store.layers.remove(&provisional);
     // The same changes on the same parent were committed before: that layer serves.
     if let Some(existing) = store
         .layers
@@ -339,11 +341,9 @@ fn snapshot(
     let snap = dm.create_snapshot(client, origin, name);
     let thawed = frozen.thaw();
     let resumed = paused.map_or(Ok(()), pause::Paused::resume);
+    // The caller deletes the snapshot on error (its record names it by device name).
     let snap = snap?;
-    if let Err(e) = thawed.and(resumed) {
-        let _ = client.delete(snap);
-        return Err(e);
-    }
+    thawed.and(resumed)?;
     Ok(snap)
 }
 

@@ -30,7 +30,11 @@ pub fn signal(root: &Path, c: &Container, signal: Signal) -> anyhow::Result<()> 
             c.id
         );
     };
-    pause::recover(root, c);
+    // A commit in progress holds the store's lock and thaws what it froze itself; only
+    // when none runs is a frozen container a dead commit's leftover.
+    if let Ok(Some(_idle)) = crate::store::Store::try_lock(root) {
+        pause::recover(root, c);
+    }
     kill(Pid::from_raw(pid as i32), signal)?;
     Ok(())
 }

@@ -403,12 +403,14 @@ pub(crate) fn apply_layer(
             Ok(record)
         }
         Err(e) => {
+            let e = e.context(format!("failed to apply layer {}", layer.digest));
+            // What cannot be deleted now stays `Preparing`, for the next reconcile.
             if let Err(d) = storage.remove_layers(&[&record]) {
-                tracing::warn!(layer = %chain_id, "failed to delete what a failed layer left: {d:#}");
+                return Err(e.context(format!("and its cleanup failed: {d:#}")));
             }
             store.layers.remove(chain_id);
             store.save_layers()?;
-            Err(e.context(format!("failed to apply layer {}", layer.digest)))
+            Err(e)
         }
     }
 }

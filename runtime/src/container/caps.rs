@@ -88,25 +88,23 @@ fn mask_of(names: &[&str]) -> u64 {
         .fold(0, |m, n| m | 1 << n)
 }
 
-/// The set a container keeps: the default, then `drop` removed, then `add` added (Docker
-/// applies `ALL` in either list first).
+/// The set a container keeps, by Docker's rules: with `ALL` in `add`, everything but `drop`;
+/// with `ALL` in `drop`, exactly `add`; otherwise the default minus `drop` plus `add`.
 pub fn resolve(add: &[String], drop: &[String]) -> anyhow::Result<u64> {
-    let mut mask = mask_of(&DEFAULT);
-    for name in drop {
-        mask &= !if name.eq_ignore_ascii_case("ALL") {
-            ALL
-        } else {
-            1 << number(name)?
-        };
-    }
-    for name in add {
-        mask |= if name.eq_ignore_ascii_case("ALL") {
-            ALL
-        } else {
-            1 << number(name)?
-        };
-    }
-    Ok(mask)
+    let is_all = |n: &String| n.eq_ignore_ascii_case("ALL");
+    let mask_of_list = |list: &[String]| -> anyhow::Result<u64> {
+        list.iter()
+            .filter(|n| !is_all(n))
+            .try_fold(0, |m, n| Ok(m | 1 << number(n)?))
+    };
+    let (add_mask, drop_mask) = (mask_of_list(add)?, mask_of_list(drop)?);
+    Ok(if add.iter().any(is_all) {
+        ALL & !drop_mask
+    } else if drop.iter().any(is_all) {
+        add_mask
+    } else {
+        (mask_of(&DEFAULT) & !drop_mask) | add_mask
+    })
 }
 
 /// `CAP_*` names of `mask`, by number (the OCI spec's form).
@@ -136,6 +134,11 @@ mod tests {
         assert_eq!(mask & (1 << 13 | 1 << 27), 0);
         assert_eq!(resolve(&s(&["CHOWN"]), &s(&["ALL"])).unwrap(), 1);
         assert_eq!(resolve(&s(&["ALL"]), &[]).unwrap(), ALL);
+        // ALL in --cap-add still loses what --cap-drop names.
+        assert_eq!(
+            resolve(&s(&["ALL"]), &s(&["NET_RAW"])).unwrap(),
+            ALL & !(1 << 13)
+        );
         assert!(resolve(&s(&["NOPE"]), &[]).is_err());
         assert_eq!(names(1 | 1 << 21), ["CAP_CHOWN", "CAP_SYS_ADMIN"]);
     }

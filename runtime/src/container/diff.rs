@@ -133,10 +133,14 @@ fn walk(
     Ok(changed)
 }
 
-/// Everything under the added directory `dir` (`rel` in the container), added too.
+/// Everything under the added directory `dir` (`rel` in the container), added too (but not
+/// the runner's mount points: an image without `/etc` gets `/etc/hostname` made for it).
 fn added_below(dir: &Path, rel: &str, out: &mut Vec<(Kind, String)>) -> io::Result<()> {
     for name in names(dir)? {
         let path = format!("{rel}/{name}");
+        if INIT_PATHS.contains(&path.as_str()) {
+            continue;
+        }
         let full = dir.join(&name);
         out.push((Kind::Added, path.clone()));
         if fs::symlink_metadata(&full)?.is_dir() {

@@ -50,7 +50,8 @@ pub fn config(c: &Container, b: &Bundle<'_>) -> anyhow::Result<Value> {
     });
     // Docker's containers may gain privileges (setuid binaries work as in the built-in runner).
     process["noNewPrivileges"] = json!(false);
-    // The same capabilities as the built-in runner; a non-root user gets none effective.
+    // The same capabilities as the built-in runner: a non-root user gets none effective,
+    // nobody any inheritable.
     let caps = super::caps::names(c.capabilities()?);
     let effective = if b.user.uid == 0 {
         caps.clone()
@@ -61,7 +62,8 @@ pub fn config(c: &Container, b: &Bundle<'_>) -> anyhow::Result<Value> {
         "bounding": caps,
         "permitted": effective,
         "effective": effective,
-        "inheritable": effective,
+        "inheritable": [],
+        "ambient": [],
     });
     spec["linux"]["namespaces"] = json!([
         { "type": "pid" },

@@ -77,6 +77,17 @@ fn namespace_members(init: u32) -> anyhow::Result<BTreeSet<u32>> {
     Ok(members)
 }
 
+/// Where the parent of `pid` was before the pause, if it was moved.
+fn parent_origin(pid: u32, origins: &BTreeMap<u32, String>) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid: u32 = stat[stat.rfind(')')? + 2..]
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()?;
+    origins.get(&ppid).cloned()
+}
+
 /// The cgroup of `pid` in the hierarchy (v1 `freezer`, or v2's `0::`).
 fn cgroup_of(pid: u32, v1: bool) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -153,6 +164,18 @@ pub fn pause(root: &Path, c: &Container) -> anyhow::Result<Paused> {
         });
     }
     let init = c.state.pid.context("the container's record has no pid")?;
+    let ns_of = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    if ns_of(&init.to_string()).is_none() || ns_of(&init.to_string()) == ns_of("self") {
+        // A stale pid, or one reused by a host process: freezing its namespace would freeze
+        // the host.
+        bail!(
+            "container {} has no process of its own to pause",
+            c.short_id()
+        );
+    }
+    // A cgroup a dead commit left is thawed and emptied first (we hold the store's lock: no
+    // other commit runs).
+    recover(root, c);
     let cgroup = Cgroup::create(&c.id)?;
     let mut paused = Paused {
         how: How::Freezer {
@@ -173,11 +196,28 @@ pub fn pause(root: &Path, c: &Container) -> anyhow::Result<Paused> {
             if origins.contains_key(&pid) {
                 continue;
             }
-            let origin = cgroup_of(pid, cgroup.v1).unwrap_or_else(|| "/".into());
-            // A process that exits between the listing and the move is no concern.
-            if cgroup.add(pid).is_ok() {
-                origins.insert(pid, origin);
-                moved += 1;
+            let own = format!(
+                "/{}",
+                cgroup.dir.file_name().unwrap_or_default().to_string_lossy()
+            );
+            let origin = match cgroup_of(pid, cgroup.v1) {
+                // Forked after its parent moved: it goes back where its parent came from.
+                Some(path) if path == own => {
+                    parent_origin(pid, origins).unwrap_or_else(|| "/".into())
+                }
+                Some(path) => path,
+                None => "/".into(),
+            };
+            match cgroup.add(pid) {
+                Ok(()) => {
+                    origins.insert(pid, origin);
+                    moved += 1;
+                }
+                // A process that exits between the listing and the move is no concern.
+                Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("failed to pause process {pid}"));
+                }
             }
         }
         if pass > 0 && moved == 0 {
@@ -225,14 +265,17 @@ pub fn recover(root: &Path, c: &Container) {
         }
         cgroup.remove();
     }
-    if c.runtime.is_none() {
-        // Not frozen is the usual answer (EINVAL); nothing to report then.
-        let _ = std::process::Command::new("fsfreeze")
-            .arg("--unfreeze")
-            .arg(c.mountpoint(root))
-            .stderr(std::process::Stdio::null())
-            .status();
+    if let Some(runtime) = &c.runtime {
+        // "Not paused" is the usual answer; nothing to report then.
+        let state_root = supervise::runtime_state(root, runtime);
+        let _ = run_runtime(runtime, &state_root, "resume", &c.id);
     }
+    // Not frozen is the usual answer (EINVAL); nothing to report then.
+    let _ = std::process::Command::new("fsfreeze")
+        .arg("--unfreeze")
+        .arg(c.mountpoint(root))
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 fn run_runtime(runtime: &str, state_root: &Path, verb: &str, id: &str) -> anyhow::Result<()> {

@@ -88,12 +88,13 @@ pub fn unmount_path(target: &Path) -> anyhow::Result<()> {
 
 /// Deletes the container's thin if it exists (its space returns to the pool).
 pub fn delete_thin(client: &mut Client, c: &Container) -> anyhow::Result<()> {
-    let exists = client
-        .list()?
-        .into_iter()
-        .any(|t| t.id == c.thin_id && t.name.as_deref() == Some(&c.device_name));
-    if exists {
-        let id = thin_id(c)?;
+    // A record written before its thin existed has no thin id; the container's device name
+    // (unique) finds a thin made just before a crash.
+    let found = client.list()?.into_iter().find(|t| {
+        (c.thin_id == 0 || t.id == c.thin_id) && t.name.as_deref() == Some(&c.device_name)
+    });
+    if let Some(t) = found {
+        let id = ThinId::new(t.id).context("bad thin id")?;
         client
             .delete(id)
             .with_context(|| format!("failed to delete thin {id} of container {}", c.id))?;

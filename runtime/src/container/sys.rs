@@ -369,10 +369,10 @@ fn exec_process(e: &Exec) -> anyhow::Result<Infallible> {
     unistd::setgroups(&groups).context("setgroups")?;
     unistd::setgid(Gid::from_raw(e.user.gid)).context("setgid")?;
     unistd::setuid(Uid::from_raw(e.user.uid)).context("setuid")?;
-    // A non-root user has none effective after setuid; root keeps only the container's.
-    if e.user.uid == 0 {
-        limit_caps(e.caps)?;
-    }
+    // Root keeps the container's capabilities, any other user none; nothing inheritable
+    // or ambient either way (so no exec of a file with inheritable file capabilities gains
+    // them).
+    limit_caps(if e.user.uid == 0 { e.caps } else { 0 })?;
     let program = CString::new(program.as_os_str().as_bytes())?;
     let err = unistd::execve(&program, &e.args, &e.env).unwrap_err();
     Err(StartError {
@@ -424,9 +424,23 @@ struct CapData {
 /// _LINUX_CAPABILITY_VERSION_3: 64-bit sets in two halves.
 const CAP_VERSION_3: u32 = 0x2008_0522;
 
-/// Sets the effective, permitted and inheritable capabilities to `keep` (what of it this
-/// process has).
+/// Sets the effective and permitted capabilities to `keep` (what of it this process has),
+/// and empties the inheritable and ambient sets.
 fn limit_caps(keep: u64) -> anyhow::Result<()> {
+    // Safety: prctl with integer arguments only.
+    let cleared = unsafe {
+        nix::libc::prctl(
+            nix::libc::PR_CAP_AMBIENT,
+            nix::libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    if cleared < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("failed to clear ambient capabilities");
+    }
     let mut header = CapHeader {
         version: CAP_VERSION_3,
         pid: 0,
@@ -443,7 +457,7 @@ fn limit_caps(keep: u64) -> anyhow::Result<()> {
         *d = CapData {
             effective: bits,
             permitted: bits,
-            inheritable: bits,
+            inheritable: 0,
         };
     }
     // Safety: capset reads the header and two CapData.

@@ -7,6 +7,28 @@ use serde_json::{json, Map, Value};
 
 use crate::container::spec::set_env;
 
+/// Applies `lines` in order, as Docker's commit does: an ENTRYPOINT clears the Cmd unless a
+/// CMD came before it in the same list. A bad line is an error naming it.
+pub fn apply_all(config: &mut Map<String, Value>, lines: &[String]) -> anyhow::Result<()> {
+    let mut cmd_given = false;
+    for line in lines {
+        apply(config, line).with_context(|| format!("invalid change {line:?}"))?;
+        let word = line
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        match word.as_str() {
+            "CMD" => cmd_given = true,
+            "ENTRYPOINT" if !cmd_given => {
+                config.insert("Cmd".into(), Value::Null);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Applies one instruction, e.g. `CMD ["sh", "-c", "ls"]` or `ENV A=1 B="two words"`.
 pub fn apply(config: &mut Map<String, Value>, line: &str) -> anyhow::Result<()> {
     let line = line.trim();
@@ -235,6 +257,17 @@ mod tests {
         assert_eq!(c["Cmd"], json!(["cat", "/hello"]));
         assert_eq!(c["Entrypoint"], json!(["/bin/sh", "-c", "echo hi"]));
         assert_eq!(applied(&["cmd [\"x\"]"])["Cmd"], json!(["x"]));
+    }
+
+    #[test]
+    fn an_entrypoint_clears_the_cmd_unless_a_cmd_came_first() {
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut config = json!({"Cmd": ["old"]}).as_object().unwrap().clone();
+        apply_all(&mut config, &lines(&["ENTRYPOINT [\"e\"]"])).unwrap();
+        assert_eq!(config["Cmd"], Value::Null);
+        let mut config = json!({"Cmd": ["old"]}).as_object().unwrap().clone();
+        apply_all(&mut config, &lines(&["CMD [\"c\"]", "ENTRYPOINT [\"e\"]"])).unwrap();
+        assert_eq!(config["Cmd"], json!(["c"]));
     }
 
     #[test]

@@ -161,8 +161,11 @@ impl Storage {
                 let mut client = dm.control()?;
                 let thins = client.list()?;
                 for layer in layers {
+                    // A record saved before its thin existed has no thin id yet; its device
+                    // name (unique per layer) finds a thin made just before a crash.
                     let Some(t) = thins.iter().find(|t| {
-                        t.id == layer.thin_id && t.name.as_deref() == Some(&layer.device_name)
+                        (layer.thin_id == 0 || t.id == layer.thin_id)
+                            && t.name.as_deref() == Some(&layer.device_name)
                     }) else {
                         continue;
                     };

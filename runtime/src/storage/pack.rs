@@ -1,8 +1,10 @@
 //! Writing a layer tar from a container's changes (`commit`): every added or changed path
 //! of the upper tree as a tar entry, every deleted one as an OCI whiteout (`.wh.NAME`), in
-//! the sorted order `diff` lists them. The upper tree is a private read-only mount of a
-//! snapshot, so nothing changes under us; no symlink is followed (the walk descends only
-//! into real directories and files are opened with `O_NOFOLLOW`).
+//! the sorted order `diff` lists them, with extended attributes as `SCHILY.xattr.*` PAX
+//! records. No symlink is followed (the walk descends only into real directories and files
+//! are opened with `O_NOFOLLOW`). The tree is a snapshot with devicemapper, but may be a
+//! live container with overlay and `commit -p=false`: a file that changes size while it is
+//! read fails the pack rather than making a corrupt tar.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -110,6 +112,15 @@ fn append<W: Write>(
         gnu.set_atime(0);
         gnu.set_ctime(0);
     }
+    let xattrs =
+        xattrs(&full).with_context(|| format!("failed to read the attributes of /{rel}"))?;
+    if !xattrs.is_empty() {
+        let records: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
+            .collect();
+        tar.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))?;
+    }
     if kind.is_file() && meta.nlink() > 1 {
         let key = (meta.dev(), meta.ino());
         if let Some(first) = links.get(&key) {
@@ -134,7 +145,20 @@ fn append<W: Write>(
             .read(true)
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&full)?;
-        tar.append_data(&mut header, rel, file)?;
+        // Exactly the size the header says: the tar crate pads by what it copied.
+        let mut content = std::io::Read::take(file, meta.len());
+        let mut counted = CountingReader {
+            inner: &mut content,
+            count: 0,
+        };
+        tar.append_data(&mut header, rel, &mut counted)?;
+        if counted.count != meta.len() {
+            anyhow::bail!(
+                "/{rel} changed while it was packed ({} bytes read, {} expected)",
+                counted.count,
+                meta.len()
+            );
+        }
         Ok(Some(meta.len()))
     } else {
         // Devices and fifos: the header says it all.
@@ -142,6 +166,57 @@ fn append<W: Write>(
         tar.append_data(&mut header, rel, std::io::empty())?;
         Ok(Some(0))
     }
+}
+
+/// A reader that counts what it gave.
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// The extended attributes of `path` (not followed), except overlayfs' own, which describe
+/// the container's layers, not its files.
+fn xattrs(path: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut names = vec![0u8; 4096];
+    let len = loop {
+        match rustix::fs::llistxattr(path, &mut names) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+            continue;
+        }
+        let mut value = vec![0u8; 256];
+        let n = loop {
+            match rustix::fs::lgetxattr(path, name.as_str(), &mut value) {
+                Ok(n) => break n,
+                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
+                // Removed meanwhile.
+                Err(rustix::io::Errno::NODATA) => break usize::MAX,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if n != usize::MAX {
+            value.truncate(n);
+            out.push((name, value));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -270,6 +345,13 @@ mod tests {
         fs::remove_file(upper.join("link")).unwrap();
         std::os::unix::fs::symlink("/elsewhere", upper.join("link")).unwrap();
 
+        rustix::fs::lsetxattr(
+            upper.join("new/deep/file"),
+            "user.thinbox.test",
+            b"kept",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
         let list = changes(&lower, &upper).unwrap();
         let mut bytes = Vec::new();
         let packed = write_layer(&upper, &list, &mut bytes).unwrap();
@@ -277,5 +359,13 @@ mod tests {
         assert_eq!(packed.bytes, "new content".len() as u64 + 1 + 1);
         apply_layer(&replay, bytes.as_slice(), Whiteouts::Apply).unwrap();
         assert_eq!(tree(&replay), tree(&upper));
+        let mut value = [0u8; 16];
+        let n = rustix::fs::lgetxattr(
+            replay.join("new/deep/file"),
+            "user.thinbox.test",
+            &mut value,
+        )
+        .expect("the attribute came through the tar");
+        assert_eq!(&value[..n], b"kept");
     }
 }
