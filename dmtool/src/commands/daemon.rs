@@ -54,6 +54,15 @@ impl Backend {
             other => Ok(other),
         }
     }
+
+    /// [`Backend::resolve`] for the pool at `loc`: `Auto` is the userspace daemon for a
+    /// split device, which the kernel backend does not take yet.
+    pub fn resolve_for(self, loc: &PoolLocation) -> anyhow::Result<Backend> {
+        match self {
+            Backend::Auto if loc.is_split() => Ok(Backend::Userspace),
+            other => other.resolve(),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,7 +115,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
         }
         return run_foreground(&args, run);
     }
-    if args.backend.resolve()? == Backend::Kernel {
+    if args.backend.resolve_for(&args.loc)? == Backend::Kernel {
         let pool = start_kernel(&args.loc)?;
         tracing::info!("kernel pool started: {}", pool.pool().node().display());
         return Ok(ExitCode::SUCCESS);
@@ -152,6 +161,7 @@ fn location_args(loc: &PoolLocation) -> Vec<PathBuf> {
     push("--pool", &loc.pool);
     push("--metadata", &loc.metadata);
     push("--data", &loc.data);
+    push("--device", &loc.device);
     push("--state-dir", &loc.state_dir);
     args
 }

@@ -225,6 +225,7 @@ fn prefix_for(canonical_metadata: &Path) -> String {
         metadata: canonical_metadata.to_path_buf(),
         // The key depends on the metadata path alone.
         data: PathBuf::new(),
+        layout: crate::thin::files::Layout::Separate,
     };
     format!("thinbox-{}", super::daemon::pool_key(&paths))
 }

@@ -122,7 +122,7 @@ pub fn find(paths: &PoolPaths) -> Result<Option<(KernelPool, KernelDevices)>> {
         None => (paths.data.clone(), None),
     };
     let devices = KernelDevices {
-        block: PoolPaths { metadata, data },
+        block: PoolPaths::separate(&metadata, &data),
         loops: meta_loop.into_iter().chain(data_loop).collect(),
     };
     Ok(Some((pool, devices)))
@@ -169,6 +169,14 @@ impl KernelControl {
         store_path: &Path,
         options: PoolOptions,
     ) -> Result<KernelControl> {
+        if paths.is_split() {
+            // The kernel would need a dm-linear device per region under the pool.
+            return Err(Error::InvalidArgument(format!(
+                "pool {} is split into metadata and data regions of one device, which the \
+                 kernel backend does not take yet; use the userspace daemon",
+                paths.metadata.display()
+            )));
+        }
         if let Some((pool, _)) = find(paths)? {
             return Err(Error::Busy {
                 what: format!("pool metadata {}", paths.metadata.display()),
@@ -194,10 +202,9 @@ impl KernelControl {
                 loops.push(l);
                 Ok(node)
             };
-            Ok(PoolPaths {
-                metadata: attach(DeviceRole::Metadata, &paths.metadata)?,
-                data: attach(DeviceRole::Data, &paths.data)?,
-            })
+            let metadata = attach(DeviceRole::Metadata, &paths.metadata)?;
+            let data = attach(DeviceRole::Data, &paths.data)?;
+            Ok(PoolPaths::separate(&metadata, &data))
         })();
         let started = attached.and_then(|block| {
             let pool = KernelPool::start(&block, &options, options.low_water_blocks)?;
