@@ -125,9 +125,9 @@ pub enum PoolCommand {
     /// region. The split is read back from the pool's superblock whenever the pool is
     /// opened; every verb then takes the same --device.
     #[command(
-        after_help = "Examples:\n  dmtool pool create --pool /srv/pool --data-size 10G \
-                            --metadata-size 256M --block-size 64k\n  \
-                      dmtool pool create --device /dev/sdb --metadata-size 1G \
+        after_help = "Example: dmtool pool create --pool /srv/pool --data-size 10G \
+                            --metadata-size 256M --block-size 64k\n\
+                      Example: dmtool pool create --device /dev/sdb --metadata-size 1G \
                             --state-dir /var/lib/dmtool/sdb"
     )]
     Create(pool::CreateArgs),
