@@ -53,7 +53,7 @@ pub fn activate(args: ActivateArgs) -> anyhow::Result<ExitCode> {
         Some(client) => Box::new(client),
         None => match super::kernel(&args.loc)? {
             Some(kernel) => Box::new(kernel),
-            None if args.backend.resolve_for(&args.loc)? == Backend::Kernel => {
+            None if args.backend.resolve()? == Backend::Kernel => {
                 Box::new(start_kernel(&args.loc)?)
             }
             None => {

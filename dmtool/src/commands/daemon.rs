@@ -54,15 +54,6 @@ impl Backend {
             other => Ok(other),
         }
     }
-
-    /// [`Backend::resolve`] for the pool at `loc`: `Auto` is the userspace daemon for a
-    /// split device, which the kernel backend does not take yet.
-    pub fn resolve_for(self, loc: &PoolLocation) -> anyhow::Result<Backend> {
-        match self {
-            Backend::Auto if loc.is_split() => Ok(Backend::Userspace),
-            other => other.resolve(),
-        }
-    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,7 +106,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
         }
         return run_foreground(&args, run);
     }
-    if args.backend.resolve_for(&args.loc)? == Backend::Kernel {
+    if args.backend.resolve()? == Backend::Kernel {
         let pool = start_kernel(&args.loc)?;
         tracing::info!("kernel pool started: {}", pool.pool().node().display());
         return Ok(ExitCode::SUCCESS);

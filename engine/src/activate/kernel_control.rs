@@ -117,6 +117,15 @@ pub fn find(paths: &PoolPaths) -> Result<Option<(KernelPool, KernelDevices)>> {
     let Some((pool, metadata, meta_loop)) = pool_on(&paths.metadata)? else {
         return Ok(None);
     };
+    if paths.is_split() {
+        // The kernel's devices are the two regions' linear devices over the one device.
+        let (metadata, data) = pool.region_nodes();
+        let devices = KernelDevices {
+            block: PoolPaths::separate(&metadata, &data),
+            loops: meta_loop.into_iter().collect(),
+        };
+        return Ok(Some((pool, devices)));
+    }
     let (data, data_loop) = match block_device_for(DeviceRole::Data, &paths.data, |_| Some(()))? {
         Some((data, data_loop)) => (data, data_loop.map(|(l, ())| l)),
         None => (paths.data.clone(), None),
@@ -158,7 +167,9 @@ pub struct KernelControl {
 impl KernelControl {
     /// Hands the pool on `paths` to the kernel and returns control of it.
     ///
-    /// Regular files get loop devices first (detached again if the start fails). The store at
+    /// Regular files get loop devices first (detached again if the start fails). A split
+    /// device ([`crate::thin::files::Layout::Split`]) is one device under two `linear`
+    /// devices, one per region ([`KernelPool::start_split`]). The store at
     /// `store_path` must already be reconciled with the pool (open it with our engine first);
     /// the settings it records (zeroing, no-space policy, low-water mark) override `options`.
     ///
@@ -169,14 +180,6 @@ impl KernelControl {
         store_path: &Path,
         options: PoolOptions,
     ) -> Result<KernelControl> {
-        if paths.is_split() {
-            // The kernel would need a dm-linear device per region under the pool.
-            return Err(Error::InvalidArgument(format!(
-                "pool {} is split into metadata and data regions of one device, which the \
-                 kernel backend does not take yet; use the userspace daemon",
-                paths.metadata.display()
-            )));
-        }
         if let Some((pool, _)) = find(paths)? {
             return Err(Error::Busy {
                 what: format!("pool metadata {}", paths.metadata.display()),
@@ -203,10 +206,20 @@ impl KernelControl {
                 Ok(node)
             };
             let metadata = attach(DeviceRole::Metadata, &paths.metadata)?;
+            if paths.is_split() {
+                return Ok(PoolPaths::split(&metadata));
+            }
             let data = attach(DeviceRole::Data, &paths.data)?;
             Ok(PoolPaths::separate(&metadata, &data))
         })();
         let started = attached.and_then(|block| {
+            if paths.is_split() {
+                // One device (its loop device, for a file) under both regions.
+                let pool =
+                    KernelPool::start_split(&block.metadata, &options, options.low_water_blocks)?;
+                let (metadata, data) = pool.region_nodes();
+                return Ok((pool, PoolPaths::separate(&metadata, &data)));
+            }
             let pool = KernelPool::start(&block, &options, options.low_water_blocks)?;
             Ok((pool, block))
         });
