@@ -191,6 +191,15 @@ fn one_file_holds_metadata_then_data_and_reopens() {
     assert_eq!(sha256(&pool.read("1")), sha256(&changed));
     assert_eq!(sha256(&pool.read("2")), sha256(&origin));
 
+    // Images in and out, holes kept.
+    let image = pool._tmp.path().join("snap.img");
+    let img = image.to_str().unwrap();
+    ok(pool.cmd("thin", "export", &["2", "--output", img]));
+    assert_eq!(sha256(&std::fs::read(&image).unwrap()), sha256(&origin));
+    ok(pool.cmd("thin", "create", &["3", "--size", "8M"]));
+    ok(pool.cmd("thin", "import", &["3", "--input", img]));
+    assert_eq!(sha256(&pool.read("3")), sha256(&origin));
+
     // The offline tools take the device as the metadata.
     let check = ok(run(&["check", pool.dev()]));
     assert!(String::from_utf8_lossy(&check.stdout).contains("METADATA_FREE_BLOCKS=256"));
