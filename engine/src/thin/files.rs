@@ -284,6 +284,7 @@ pub fn create(paths: &PoolPaths, new: NewPool, options: PoolOptions) -> Result<A
     if paths.is_split() {
         return create_split(&paths.metadata, new, options);
     }
+    refuse_one_device_twice(paths)?;
     let meta = open_or_create(DeviceRole::Metadata, &paths.metadata, new.metadata_size)?;
     take_ownership(&meta)?;
     if holds_pool(&meta)? {
@@ -380,6 +381,7 @@ pub fn open(paths: &PoolPaths, options: PoolOptions) -> Result<Arc<Pool>> {
         let ((meta, data), _) = open_split_regions(&paths.metadata, mode)?;
         return Pool::open(meta, data, options);
     }
+    refuse_one_device_twice(paths)?;
     let meta = open_device(DeviceRole::Metadata, &paths.metadata, mode)?;
     if !options.read_only {
         take_ownership(&meta)?;
@@ -388,6 +390,28 @@ pub fn open(paths: &PoolPaths, options: PoolOptions) -> Result<Arc<Pool>> {
     let meta: Arc<dyn BlockDevice> = meta;
     let data: Arc<dyn BlockDevice> = data;
     Pool::open(meta, data, options)
+}
+
+/// Refuses separate metadata and data paths that name one file or device: the data would
+/// overwrite the metadata. One device for both is a split device ([`PoolPaths::split`]).
+fn refuse_one_device_twice(paths: &PoolPaths) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (Ok(m), Ok(d)) = (
+        std::fs::metadata(&paths.metadata),
+        std::fs::metadata(&paths.data),
+    ) else {
+        return Ok(());
+    };
+    let both_block = m.file_type().is_block_device() && d.file_type().is_block_device();
+    if (m.dev(), m.ino()) == (d.dev(), d.ino()) || (both_block && m.rdev() == d.rdev()) {
+        return Err(Error::InvalidArgument(format!(
+            "metadata {} and data {} are the same device; to keep both on one device, split \
+             it (dmtool --device)",
+            paths.metadata.display(),
+            paths.data.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The metadata on `dev` as far as its pool's metadata space map reaches, for the offline
@@ -457,6 +481,23 @@ mod tests {
             let err = SplitLayout::plan("/dev/x", size, meta, bs).unwrap_err();
             assert!(err.to_string().contains("/dev/x"), "{err}");
         }
+    }
+
+    #[test]
+    fn one_file_named_as_both_devices_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk");
+        std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let paths = PoolPaths::separate(&file, &link);
+        let new = NewPool::new(MIB, MIB, DataBlockSize::DEFAULT);
+        let refused = |result: Result<Arc<Pool>>| match result {
+            Ok(_) => panic!("one file as both devices was taken"),
+            Err(e) => assert!(e.to_string().contains("are the same device"), "{e}"),
+        };
+        refused(create(&paths, new, PoolOptions::default()));
+        refused(open(&paths, PoolOptions::default()));
     }
 
     #[test]
