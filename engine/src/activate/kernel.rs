@@ -501,6 +501,9 @@ impl KernelPool {
             crate::thin::files::SplitLayout::read(&whole)?
         };
         let (meta_name, data_name) = Self::region_names(&prefix);
+        // Region devices without their pool are left from a stop that failed half-way.
+        Self::remove_region_devices(&ctl, &prefix)?;
+        let ctl_for_rollback = DmControl::open()?;
         let linear = |offset: u64, len: u64| {
             [TargetSpec {
                 start_sector: 0,
@@ -524,7 +527,6 @@ impl KernelPool {
             "split device regions"
         );
         let regions = PoolPaths::separate(&meta_node, &data_node);
-        let ctl_for_rollback = DmControl::open()?;
         Self::start_named(ctl, prefix, &regions, options, low_water_blocks).map_err(|cause| {
             let cause = roll_back(&ctl_for_rollback, &data_name, cause);
             roll_back(&ctl_for_rollback, &meta_name, cause)
@@ -923,15 +925,17 @@ impl KernelPool {
             Err(e) => Err(e.into()),
         }
     }
-}
 
-impl KernelPool {
     /// Removes the `linear` devices of a split pool's regions, if it has them (after the
     /// pool itself, which holds them).
     fn remove_regions(&self) -> Result<()> {
-        let (meta, data) = Self::region_names(&self.prefix);
+        Self::remove_region_devices(&self.ctl, &self.prefix)
+    }
+
+    fn remove_region_devices(ctl: &DmControl, prefix: &str) -> Result<()> {
+        let (meta, data) = Self::region_names(prefix);
         for name in [data, meta] {
-            match self.ctl.remove(&name) {
+            match ctl.remove(&name) {
                 Ok(()) | Err(DmError::NoSuchDevice(_)) => {}
                 Err(e) => return Err(e.into()),
             }
