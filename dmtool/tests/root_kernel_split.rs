@@ -4,7 +4,7 @@
 //!
 //! The host makes the pool on one sparse file with dmtool and writes a thin; the guest gets
 //! the file as `/dev/vda`, reads the thin through the kernel, writes and snapshots through
-//! dmtool verbs, sees the offline tools and a metadata resize refused, and stops the pool.
+//! dmtool verbs, sees the offline tools and resizes refused, and stops the pool.
 //! Back on the host, our reader gives the guest's checksums, the data region is where the
 //! split says, and both checkers are clean on the metadata region. Privileged and slow.
 
@@ -95,6 +95,7 @@ emit_sha t2 "$(dmtool thin activate $L 2 --read-only)"
 refused check_owned dmtool check /dev/vda
 refused trim_owned dmtool trim $L
 refused resize_meta dmtool pool resize $L --metadata-size 16M
+refused resize_data dmtool pool resize $L --data-size 256M
 
 dmtool pool stop --force $L
 echo "KV mapper_after_stop $(ls /dev/mapper | tr '\n' ' ')"
@@ -200,6 +201,7 @@ fn root_kernel_takes_a_split_device_through_linear_regions() {
         ("check_owned", "active in the kernel"),
         ("trim_owned", "active in the kernel"),
         ("resize_meta", "cannot grow"),
+        ("resize_data", "cannot grow while the kernel has it"),
     ] {
         let v = &kv[key];
         assert!(

@@ -57,6 +57,8 @@ pub struct KernelDevices {
     pub block: PoolPaths,
     /// The loop devices (metadata, data) attached to regular files.
     pub loops: Vec<LoopDevice>,
+    /// Whether `block` are the two region devices of one split device.
+    pub split: bool,
 }
 
 /// The path to attach a loop device to for `path`: `None` when `path` is already a block
@@ -123,6 +125,7 @@ pub fn find(paths: &PoolPaths) -> Result<Option<(KernelPool, KernelDevices)>> {
         let devices = KernelDevices {
             block: PoolPaths::separate(&metadata, &data),
             loops: meta_loop.into_iter().collect(),
+            split: true,
         };
         return Ok(Some((pool, devices)));
     }
@@ -133,6 +136,7 @@ pub fn find(paths: &PoolPaths) -> Result<Option<(KernelPool, KernelDevices)>> {
     let devices = KernelDevices {
         block: PoolPaths::separate(&metadata, &data),
         loops: meta_loop.into_iter().chain(data_loop).collect(),
+        split: false,
     };
     Ok(Some((pool, devices)))
 }
@@ -227,7 +231,11 @@ impl KernelControl {
             Ok(p) => p,
             Err(cause) => return Err(detach_all(&loops, cause)),
         };
-        let devices = KernelDevices { block, loops };
+        let devices = KernelDevices {
+            block,
+            loops,
+            split: paths.is_split(),
+        };
         Self::attach(pool, devices, store)
     }
 
@@ -683,6 +691,16 @@ impl PoolControl for KernelControl {
         let table = self.pool.table()?;
         let block = u64::from(table.data_block_sectors);
         let mut length = table.length_sectors;
+        if let Some(bytes) = data_bytes.filter(|_| self.devices.split) {
+            if bytes / SECTOR_SIZE / block * block > length {
+                // Its data region is a linear device of a fixed length.
+                return Err(Error::InvalidArgument(format!(
+                    "kernel pool {} is on a split device, whose data region cannot grow while \
+                     the kernel has it: stop the pool, resize, start it again",
+                    self.pool.name()
+                )));
+            }
+        }
         if let Some(bytes) = data_bytes {
             let want = bytes / SECTOR_SIZE / block * block;
             let have = sysfs_size(table.data_dev)? / SECTOR_SIZE / block * block;
