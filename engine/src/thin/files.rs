@@ -200,7 +200,9 @@ impl SplitLayout {
     }
 }
 
-/// Sizes for a new pool's files (ignored for block devices, whose size is their own).
+/// Sizes for a new pool's files (ignored for block devices, whose size is their own). On a
+/// split device `metadata_size` is always the metadata region's size, and a missing file is
+/// made with room for both regions.
 #[derive(Clone, Copy, Debug)]
 pub struct NewPool {
     pub data_size: u64,
