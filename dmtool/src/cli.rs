@@ -68,7 +68,8 @@ pub enum Command {
     /// hole punched in a data file, BLKDISCARD on a block device). The metadata is checked
     /// first and trim refuses damaged metadata. The pool must be offline.
     #[command(after_help = "Example: dmtool trim --pool /srv/pool\n\
-                            Example: dmtool trim --metadata /dev/vg/meta --data /dev/vg/data")]
+                            Example: dmtool trim --metadata /dev/vg/meta --data /dev/vg/data\n\
+                            Example: dmtool trim --device /dev/sdb (only its data region)")]
     Trim(trim::Args),
     /// Export thins over NBD (newstyle); runs until SIGTERM or SIGINT, then commits
     #[command(after_help = "Example: dmtool serve --pool /srv/pool --nbd unix:/run/pool.sock 1")]
@@ -118,9 +119,16 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
     /// Format a new pool (sparse files are created as needed)
+    ///
+    /// With --device, one device (or file) holds the whole pool: the first --metadata-size
+    /// bytes are the metadata region, the rest from the next data block boundary is the data
+    /// region. The split is read back from the pool's superblock whenever the pool is
+    /// opened; every verb then takes the same --device.
     #[command(
         after_help = "Example: dmtool pool create --pool /srv/pool --data-size 10G \
-                            --metadata-size 256M --block-size 64k"
+                            --metadata-size 256M --block-size 64k\n\
+                      Example: dmtool pool create --device /dev/sdb --metadata-size 1G \
+                            --state-dir /var/lib/dmtool/sdb"
     )]
     Create(pool::CreateArgs),
     /// Show the kernel status line and space usage
@@ -207,16 +215,17 @@ pub enum ThinCommand {
     Deactivate(activate::DeactivateArgs),
 }
 
-/// Where a pool is: a directory, or two named devices plus a state directory for the
-/// volume store (thin sizes and names, which dm-thin metadata does not hold).
+/// Where a pool is: a directory, two named devices, or one device split into a metadata
+/// region and a data region; plus a state directory for the volume store (thin sizes and
+/// names, which dm-thin metadata does not hold).
 #[derive(Clone, Debug, clap::Args)]
 pub struct PoolLocation {
     /// Pool directory holding `metadata`, `data` and `volumes.json`
     #[arg(
         long,
         value_name = "DIR",
-        required_unless_present = "metadata",
-        conflicts_with_all = ["metadata", "data"]
+        required_unless_present_any = ["metadata", "device"],
+        conflicts_with_all = ["metadata", "data", "device"]
     )]
     pub pool: Option<PathBuf>,
 
@@ -228,8 +237,13 @@ pub struct PoolLocation {
     #[arg(long, alias = "data-dev", value_name = "DEV", requires = "metadata")]
     pub data: Option<PathBuf>,
 
+    /// One device or file holding the whole pool: metadata first (the size `pool create
+    /// --metadata-size` gave it), then data
+    #[arg(long, value_name = "DEV", conflicts_with_all = ["metadata", "data"])]
+    pub device: Option<PathBuf>,
+
     /// Directory for the volume store (volumes.json) [default: the --pool directory, or
-    /// /var/lib/dmtool/<metadata path with / replaced by _> for --metadata/--data]
+    /// /var/lib/dmtool/<device or metadata path with / replaced by _> otherwise]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }
@@ -239,14 +253,12 @@ pub const DEFAULT_STATE_ROOT: &str = "/var/lib/dmtool";
 
 impl PoolLocation {
     pub fn paths(&self) -> PoolPaths {
-        match (&self.pool, &self.metadata, &self.data) {
-            (Some(dir), _, _) => PoolPaths::in_dir(dir),
-            (None, Some(metadata), Some(data)) => PoolPaths {
-                metadata: metadata.clone(),
-                data: data.clone(),
-            },
-            // clap's required_unless_present / requires rule this out.
-            _ => unreachable!("clap requires --pool or both --metadata and --data"),
+        match (&self.pool, &self.device, &self.metadata, &self.data) {
+            (Some(dir), _, _, _) => PoolPaths::in_dir(dir),
+            (None, Some(device), _, _) => PoolPaths::split(device),
+            (None, None, Some(metadata), Some(data)) => PoolPaths::separate(metadata, data),
+            // clap's required_unless_present_any / requires / conflicts rule this out.
+            _ => unreachable!("clap requires --pool, --device or both --metadata and --data"),
         }
     }
 
@@ -261,7 +273,12 @@ impl PoolLocation {
         }
     }
 
-    /// The name errors use for the pool: its metadata path.
+    /// Whether the pool is one device split into metadata and data (`--device`).
+    pub fn is_split(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// The name errors use for the pool: its metadata path (the device, when split).
     pub fn name(&self) -> String {
         self.paths().metadata.display().to_string()
     }

@@ -32,7 +32,7 @@ pub mod units;
 pub use error::{Damage, DeviceRole, Error, Result};
 pub use store::{Volume, VolumeStore, Volumes};
 pub use thin::device::Thin;
-pub use thin::files::{NewPool, PoolPaths};
+pub use thin::files::{Layout, NewPool, PoolPaths, SplitLayout};
 pub use thin::metadata::{BlockTime, DeviceDetails, Superblock};
 pub use thin::pool::{NoSpacePolicy, Pool, PoolEvent, PoolMode, PoolOptions, PoolStatus};
 pub use units::{DataBlockSize, ThinId};

@@ -3,6 +3,7 @@
 //! loop devices (root_).
 
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use engine::block::{self, BlockKind};
@@ -209,10 +210,7 @@ fn root_pool_on_loop_devices() {
         .set_len(128 << 20)
         .unwrap();
     let (ml, dl) = (Loop::attach(&mf), Loop::attach(&df));
-    let paths = PoolPaths {
-        metadata: ml.0.clone().into(),
-        data: dl.0.clone().into(),
-    };
+    let paths = PoolPaths::separate(Path::new(&ml.0), Path::new(&dl.0));
     let new = NewPool::new(0, 0, DataBlockSize::DEFAULT);
     {
         let pool = files::create(&paths, new, PoolOptions::default()).unwrap();

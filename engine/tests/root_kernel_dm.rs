@@ -87,10 +87,7 @@ fn guest_side() {
     let started = Instant::now();
     // The test harness has printed "test guest_side ... " without a line end.
     println!();
-    let paths = PoolPaths {
-        metadata: PathBuf::from("/dev/vda"),
-        data: PathBuf::from("/dev/vdb"),
-    };
+    let paths = PoolPaths::separate(Path::new("/dev/vda"), Path::new("/dev/vdb"));
     let ctl = DmControl::open().expect("open /dev/mapper/control");
     let v = ctl.version();
     kv("dm_version", format!("{}.{}.{}", v[0], v[1], v[2]));

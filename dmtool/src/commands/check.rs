@@ -43,7 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         use_metadata_snap: args.metadata_snap,
     };
     let bar = crate::progress::bar(0, "checking", crate::progress::Unit::Blocks);
-    let report = check_with_progress(&dev, &opts, &mut |done, all| {
+    let report = check_with_progress(&*dev, &opts, &mut |done, all| {
         bar.set_length(all.max(done));
         bar.set_position(done);
     });
@@ -86,7 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if args.clear_needs_check_flag && report.needs_check {
         // The owner lock taken above is still held: nobody else has the pool.
-        let path = dev.path().to_path_buf();
+        let path = crate::cli::metadata_path(&args.metadata);
         let rw = FileDevice::open(&path, OpenMode::ReadWrite)
             .with_context(|| format!("failed to open metadata {} to write", path.display()))?;
         clear_needs_check(&rw).with_context(|| {

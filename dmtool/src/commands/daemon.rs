@@ -152,6 +152,7 @@ fn location_args(loc: &PoolLocation) -> Vec<PathBuf> {
     push("--pool", &loc.pool);
     push("--metadata", &loc.metadata);
     push("--data", &loc.data);
+    push("--device", &loc.device);
     push("--state-dir", &loc.state_dir);
     args
 }

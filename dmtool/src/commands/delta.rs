@@ -66,7 +66,7 @@ pub fn run(args: Args, verbose: bool) -> anyhow::Result<ExitCode> {
         Some(Some(block)) => MetadataRoot::HeldSnapAt(block),
     };
     let (dev, _owner_lock) = open_metadata(&args.metadata, root == MetadataRoot::Live)?;
-    let d = delta(&dev, root, args.thin1, args.thin2).with_context(|| {
+    let d = delta(&*dev, root, args.thin1, args.thin2).with_context(|| {
         format!(
             "failed to compare thins {} and {} in {}",
             args.thin1,

@@ -64,7 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
         None => Box::new(io::stdout().lock()),
     };
-    dump(&dev, &opts, &mut out)
+    dump(&*dev, &opts, &mut out)
         .and_then(|()| out.flush().map_err(engine::tools::dump::DumpError::Output))
         .with_context(|| format!("failed to dump {}", args.metadata.display()))?;
     Ok(ExitCode::SUCCESS)

@@ -143,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         MetadataRoot::Live
     };
-    let listing = ls(&dev, root)
+    let listing = ls(&*dev, root)
         .with_context(|| format!("failed to list the thins of {}", args.metadata.display()))?;
     if args.json {
         let rows: Vec<UsageJson> = listing

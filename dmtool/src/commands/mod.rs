@@ -19,6 +19,7 @@ pub mod metadata_size;
 pub mod rmap;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use engine::activate::daemon::RunDir;
@@ -190,10 +191,14 @@ fn note_reconcile(report: &ReconcileReport) {
 /// Opens metadata for the offline tools, read-only. A directory means `DIR/metadata`. With
 /// `exclusive`, the pool's ownership lock is taken (and returned, to hold) so that a pool
 /// some owner is changing is refused rather than misread.
+///
+/// Only the blocks the metadata space map covers are given to the tools
+/// ([`engine::thin::files::metadata_extent`]): on a device split into metadata and data,
+/// the data region is never read as metadata.
 pub fn open_metadata(
     path: &std::path::Path,
     exclusive: bool,
-) -> anyhow::Result<(engine::io::FileDevice, Option<std::fs::File>)> {
+) -> anyhow::Result<(Arc<dyn engine::io::BlockDevice>, Option<std::fs::File>)> {
     use engine::io::lock::{lock_exclusive, LockError};
     use engine::io::{FileDevice, OpenMode};
 
@@ -205,8 +210,10 @@ pub fn open_metadata(
     refuse_if_kernel_owns(&path)?;
     let dev = FileDevice::open(&path, OpenMode::ReadOnly)
         .with_context(|| format!("failed to open metadata {}", path.display()))?;
+    // Only the blocks the metadata space map covers go to the tools.
+    let extent = |dev: FileDevice| engine::thin::files::metadata_extent(Arc::new(dev)).0;
     if !exclusive {
-        return Ok((dev, None));
+        return Ok((extent(dev), None));
     }
     let lock = dev
         .file()
@@ -214,7 +221,7 @@ pub fn open_metadata(
         .with_context(|| format!("failed to open metadata {}", path.display()))?;
     // A duplicated descriptor shares the open file description, and with it the flock.
     match lock_exclusive(&lock) {
-        Ok(()) => Ok((dev, Some(lock))),
+        Ok(()) => Ok((extent(dev), Some(lock))),
         Err(LockError::Held(holder)) => anyhow::bail!(
             "metadata {} is in use by its pool's owner ({holder}); stop the owner first, or \
              use --metadata-snap",

@@ -26,9 +26,11 @@ pub struct CreateArgs {
     #[arg(long, value_name = "SIZE", default_value = "100G", value_parser = parse_bytes)]
     pub data_size: u64,
 
-    /// Size of a new metadata file (an existing device keeps its own size)
-    #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = parse_bytes)]
-    pub metadata_size: u64,
+    /// Size of a new metadata file [default: 2G]; with --device, required: the metadata
+    /// region at the device's start (whole 4k blocks, 256k to 15.9G), the data region after
+    /// it. It cannot grow later: the data region follows it
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub metadata_size: Option<u64>,
 
     /// Data block size: the unit of allocation and copy-on-write (64k to 1G)
     #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = parse_block_size)]
@@ -103,6 +105,9 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// The metadata file `pool create` makes when not told a size.
+const DEFAULT_METADATA_SIZE: u64 = 2 << 30;
+
 pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let paths = args.loc.paths();
     if paths.metadata.exists() {
@@ -112,9 +117,18 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         fs::create_dir_all(dir)
             .with_context(|| format!("failed to create pool directory {}", dir.display()))?;
     }
+    let metadata_size = match args.metadata_size {
+        Some(size) => size,
+        None if args.loc.is_split() => anyhow::bail!(
+            "pool {}: --device needs --metadata-size, the size of the metadata region at the \
+             start of the device (the rest is data)",
+            args.loc.name()
+        ),
+        None => DEFAULT_METADATA_SIZE,
+    };
     let new = NewPool {
         overwrite: args.force,
-        ..NewPool::new(args.data_size, args.metadata_size, args.block_size)
+        ..NewPool::new(args.data_size, metadata_size, args.block_size)
     };
     let options = PoolOptions {
         zero_new_blocks: !args.no_zero,
@@ -165,6 +179,19 @@ pub fn resize(args: ResizeArgs) -> anyhow::Result<ExitCode> {
         if let Some(bytes) = wanted.filter(|&b| b < now) {
             anyhow::bail!(
                 "pool {} has {} of {space} space; it cannot shrink to {}",
+                args.loc.name(),
+                format_size(now),
+                format_size(bytes)
+            );
+        }
+    }
+    if args.loc.is_split() {
+        let now = before.total_metadata_blocks * METADATA_BLOCK_SIZE;
+        if let Some(bytes) = args.metadata_size.filter(|&b| b > now) {
+            anyhow::bail!(
+                "pool {} keeps its metadata in the first {} of the device and its data right \
+                 after it; the metadata cannot grow to {} (a pool needing more must be made \
+                 anew with a larger --metadata-size)",
                 args.loc.name(),
                 format_size(now),
                 format_size(bytes)

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use engine::io::{BlockDevice, FileDevice, OpenMode};
+use engine::io::{FileDevice, OpenMode};
 use engine::tools::repair::{repair, RepairOptions, RepairReport};
 use engine::DataBlockSize;
 
@@ -22,7 +22,8 @@ pub struct Args {
     pub input: PathBuf,
 
     /// Metadata device or file to write the repaired metadata to; its size is the new
-    /// metadata device's size (a missing file is created with the input's size)
+    /// metadata device's size (a missing file is created with the input's size; a device
+    /// that holds a pool keeps that pool's metadata size, as `restore` does)
     #[arg(short, long, value_name = "METADATA")]
     pub output: PathBuf,
 
@@ -70,8 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         transaction_id: args.transaction_id,
     };
     let bar = progress::bar(0, "scanning", Unit::Blocks);
-    let output: Arc<dyn BlockDevice> = Arc::new(output);
-    let report = repair(&input, output, &opts, &mut |done, all| {
+    let output = super::restore::keep_metadata_extent(Arc::new(output), &output_path, args.quiet);
+    let report = repair(&*input, output, &opts, &mut |done, all| {
         bar.set_length(all);
         bar.set_position(done);
     });

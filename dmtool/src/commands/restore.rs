@@ -18,7 +18,9 @@ pub struct Args {
     pub input: PathBuf,
 
     /// Metadata device or file to overwrite; it must exist, and its size is the metadata
-    /// device's size (a pool directory means DIR/metadata)
+    /// device's size (a pool directory means DIR/metadata). A device that already holds a
+    /// pool keeps that pool's metadata size, so a device split into metadata and data
+    /// (`pool create --device`) keeps its data region
     #[arg(short, long, value_name = "METADATA")]
     pub output: PathBuf,
 
@@ -53,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .context(format!("failed to lock metadata {}", path.display())))
         }
     }
-    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let dev = keep_metadata_extent(Arc::new(dev), &path, args.quiet);
     let input_name = args.input.display().to_string();
     let result = if args.input.as_os_str() == "-" {
         restore(io::stdin().lock(), dev)
@@ -75,4 +77,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     drop(lock);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The part of `dev` new metadata may take: all of it, unless it holds a pool whose metadata
+/// space map covers less (a device split into metadata and data: the rest is its data, and
+/// a metadata device the size of the whole device would move the data region's start).
+pub fn keep_metadata_extent(
+    dev: Arc<dyn BlockDevice>,
+    path: &std::path::Path,
+    quiet: bool,
+) -> Arc<dyn BlockDevice> {
+    let (extent, cut) = engine::thin::files::metadata_extent(dev);
+    if cut && !quiet {
+        eprintln!(
+            "dmtool: {} holds a pool with {} of metadata; only that part is written (the rest \
+             may be its data region)",
+            path.display(),
+            engine::units::format_size(extent.size())
+        );
+    }
+    extent
 }

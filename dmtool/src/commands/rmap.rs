@@ -42,7 +42,7 @@ pub fn parse_region(text: &str) -> Result<Range<u64>, String> {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The live trees of an owned pool change under the reader.
     let (dev, _owner_lock) = open_metadata(&args.metadata, true)?;
-    let runs = rmap(&dev, &args.region)
+    let runs = rmap(&*dev, &args.region)
         .with_context(|| format!("failed to map data blocks of {}", args.metadata.display()))?;
     let mut text = String::new();
     for r in &runs {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use engine::io::{BlockDevice, FileDevice, OpenMode};
+use engine::thin::files::open_split_regions;
 use engine::tools::trim::trim;
 
 use crate::cli::PoolLocation;
@@ -19,15 +20,25 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let paths = args.loc.paths();
     super::refuse_if_kernel_owns(&paths.metadata)?;
-    let meta = FileDevice::open(&paths.metadata, OpenMode::ReadOnly)
-        .with_context(|| format!("failed to open metadata {}", paths.metadata.display()))?;
-    // The pool's owner allocates from the blocks we would discard.
-    let _lock = super::lock_metadata(&meta, &paths.metadata)?;
-    let data = FileDevice::open(&paths.data, OpenMode::ReadWrite)
-        .with_context(|| format!("failed to open data {}", paths.data.display()))?;
-    let meta: Arc<dyn BlockDevice> = Arc::new(meta);
+    // Held until the trim is done (the split device's regions hold their own).
+    let mut _lock = None;
+    let (meta, data): (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) = if paths.is_split() {
+        // One open of the device, locked as the pool's owner, seen as two regions: every
+        // discard goes through the data region, which refuses anything outside it.
+        let ((meta, data), _) = open_split_regions(&paths.metadata, OpenMode::ReadWrite)
+            .with_context(|| format!("failed to open pool device {}", paths.metadata.display()))?;
+        (meta, data)
+    } else {
+        let meta = FileDevice::open(&paths.metadata, OpenMode::ReadOnly)
+            .with_context(|| format!("failed to open metadata {}", paths.metadata.display()))?;
+        // The pool's owner allocates from the blocks we would discard.
+        _lock = Some(super::lock_metadata(&meta, &paths.metadata)?);
+        let data = FileDevice::open(&paths.data, OpenMode::ReadWrite)
+            .with_context(|| format!("failed to open data {}", paths.data.display()))?;
+        (Arc::new(meta), Arc::new(data))
+    };
     let bar = progress::bar(0, "trimming", Unit::Blocks);
-    let report = trim(meta, &data, &mut |done, all| {
+    let report = trim(meta, &*data, &mut |done, all| {
         bar.set_length(all);
         bar.set_position(done);
     });

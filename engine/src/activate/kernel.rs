@@ -225,6 +225,7 @@ fn prefix_for(canonical_metadata: &Path) -> String {
         metadata: canonical_metadata.to_path_buf(),
         // The key depends on the metadata path alone.
         data: PathBuf::new(),
+        layout: crate::thin::files::Layout::Separate,
     };
     format!("thinbox-{}", super::daemon::pool_key(&paths))
 }
@@ -444,18 +445,107 @@ impl KernelPool {
         low_water_blocks: u64,
     ) -> Result<KernelPool> {
         let meta_path = canonical(DeviceRole::Metadata, &paths.metadata)?;
-        let data_path = canonical(DeviceRole::Data, &paths.data)?;
-        let meta_dev = block_device(DeviceRole::Metadata, &meta_path)?;
-        let data_dev = block_device(DeviceRole::Data, &data_path)?;
+        // A path that is no block device is refused before device-mapper is asked anything.
+        block_device(DeviceRole::Metadata, &meta_path)?;
+        block_device(DeviceRole::Data, &canonical(DeviceRole::Data, &paths.data)?)?;
         let prefix = prefix_for(&meta_path);
-        let name = format!("{prefix}-pool");
         let ctl = DmControl::open()?;
+        Self::refuse_if_running(&ctl, &prefix, &meta_path)?;
+        Self::start_named(ctl, prefix, paths, options, low_water_blocks)
+    }
+
+    fn refuse_if_running(ctl: &DmControl, prefix: &str, meta_path: &Path) -> Result<()> {
+        let name = format!("{prefix}-pool");
         if ctl.info(&name)?.is_some() {
             return Err(Error::Busy {
                 what: format!("pool metadata {}", meta_path.display()),
                 holder: format!("the kernel (device-mapper device {name})"),
             });
         }
+        Ok(())
+    }
+
+    /// The names of the `linear` devices a split pool's regions get: (metadata, data).
+    fn region_names(prefix: &str) -> (String, String) {
+        (format!("{prefix}-tmeta"), format!("{prefix}-tdata"))
+    }
+
+    /// The `/dev/mapper` nodes of a split pool's two regions (metadata, data); they exist
+    /// only while the kernel has a pool that [`KernelPool::start_split`] started.
+    pub fn region_nodes(&self) -> (PathBuf, PathBuf) {
+        let (meta, data) = Self::region_names(&self.prefix);
+        (dm::node_path(&meta), dm::node_path(&data))
+    }
+
+    /// Hands the pool on one block device split into a metadata and a data region
+    /// ([`crate::thin::files::SplitLayout`], read from its superblock) to the kernel: a
+    /// `linear` device over each region (`<prefix>-tmeta`, `<prefix>-tdata`), then the
+    /// `thin-pool` on those, as [`KernelPool::start`]. The pool is named by `device`, so
+    /// [`KernelPool::find_by_metadata`] of the device finds it; [`KernelPool::stop`] removes
+    /// the region devices too. On failure nothing is left behind.
+    ///
+    /// * `Err(InvalidArgument)`: the device holds no intact superblock (the split is unknown).
+    /// * the errors of [`KernelPool::start`].
+    pub fn start_split(
+        device: &Path,
+        options: &PoolOptions,
+        low_water_blocks: u64,
+    ) -> Result<KernelPool> {
+        let path = canonical(DeviceRole::Metadata, device)?;
+        let dev = block_device(DeviceRole::Metadata, &path)?;
+        let prefix = prefix_for(&path);
+        let ctl = DmControl::open()?;
+        Self::refuse_if_running(&ctl, &prefix, &path)?;
+        let layout = {
+            let whole = open_exclusive(DeviceRole::Metadata, &path)?;
+            crate::thin::files::SplitLayout::read(&whole)?
+        };
+        let (meta_name, data_name) = Self::region_names(&prefix);
+        // Region devices without their pool are left from a stop that failed half-way.
+        Self::remove_region_devices(&ctl, &prefix)?;
+        let ctl_for_rollback = DmControl::open()?;
+        let linear = |offset: u64, len: u64| {
+            [TargetSpec {
+                start_sector: 0,
+                length_sectors: len / SECTOR_SIZE,
+                target_type: "linear".into(),
+                params: format!("{dev} {}", offset / SECTOR_SIZE),
+            }]
+        };
+        let read_only = options.read_only;
+        let (_, meta_node) =
+            create_device(&ctl, &meta_name, &linear(0, layout.metadata_len), read_only)?;
+        let data_table = linear(layout.data_offset, layout.data_len);
+        let data_node = match create_device(&ctl, &data_name, &data_table, read_only) {
+            Ok((_, node)) => node,
+            Err(cause) => return Err(roll_back(&ctl, &meta_name, cause)),
+        };
+        tracing::debug!(
+            device = %path.display(),
+            metadata = %meta_node.display(),
+            data = %data_node.display(),
+            "split device regions"
+        );
+        let regions = PoolPaths::separate(&meta_node, &data_node);
+        Self::start_named(ctl, prefix, &regions, options, low_water_blocks).map_err(|cause| {
+            let cause = roll_back(&ctl_for_rollback, &data_name, cause);
+            roll_back(&ctl_for_rollback, &meta_name, cause)
+        })
+    }
+
+    /// [`KernelPool::start`] under the name `<prefix>-pool`, whatever `paths` are.
+    fn start_named(
+        ctl: DmControl,
+        prefix: String,
+        paths: &PoolPaths,
+        options: &PoolOptions,
+        low_water_blocks: u64,
+    ) -> Result<KernelPool> {
+        let meta_path = canonical(DeviceRole::Metadata, &paths.metadata)?;
+        let data_path = canonical(DeviceRole::Data, &paths.data)?;
+        let meta_dev = block_device(DeviceRole::Metadata, &meta_path)?;
+        let data_dev = block_device(DeviceRole::Data, &data_path)?;
+        let name = format!("{prefix}-pool");
 
         let block_sectors = {
             let meta = open_exclusive(DeviceRole::Metadata, &meta_path)?;
@@ -826,7 +916,7 @@ impl KernelPool {
         match removed {
             Ok(()) => {
                 tracing::debug!(pool = %self.name, "stopped kernel pool");
-                Ok(())
+                self.remove_regions()
             }
             Err(DmError::DeviceBusy { device, open_count }) => Err(Error::Busy {
                 what: format!("kernel pool {device}"),
@@ -834,6 +924,23 @@ impl KernelPool {
             }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Removes the `linear` devices of a split pool's regions, if it has them (after the
+    /// pool itself, which holds them).
+    fn remove_regions(&self) -> Result<()> {
+        Self::remove_region_devices(&self.ctl, &self.prefix)
+    }
+
+    fn remove_region_devices(ctl: &DmControl, prefix: &str) -> Result<()> {
+        let (meta, data) = Self::region_names(prefix);
+        for name in [data, meta] {
+            match ctl.remove(&name) {
+                Ok(()) | Err(DmError::NoSuchDevice(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -57,6 +57,8 @@ pub struct KernelDevices {
     pub block: PoolPaths,
     /// The loop devices (metadata, data) attached to regular files.
     pub loops: Vec<LoopDevice>,
+    /// Whether `block` are the two region devices of one split device.
+    pub split: bool,
 }
 
 /// The path to attach a loop device to for `path`: `None` when `path` is already a block
@@ -117,13 +119,24 @@ pub fn find(paths: &PoolPaths) -> Result<Option<(KernelPool, KernelDevices)>> {
     let Some((pool, metadata, meta_loop)) = pool_on(&paths.metadata)? else {
         return Ok(None);
     };
+    if paths.is_split() {
+        // The kernel's devices are the two regions' linear devices over the one device.
+        let (metadata, data) = pool.region_nodes();
+        let devices = KernelDevices {
+            block: PoolPaths::separate(&metadata, &data),
+            loops: meta_loop.into_iter().collect(),
+            split: true,
+        };
+        return Ok(Some((pool, devices)));
+    }
     let (data, data_loop) = match block_device_for(DeviceRole::Data, &paths.data, |_| Some(()))? {
         Some((data, data_loop)) => (data, data_loop.map(|(l, ())| l)),
         None => (paths.data.clone(), None),
     };
     let devices = KernelDevices {
-        block: PoolPaths { metadata, data },
+        block: PoolPaths::separate(&metadata, &data),
         loops: meta_loop.into_iter().chain(data_loop).collect(),
+        split: false,
     };
     Ok(Some((pool, devices)))
 }
@@ -158,7 +171,9 @@ pub struct KernelControl {
 impl KernelControl {
     /// Hands the pool on `paths` to the kernel and returns control of it.
     ///
-    /// Regular files get loop devices first (detached again if the start fails). The store at
+    /// Regular files get loop devices first (detached again if the start fails). A split
+    /// device ([`crate::thin::files::Layout::Split`]) is one device under two `linear`
+    /// devices, one per region ([`KernelPool::start_split`]). The store at
     /// `store_path` must already be reconciled with the pool (open it with our engine first);
     /// the settings it records (zeroing, no-space policy, low-water mark) override `options`.
     ///
@@ -194,12 +209,21 @@ impl KernelControl {
                 loops.push(l);
                 Ok(node)
             };
-            Ok(PoolPaths {
-                metadata: attach(DeviceRole::Metadata, &paths.metadata)?,
-                data: attach(DeviceRole::Data, &paths.data)?,
-            })
+            let metadata = attach(DeviceRole::Metadata, &paths.metadata)?;
+            if paths.is_split() {
+                return Ok(PoolPaths::split(&metadata));
+            }
+            let data = attach(DeviceRole::Data, &paths.data)?;
+            Ok(PoolPaths::separate(&metadata, &data))
         })();
         let started = attached.and_then(|block| {
+            if paths.is_split() {
+                // One device (its loop device, for a file) under both regions.
+                let pool =
+                    KernelPool::start_split(&block.metadata, &options, options.low_water_blocks)?;
+                let (metadata, data) = pool.region_nodes();
+                return Ok((pool, PoolPaths::separate(&metadata, &data)));
+            }
             let pool = KernelPool::start(&block, &options, options.low_water_blocks)?;
             Ok((pool, block))
         });
@@ -207,7 +231,11 @@ impl KernelControl {
             Ok(p) => p,
             Err(cause) => return Err(detach_all(&loops, cause)),
         };
-        let devices = KernelDevices { block, loops };
+        let devices = KernelDevices {
+            block,
+            loops,
+            split: paths.is_split(),
+        };
         Self::attach(pool, devices, store)
     }
 
@@ -663,6 +691,16 @@ impl PoolControl for KernelControl {
         let table = self.pool.table()?;
         let block = u64::from(table.data_block_sectors);
         let mut length = table.length_sectors;
+        if let Some(bytes) = data_bytes.filter(|_| self.devices.split) {
+            if bytes / SECTOR_SIZE / block * block > length {
+                // Its data region is a linear device of a fixed length.
+                return Err(Error::InvalidArgument(format!(
+                    "kernel pool {} is on a split device, whose data region cannot grow while \
+                     the kernel has it: stop the pool, resize, start it again",
+                    self.pool.name()
+                )));
+            }
+        }
         if let Some(bytes) = data_bytes {
             let want = bytes / SECTOR_SIZE / block * block;
             let have = sysfs_size(table.data_dev)? / SECTOR_SIZE / block * block;

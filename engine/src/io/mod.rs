@@ -7,11 +7,13 @@
 mod file;
 pub mod lock;
 mod mem;
+mod region;
 
 use std::io;
 
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
+pub use region::RegionDevice;
 
 /// A device the pool's metadata or data lives on.
 ///

@@ -807,7 +807,7 @@ impl Checker<'_> {
                 state: State::InProgress,
             },
         );
-        if self.seen.len() % 1024 == 0 {
+        if self.seen.len().is_multiple_of(1024) {
             (self.progress)(self.seen.len() as u64, self.meta_sm.root.nr_allocated);
         }
         let summary = if n.is_internal() {

@@ -45,10 +45,7 @@ pub struct StopArgs {
 pub fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => {
-            let paths = PoolPaths {
-                metadata: args.metadata,
-                data: args.data,
-            };
+            let paths = PoolPaths::separate(&args.metadata, &args.data);
             let config = DaemonConfig {
                 run_dir: RunDir::for_pool(&paths),
                 paths,
