@@ -24,19 +24,25 @@ work=$(mktemp -d)
 registry_pid=
 cleanup_walkthrough() {
   "$thinbox" --root "$work/fresh" pool-daemon stop --force >/dev/null 2>&1 || true
+  "$thinbox" --root "$root" pool-daemon stop --force >/dev/null 2>&1 || true
   # The registry and its docker-registry child are one process group.
   if [ -n "$registry_pid" ]; then
     kill -- "-$registry_pid" 2>/dev/null || true
     wait "$registry_pid" 2>/dev/null || true
     registry_pid=
   fi
-  rm -rf "$work"
+  # Never into a filesystem something left mounted below.
+  rm -rf --one-file-system "$work"
 }
 trap cleanup_walkthrough EXIT
 
 setsid target/release/demo-registry "$work/registry" </dev/null >"$work/registry.out" &
 registry_pid=$!
-for _ in $(seq 600); do [ -s "$work/registry.out" ] && break; sleep 0.1; done
+for _ in $(seq 600); do
+  [ -s "$work/registry.out" ] && break
+  kill -0 "$registry_pid" 2>/dev/null || break
+  sleep 0.1
+done
 host=$(head -1 "$work/registry.out")
 [ -n "$host" ] || { echo "the demo registry did not start" >&2; exit 1; }
 busybox=$host/demo/busybox:latest
@@ -68,7 +74,6 @@ echo "saved, loaded on a fresh root, and run again"
 tb info
 tb system df
 # The pool daemon would keep serving (as dockerd does); the job leaves nothing running.
-tb pool-daemon stop
 cleanup_walkthrough
 trap - EXIT
 

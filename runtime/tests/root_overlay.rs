@@ -117,26 +117,16 @@ fn root_overlay_driver_pulls_runs_commits_and_agrees_with_devicemapper() {
         "-c",
         "i=0; while true; do i=$((i+1)); echo $i > /data/.n; mv /data/.n /data/n; sleep 0.02; done",
     ]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let first = counter_above(ov, "live", 0);
     ov.ok(&["commit", "live", "live:snap"]);
     let saved: u64 = ov
         .ok(&["run", "--rm", "live:snap", "cat", "/data/n"])
         .trim()
         .parse()
         .unwrap();
-    assert!(saved > 0);
-    let before: u64 = ov
-        .ok(&["exec", "live", "cat", "/data/n"])
-        .trim()
-        .parse()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let after: u64 = ov
-        .ok(&["exec", "live", "cat", "/data/n"])
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(after > before, "the container runs on after the commit");
+    assert!(saved >= first);
+    let now = counter_above(ov, "live", 0);
+    counter_above(ov, "live", now);
     ov.ok(&["rm", "-f", "live"]);
     ov.ok(&["rmi", "live:snap"]);
 
@@ -252,4 +242,22 @@ fn zstd_layout(from: &std::path::Path, to: &std::path::Path, tag: &str) -> std::
     entry["size"] = size.into();
     fs::write(to.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     to.to_path_buf()
+}
+
+/// Waits (up to 20 s) until the container's `/data/n` holds a number above `floor`.
+fn counter_above(r: &common::Root, name: &str, floor: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, out) = r.status_and_output(&["exec", name, "cat", "/data/n"]);
+        if let Ok(n) = out.trim().parse::<u64>() {
+            if n > floor {
+                return n;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter stays at {out:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

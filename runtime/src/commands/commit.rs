@@ -31,6 +31,7 @@ use crate::container::diff::{changes, INIT_PATHS};
 use crate::container::{self, find, now_rfc3339, pause, rootfs, Container};
 use crate::image::{change, Digest, HashingWriter, Reference};
 use crate::storage::pack::write_layer;
+use crate::storage::unpack::Limits;
 use crate::storage::{DeviceMapper, Storage};
 use crate::store::{BlobRef, ImageRecord, LayerRecord, LayerState, Store};
 
@@ -264,7 +265,15 @@ fn make_layer(
             let blob = blob?;
             storage.new_layer(layers.last(), &name)?;
             storage.with_layer_writable(&record, |dir, whiteouts| {
-                unpack_blob(&partial, LAYER_MEDIA_TYPE, &blob.diff_id, dir, whiteouts)
+                let limits = Limits::own_blob();
+                unpack_blob(
+                    &partial,
+                    LAYER_MEDIA_TYPE,
+                    &blob.diff_id,
+                    dir,
+                    whiteouts,
+                    &limits,
+                )
             })?;
             Ok(blob)
         })(),

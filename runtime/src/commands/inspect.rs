@@ -290,6 +290,8 @@ pub fn describe_container(store: &Store, c: &Container, root: &std::path::Path) 
             "AutoRemove": c.auto_remove,
             "Runtime": c.runtime.clone().unwrap_or_else(|| "thinbox".into()),
             "NetworkMode": "host",
+            "CapAdd": (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
+            "CapDrop": (!c.cap_drop.is_empty()).then(|| c.cap_drop.clone()),
         },
         "GraphDriver": graph_driver,
         "Mounts": [],

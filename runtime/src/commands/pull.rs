@@ -390,8 +390,9 @@ pub(crate) fn apply_layer(
             store.layers.insert(chain_id.clone(), record.clone());
             store.save_layers()?;
             let blob = store.blob_path(&layer.digest);
+            let limits = unpack::Limits::from_env()?;
             storage.with_layer_writable(&record, |root, whiteouts| {
-                unpack_blob(&blob, &layer.media_type, diff_id, root, whiteouts)
+                unpack_blob(&blob, &layer.media_type, diff_id, root, whiteouts, &limits)
             })
         });
     match result {
@@ -422,8 +423,8 @@ pub(crate) fn unpack_blob(
     diff_id: &Digest,
     root: &Path,
     whiteouts: unpack::Whiteouts,
+    limits: &unpack::Limits,
 ) -> anyhow::Result<unpack::Applied> {
-    let limits = unpack::Limits::from_env()?;
     let (counted, compressed) = unpack::Counted::new(
         File::open(path).with_context(|| format!("failed to open {}", path.display()))?,
     );
@@ -435,9 +436,9 @@ pub(crate) fn unpack_blob(
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
     };
     // A decompression bomb stops here, before it fills the layer.
-    let decoded = unpack::RatioGuard::new(decoded, compressed, &limits);
+    let decoded = unpack::RatioGuard::new(decoded, compressed, limits);
     let mut tar = HashingReader::new(decoded);
-    let applied = unpack::apply_layer_with(root, &mut tar, whiteouts, &limits)?;
+    let applied = unpack::apply_layer_with(root, &mut tar, whiteouts, limits)?;
     // The tar's end-of-archive blocks and any padding count toward the diff id too.
     io::copy(&mut tar, &mut io::sink()).context("failed to read the rest of the layer")?;
     let (actual, _) = tar.finish();

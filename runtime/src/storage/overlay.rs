@@ -42,12 +42,18 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 impl Overlay {
     /// Opens (creating on first use) the overlay storage in `root`.
     pub fn open(root: &Path) -> anyhow::Result<Overlay> {
-        let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
-        if !filesystems
-            .lines()
-            .any(|l| l.trim_end().ends_with("\toverlay"))
-        {
-            bail!("the kernel has no overlayfs (modprobe overlay), which the overlay driver needs");
+        let has_overlay = || {
+            fs::read_to_string("/proc/filesystems")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.trim_end().ends_with("\toverlay"))
+        };
+        if !has_overlay() {
+            // A module not loaded yet (after a reboot) is loaded, as mount(8) would.
+            let _ = Command::new("modprobe").arg("overlay").status();
+            if !has_overlay() {
+                bail!("the kernel has no overlayfs, which the overlay driver needs");
+            }
         }
         let dir = overlay_dir(root);
         let config = config_path(root);
@@ -117,9 +123,9 @@ impl Overlay {
         }
     }
 
-    /// `lowerdir=` for `layers` (their names, bottom first): short links, top first. Stacks
-    /// of one get the empty directory below (overlayfs wants two lower layers without an
-    /// upper one).
+    /// `lowerdir=` for `layers` (their names, bottom first): short links, top first, with the
+    /// empty directory at the bottom (a read-only stack of one layer still has two, which
+    /// overlayfs wants without an upper layer; an image of no layers has one).
     fn lowerdir(&self, layers: &[String]) -> anyhow::Result<String> {
         let mut dirs: Vec<String> = Vec::new();
         for name in layers.iter().rev() {
@@ -139,10 +145,15 @@ impl Overlay {
         target: &Path,
     ) -> anyhow::Result<()> {
         check_name(name)?;
-        let options = format!(
+        let mut options = format!(
             "lowerdir={},upperdir={name}/diff,workdir={name}/work",
             self.lowerdir(layers)?
         );
+        // The inodes index ties an upper directory to its lower layers' file handles;
+        // Docker turns it off so that a container's layers can be moved or remade.
+        if Path::new("/sys/module/overlay/parameters/index").exists() {
+            options.push_str(",index=off");
+        }
         self.mount(&options, target, false)
     }
 

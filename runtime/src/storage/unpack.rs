@@ -107,6 +107,20 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// For a blob thinbox itself just packed (`commit` on the overlay driver): the container's
+    /// own files, however well they compress (a zero-filled file passes any ratio), bounded
+    /// only by what the filesystem held.
+    pub fn own_blob() -> Limits {
+        Limits {
+            max_bytes: u64::MAX,
+            max_entries: u64::MAX,
+            max_path_bytes: usize::MAX,
+            max_record_bytes: u64::MAX,
+            max_ratio: u64::MAX,
+            ratio_floor: u64::MAX,
+        }
+    }
+
     /// The defaults, with what the environment sets instead.
     pub fn from_env() -> anyhow::Result<Limits> {
         fn var(name: &str, default: u64) -> anyhow::Result<u64> {

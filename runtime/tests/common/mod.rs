@@ -146,7 +146,17 @@ impl Root {
 }
 
 fn kill_container(root: &Path, id: &str, record: &Path) {
-    for hierarchy in ["/sys/fs/cgroup/freezer", "/sys/fs/cgroup/unified"] {
+    // A frozen rootfs would keep its superblock alive past the unmount.
+    let _ = Command::new("fsfreeze")
+        .arg("--unfreeze")
+        .arg(root.join("mnt").join(id))
+        .stderr(Stdio::null())
+        .status();
+    for hierarchy in [
+        "/sys/fs/cgroup/freezer",
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+    ] {
         let cgroup = Path::new(hierarchy).join(format!("thinbox-pause-{id}"));
         if cgroup.exists() {
             let _ = fs::write(cgroup.join("freezer.state"), "THAWED");
@@ -175,7 +185,11 @@ fn kill_container(root: &Path, id: &str, record: &Path) {
             .stderr(Stdio::null())
             .status();
     }
-    for hierarchy in ["/sys/fs/cgroup/freezer", "/sys/fs/cgroup/unified"] {
+    for hierarchy in [
+        "/sys/fs/cgroup/freezer",
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+    ] {
         let _ = fs::remove_dir(Path::new(hierarchy).join(format!("thinbox-pause-{id}")));
     }
 }
