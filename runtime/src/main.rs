@@ -40,6 +40,13 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.global.verbose);
+    // One spelling of the state directory: mount points are compared with /proc's, which
+    // are absolute and resolved.
+    let mut cli = cli;
+    cli.global.root = match std::fs::canonicalize(&cli.global.root) {
+        Ok(resolved) => resolved,
+        Err(_) => std::path::absolute(&cli.global.root).unwrap_or(cli.global.root),
+    };
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
