@@ -27,6 +27,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+pub mod svg;
+pub mod sys;
+
 // ---- configuration ----------------------------------------------------------------------
 
 /// Knobs, all from the environment.
@@ -393,7 +396,8 @@ impl Unit {
     }
 }
 
-fn fmt_num(x: f64) -> String {
+/// A figure with three significant digits and thousands separators.
+pub fn fmt_num(x: f64) -> String {
     let a = x.abs();
     if a >= 1000.0 {
         // Thousands separators for readability.
@@ -418,7 +422,8 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
-fn fmt_stats(s: &Stats) -> String {
+/// `median [min–max]`.
+pub fn fmt_stats(s: &Stats) -> String {
     format!(
         "{} [{}–{}]",
         fmt_num(s.median),
