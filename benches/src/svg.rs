@@ -18,6 +18,8 @@ pub struct Point {
 pub struct Series {
     pub name: String,
     pub points: Vec<Point>,
+    /// An SVG colour; `None` takes the next one of the palette.
+    pub colour: Option<String>,
 }
 
 /// A chart. `x_labels`, when given, replaces the numeric x ticks with names at those x
@@ -241,7 +243,10 @@ impl Chart {
         );
         // Series.
         for (i, series) in self.series.iter().enumerate() {
-            let c = COLOURS[i % COLOURS.len()];
+            let c = series
+                .colour
+                .as_deref()
+                .unwrap_or(COLOURS[i % COLOURS.len()]);
             let mut pts: Vec<Point> = series
                 .points
                 .iter()
@@ -319,10 +324,12 @@ mod tests {
                 Series {
                     name: "overlay".into(),
                     points: vec![p(64.0, 100.0), p(1024.0, 1800.0)],
+                    colour: None,
                 },
                 Series {
                     name: "thin".into(),
                     points: vec![p(64.0, 0.5), p(1024.0, 0.6)],
+                    colour: Some("#123456".into()),
                 },
             ],
         };
@@ -332,6 +339,7 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 4);
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("first write &lt;cold&gt;"));
+        assert!(svg.contains("#123456"));
         // Log ticks span the decades of the data: 0.1 .. 10000.
         assert!(svg.contains(">0.1<") && svg.contains(">10k<"));
     }
