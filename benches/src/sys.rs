@@ -138,8 +138,13 @@ pub fn fill_file(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
+thread_local! {
+    static LAST_WRITE: std::cell::Cell<Option<[Duration; 3]>> = const { std::cell::Cell::new(None) };
+}
+
 /// The timed probe of perf-anchors.md §2: `open(O_WRONLY)` → `pwrite` 4 KiB at `offset` →
 /// `fsync` → `close`. On overlayfs the copy-up happens inside the open, so it is counted.
+/// The three parts (open, pwrite, fsync + close) are kept for [`take_write_parts`].
 pub fn write4k_fsync(path: &Path, offset: u64, byte: u8) -> Result<Duration> {
     let buf = [byte; 4096];
     let start = Instant::now();
@@ -147,10 +152,19 @@ pub fn write4k_fsync(path: &Path, offset: u64, byte: u8) -> Result<Duration> {
         .write(true)
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
+    let opened = Instant::now();
     f.write_all_at(&buf, offset)?;
+    let written = Instant::now();
     f.sync_all()?;
     drop(f);
-    Ok(start.elapsed())
+    let done = Instant::now();
+    LAST_WRITE.with(|c| c.set(Some([opened - start, written - opened, done - written])));
+    Ok(done - start)
+}
+
+/// The parts of this thread's last [`write4k_fsync`] (open, pwrite, fsync + close), once.
+pub fn take_write_parts() -> Option<[Duration; 3]> {
+    LAST_WRITE.with(|c| c.take())
 }
 
 /// A mount that is unmounted (lazily if busy) when dropped.
