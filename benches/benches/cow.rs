@@ -1475,9 +1475,9 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
                     "first",
                     &format!("{label}: host bytes added"),
                     &name,
-                    Unit::Iops,
+                    Unit::Bytes,
                     &fw.space[i],
-                    "bytes (unit column unused)",
+                    "",
                 );
             }
             if !(*k == Kind::Plain && i > 0) {
@@ -1626,6 +1626,16 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
             }
         }
         row.push(st(&fr.space[i]).map_or("—".into(), |s| bytes(s.median)));
+        if !fr.space[i].is_empty() {
+            out.report.row(
+                "fio",
+                "host bytes after randwrite 4k qd1",
+                k.name(),
+                Unit::Bytes,
+                &fr.space[i],
+                "",
+            );
+        }
         rows.push(row);
         // The engine's in-process loop is not comparable with fio's direct IO.
         if *k != Kind::Engine {
@@ -2788,9 +2798,9 @@ fn blocksize_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             "blocksize",
             "bytes added per write",
             &label,
-            Unit::Iops,
+            Unit::Bytes,
             &per_write[i],
-            "bytes",
+            "",
         );
         let x = (bs / KIB) as f64;
         if let Some(p) = point(x, &us[i]) {

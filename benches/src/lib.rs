@@ -372,6 +372,8 @@ pub enum Unit {
     Micros,
     /// Milliseconds per operation (smaller is better).
     Millis,
+    /// Bytes (space used; smaller is better).
+    Bytes,
 }
 
 impl Unit {
@@ -381,6 +383,7 @@ impl Unit {
             Unit::Iops => "IOPS",
             Unit::Micros => "µs/op",
             Unit::Millis => "ms",
+            Unit::Bytes => "bytes",
         }
     }
 
@@ -392,6 +395,7 @@ impl Unit {
             Unit::Iops => ops as f64 / s,
             Unit::Micros => s * 1e6 / ops as f64,
             Unit::Millis => s * 1e3 / ops as f64,
+            Unit::Bytes => bytes as f64,
         }
     }
 }
