@@ -13,13 +13,14 @@
 #   libnbd-bin               nbdinfo and nbdcopy, real NBD clients for `dmtool serve`
 #   xfsprogs, e2fsprogs, util-linux
 #                            mkfs.xfs, mkfs.ext4, losetup and fstrim on activated thins
+#   btrfs-progs              mkfs.btrfs and btrfs subvolumes for the cow benchmark's reflink peer
 #   qemu-utils               qemu-img and qemu-io (NBD clients too), only if missing: the
 #                            machine image ships them from backports, and apt must not touch those
 #
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin xfsprogs e2fsprogs util-linux
+packages=(thin-provisioning-tools fio qemu-system-x86 busybox-static cpio dmsetup libnbd-bin xfsprogs e2fsprogs util-linux btrfs-progs
           docker-registry skopeo umoci runc crun)
 missing=()
 for p in "${packages[@]}"; do

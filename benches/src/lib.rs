@@ -27,6 +27,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+pub mod svg;
+pub mod sys;
+
 // ---- configuration ----------------------------------------------------------------------
 
 /// Knobs, all from the environment.
@@ -369,6 +372,8 @@ pub enum Unit {
     Micros,
     /// Milliseconds per operation (smaller is better).
     Millis,
+    /// Bytes (space used; smaller is better).
+    Bytes,
 }
 
 impl Unit {
@@ -378,6 +383,7 @@ impl Unit {
             Unit::Iops => "IOPS",
             Unit::Micros => "µs/op",
             Unit::Millis => "ms",
+            Unit::Bytes => "bytes",
         }
     }
 
@@ -389,11 +395,13 @@ impl Unit {
             Unit::Iops => ops as f64 / s,
             Unit::Micros => s * 1e6 / ops as f64,
             Unit::Millis => s * 1e3 / ops as f64,
+            Unit::Bytes => bytes as f64,
         }
     }
 }
 
-fn fmt_num(x: f64) -> String {
+/// A figure with three significant digits and thousands separators.
+pub fn fmt_num(x: f64) -> String {
     let a = x.abs();
     if a >= 1000.0 {
         // Thousands separators for readability.
@@ -418,7 +426,8 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
-fn fmt_stats(s: &Stats) -> String {
+/// `median [min–max]`.
+pub fn fmt_stats(s: &Stats) -> String {
     format!(
         "{} [{}–{}]",
         fmt_num(s.median),

@@ -1,0 +1,434 @@
+//! Privileged plumbing for the copy-on-write comparison (`benches/cow.rs`): commands, mounts
+//! and loop devices that undo themselves on drop, cache drops, and the host-space probes.
+//!
+//! Every guard here cleans up in `Drop`, so a failing or panicking bench leaves no mount and
+//! no loop device behind. Teardown errors are reported on stderr and never panic.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use engine::activate::loopdev::{LoopDevice, LoopOptions};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
+/// Runs a command to completion; its stdout on success, both outputs in the error.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Wall time of a command run to completion (process start included).
+pub fn run_timed(cmd: &mut Command) -> Result<Duration> {
+    let start = Instant::now();
+    run(cmd)?;
+    Ok(start.elapsed())
+}
+
+/// The first line of `prog --version` (or of `args`), for the context header.
+pub fn version(prog: &str, args: &[&str]) -> String {
+    Command::new(prog)
+        .args(if args.is_empty() {
+            &["--version"]
+        } else {
+            args
+        })
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "not installed".into())
+}
+
+/// Whether `prog` can be started.
+pub fn have(prog: &str) -> bool {
+    Command::new(prog)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Writes back every dirty page, then drops the whole page cache, dentries and inodes
+/// (`drop_caches` = 3): the "cold" state of perf-anchors.md. Needs root.
+pub fn drop_caches() -> Result<()> {
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3\n").context("failed to drop the page cache")
+}
+
+/// `syncfs` on the filesystem holding `path`.
+pub fn syncfs(path: &Path) {
+    if let Ok(f) = fs::File::open(path) {
+        let _ = nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f));
+    }
+}
+
+/// Bytes the filesystem holding `path` has in use (total − free, from statvfs).
+pub fn fs_used(path: &Path) -> Result<u64> {
+    let s =
+        nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
+    Ok((s.blocks() - s.blocks_free()) * s.fragment_size())
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `path`.
+pub fn fs_free(path: &Path) -> Result<u64> {
+    let s =
+        nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
+    Ok(s.blocks_available() * s.fragment_size())
+}
+
+/// Bytes allocated on the host for `path` (`st_blocks` × 512), summed over a directory tree.
+pub fn allocated(path: &Path) -> u64 {
+    let Ok(md) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = md.blocks() * 512;
+    if md.is_dir() {
+        if let Ok(entries) = fs::read_dir(path) {
+            for e in entries.flatten() {
+                total += allocated(&e.path());
+            }
+        }
+    }
+    total
+}
+
+/// Creates `path` holding `size` bytes of incompressible data (written in 1 MiB chunks from
+/// a seeded generator), fsynced.
+pub fn fill_file(path: &Path, size: u64, seed: u64) -> Result<()> {
+    let f = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+thread_local! {
+    static LAST_WRITE: std::cell::Cell<Option<[Duration; 3]>> = const { std::cell::Cell::new(None) };
+}
+
+/// The timed probe of perf-anchors.md §2: `open(O_WRONLY)` → `pwrite` 4 KiB at `offset` →
+/// `fsync` → `close`. On overlayfs the copy-up happens inside the open, so it is counted.
+/// The three parts (open, pwrite, fsync + close) are kept for [`take_write_parts`].
+pub fn write4k_fsync(path: &Path, offset: u64, byte: u8) -> Result<Duration> {
+    let buf = [byte; 4096];
+    let start = Instant::now();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let opened = Instant::now();
+    f.write_all_at(&buf, offset)?;
+    let written = Instant::now();
+    f.sync_all()?;
+    drop(f);
+    let done = Instant::now();
+    LAST_WRITE.with(|c| c.set(Some([opened - start, written - opened, done - written])));
+    Ok(done - start)
+}
+
+/// The parts of this thread's last [`write4k_fsync`] (open, pwrite, fsync + close), once.
+pub fn take_write_parts() -> Option<[Duration; 3]> {
+    LAST_WRITE.with(|c| c.take())
+}
+
+/// A mount that is unmounted (lazily if busy) when dropped.
+pub struct Mount {
+    target: PathBuf,
+}
+
+impl Mount {
+    /// `mount [-t fstype] [-o options] source target`, with `cwd` as the working directory
+    /// (overlay mounts use relative layer paths to keep their options short).
+    pub fn new(
+        fstype: Option<&str>,
+        source: &str,
+        target: &Path,
+        options: Option<&str>,
+        cwd: Option<&Path>,
+    ) -> Result<Mount> {
+        fs::create_dir_all(target)?;
+        let mut cmd = Command::new("mount");
+        if let Some(t) = fstype {
+            cmd.args(["-t", t]);
+        }
+        if let Some(o) = options {
+            cmd.args(["-o", o]);
+        }
+        cmd.arg(source).arg(target);
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        run(&mut cmd)?;
+        Ok(Mount {
+            target: target.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        use nix::mount::{umount2, MntFlags};
+        if umount2(&self.target, MntFlags::empty()).is_err() {
+            // Busy (a straggling process): detach it now, the kernel finishes later.
+            if let Err(e) = umount2(&self.target, MntFlags::MNT_DETACH) {
+                eprintln!(
+                    "cow bench: failed to unmount {}: {e}",
+                    self.target.display()
+                );
+            }
+        }
+    }
+}
+
+/// A loop device over a file, detached when dropped.
+pub struct Loop {
+    dev: Option<LoopDevice>,
+}
+
+impl Loop {
+    /// Direct IO on, as perf-anchors.md §3b attached its btrfs and xfs images.
+    pub fn attach(file: &Path) -> Result<Loop> {
+        let dev = LoopDevice::attach(file, LoopOptions::default())
+            .with_context(|| format!("failed to attach {} to a loop device", file.display()))?;
+        Ok(Loop { dev: Some(dev) })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dev.as_ref().expect("attached").path()
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if let Some(dev) = self.dev.take() {
+            for _ in 0..50 {
+                if dev.detach().is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Err(e) = dev.detach_deferred() {
+                eprintln!("cow bench: failed to detach {}: {e}", dev.path().display());
+            }
+        }
+    }
+}
+
+/// A filesystem of its own: a sparse image file on a loop device, formatted and mounted.
+/// Field order is teardown order: unmount, then detach, then delete the image.
+pub struct LoopFs {
+    pub mount: Mount,
+    _loop: Loop,
+    _image: Remove,
+}
+
+impl LoopFs {
+    /// `mkfs` is the formatter's command line without the device (e.g. `mkfs.xfs -f -q`).
+    pub fn create(
+        image: &Path,
+        size: u64,
+        mkfs: &[&str],
+        target: &Path,
+        options: Option<&str>,
+    ) -> Result<LoopFs> {
+        let guard = Remove(image.to_path_buf());
+        fs::File::create(image)?.set_len(size)?;
+        let lo = Loop::attach(image)?;
+        let dev = lo.path();
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&dev))?;
+        let mount = Mount::new(None, &dev.to_string_lossy(), target, options, None)?;
+        Ok(LoopFs {
+            mount,
+            _loop: lo,
+            _image: guard,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.mount.path()
+    }
+}
+
+/// Deletes a file or directory tree when dropped.
+pub struct Remove(pub PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let r = if self.0.is_dir() {
+            fs::remove_dir_all(&self.0)
+        } else {
+            fs::remove_file(&self.0)
+        };
+        if let Err(e) = r {
+            if e.kind() != io::ErrorKind::NotFound {
+                eprintln!("cow bench: failed to remove {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+/// An interactive `qemu-io` on one image: commands are sent on its stdin and each is done
+/// when the next `qemu-io> ` prompt arrives, so a request can be timed inside one process
+/// that already opened the image (qemu-nbd is not used).
+pub struct QemuIo {
+    child: std::process::Child,
+    out: std::process::ChildStdout,
+    input: std::process::ChildStdin,
+}
+
+impl QemuIo {
+    /// `qemu-io -t none -f qcow2 IMAGE` (no host page cache, as perf-anchors.md §3a).
+    pub fn open(image: &Path) -> Result<QemuIo> {
+        let mut child = Command::new("qemu-io")
+            .args(["-t", "none", "-f", "qcow2"])
+            .arg(image)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("failed to start qemu-io")?;
+        let out = child.stdout.take().expect("piped");
+        let input = child.stdin.take().expect("piped");
+        let mut q = QemuIo { child, out, input };
+        q.until_prompt()?;
+        Ok(q)
+    }
+
+    fn until_prompt(&mut self) -> Result<String> {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"qemu-io> ") {
+            let n = self.out.read(&mut buf)?;
+            if n == 0 {
+                bail!("qemu-io ended: {}", String::from_utf8_lossy(&got));
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if text.contains("error") || text.contains("failed") {
+            bail!("qemu-io: {}", text.trim());
+        }
+        Ok(text)
+    }
+
+    /// Sends one command and waits for it to finish.
+    pub fn command(&mut self, line: &str) -> Result<String> {
+        use std::io::Write;
+        writeln!(self.input, "{line}")?;
+        self.input.flush()?;
+        self.until_prompt()
+    }
+
+    /// 4 KiB written at `offset`, then `flush`: the qcow2 counterpart of
+    /// [`write4k_fsync`], timed from the request to the end of the flush.
+    pub fn write4k_flush(&mut self, offset: u64, byte: u8) -> Result<Duration> {
+        let start = Instant::now();
+        self.command(&format!("write -P {byte} {offset} 4k"))?;
+        self.command("flush")?;
+        Ok(start.elapsed())
+    }
+}
+
+/// The time of each request `qemu-io` reported, in seconds, from its lines
+/// `4 KiB, 1 ops; 00.00 sec (2.709 MiB/sec and 693.4947 ops/sec)`.
+pub fn qemu_io_op_seconds(output: &str) -> Vec<f64> {
+    output
+        .lines()
+        .filter_map(|l| {
+            let ops: f64 = l.split(" ops;").next()?.rsplit(' ').next()?.parse().ok()?;
+            let rate: f64 = l
+                .split(" and ")
+                .nth(1)?
+                .split(" ops/sec")
+                .next()?
+                .trim()
+                .parse()
+                .ok()?;
+            (rate > 0.0).then(|| ops / rate)
+        })
+        .collect()
+}
+
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = writeln!(self.input, "quit");
+        let _ = self.input.flush();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_io_request_times_are_read_from_its_report_lines() {
+        let out = "wrote 4096/4096 bytes at offset 1048576\n\
+                   4 KiB, 1 ops; 00.00 sec (2.709 MiB/sec and 693.4947 ops/sec)\n\
+                   read 1048576/1048576 bytes at offset 0\n\
+                   1 MiB, 1 ops; 00.01 sec (95.1 MiB/sec and 95.1000 ops/sec)\n";
+        let t = qemu_io_op_seconds(out);
+        assert_eq!(t.len(), 2);
+        assert!((t[0] - 1.0 / 693.4947).abs() < 1e-9);
+        assert!((t[1] - 1.0 / 95.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn allocated_counts_a_tree_and_a_missing_path_is_zero() {
+        let d = tempfile::tempdir().expect("tempdir");
+        fill_file(&d.path().join("a"), 64 * 1024, 1).expect("fill");
+        std::fs::create_dir(d.path().join("sub")).expect("mkdir");
+        fill_file(&d.path().join("sub").join("b"), 8192, 2).expect("fill");
+        assert!(allocated(d.path()) >= 72 * 1024);
+        assert_eq!(allocated(&d.path().join("none")), 0);
+    }
+}
