@@ -6,66 +6,12 @@
 //! guard that kills the daemon and detaches every loop device backed by the test's files,
 //! even when the test fails.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 
-const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+mod common;
 
-struct Env {
-    dir: tempfile::TempDir,
-    run_root: PathBuf,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let run_root = dir.path().join("run");
-        Env { dir, run_root }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn dmtool(&self, args: &[&str]) -> Output {
-        Command::new(DMTOOL)
-            .args(args)
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("dmtool runs")
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.dmtool(args);
-        assert!(
-            out.status.success(),
-            "dmtool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    #[track_caller]
-    fn fails(&self, args: &[&str], needle: &str) {
-        let out = self.dmtool(args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "dmtool {args:?}: {err}");
-        assert!(
-            err.contains(needle),
-            "dmtool {args:?}: {err} lacks {needle:?}"
-        );
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        fixtures::activation::clean_up_run_root(&self.run_root);
-        fixtures::activation::detach_loops_under(self.dir.path());
-    }
-}
+use common::Env;
 
 fn daemon_pid(run_root: &Path) -> u32 {
     for d in std::fs::read_dir(run_root).unwrap().flatten() {

@@ -6,60 +6,14 @@
 //! the daemon's `THINBOX_RUN_ROOT`, the mount point); a guard unmounts, kills the daemon and
 //! detaches the loop devices even when the test fails, so it can run again at once.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+mod common;
 
-struct Env {
-    dir: tempfile::TempDir,
-    run_root: PathBuf,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let run_root = dir.path().join("run");
-        Env { dir, run_root }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn dmtool(&self, args: &[&str]) -> Output {
-        Command::new(DMTOOL)
-            .args(args)
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("dmtool runs")
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.dmtool(args);
-        assert!(
-            out.status.success(),
-            "dmtool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Our filesystems first (their loop devices sit on the daemon's FUSE files), then the
-        // daemon with its loop devices and FUSE mount, then the raw device's loop.
-        fixtures::activation::unmount_under(&self.path("mnt"));
-        fixtures::activation::clean_up_run_root(&self.run_root);
-        fixtures::activation::detach_loops_under(self.dir.path());
-    }
-}
+use common::Env;
 
 #[track_caller]
 fn sh(args: &[&str]) -> String {

@@ -4,11 +4,17 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use sha2::{Digest, Sha256};
+mod common;
 
-const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+use common::{ok, random_bytes, run, run_with_stdin, sha256, stderr};
+
+/// Exit 1 (a failure, not a usage error) with `needle` in stderr.
+#[track_caller]
+fn fails(o: &Output, needle: &str) {
+    common::fails(o, 1, needle)
+}
 
 /// 1028 KiB of metadata with 128 KiB data blocks: the data region starts at 1152 KiB, and
 /// the 124 KiB between belong to neither region.
@@ -16,68 +22,6 @@ const METADATA_LEN: u64 = 1028 << 10;
 const DATA_OFFSET: u64 = 1152 << 10;
 const BLOCK: u64 = 128 << 10;
 const DATA_LEN: u64 = 32 << 20;
-
-fn run_with_stdin(args: &[&str], input: &[u8]) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(DMTOOL)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dmtool starts");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().expect("dmtool runs");
-    feeder.join().unwrap();
-    out
-}
-
-fn run(args: &[&str]) -> Output {
-    run_with_stdin(args, &[])
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn ok(o: Output) -> Output {
-    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
-    o
-}
-
-#[track_caller]
-fn fails(o: &Output, needle: &str) {
-    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(o));
-    assert!(
-        stderr(o).contains(needle),
-        "stderr lacks {needle:?}: {}",
-        stderr(o)
-    );
-}
-
-/// Deterministic, incompressible bytes (xorshift64*).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn sha256(bytes: &[u8]) -> Vec<u8> {
-    Sha256::digest(bytes).to_vec()
-}
 
 fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
     let f = std::fs::File::open(path).unwrap();
