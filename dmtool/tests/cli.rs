@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{fails, ok, random_bytes, run, run_with_stdin, sha256, stderr, stdout, DMTOOL};
+use fixtures::data::random_bytes;
+
+use common::{fails, ok, run, run_with_stdin, sha256, stderr, stdout, DMTOOL};
 
 /// A pool in a temporary directory: 64 MiB of data, 4 MiB of metadata.
 struct TestPool {

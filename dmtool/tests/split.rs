@@ -8,7 +8,9 @@ use std::process::Output;
 
 mod common;
 
-use common::{ok, random_bytes, run, run_with_stdin, sha256, stderr};
+use fixtures::data::random_bytes;
+
+use common::{ok, run, run_with_stdin, sha256, stderr};
 
 /// Exit 1 (a failure, not a usage error) with `needle` in stderr.
 #[track_caller]

@@ -473,19 +473,7 @@ fn a_broken_internal_node_loses_nothing_its_intact_children_hold() {
 
 const MIB: usize = 1 << 20;
 
-/// Deterministic, incompressible bytes (xorshift64*).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use fixtures::data::random_bytes;
 
 /// Thin 1: 40 MiB (640 blocks: an internal root over three leaves); thin 2: a snapshot of
 /// it with three copied-on-write writes; thin 3: 3 MiB. Returns the pool and each thin's
