@@ -46,28 +46,6 @@ fn ok(out: Output, what: &str) -> Vec<u8> {
 }
 
 /// The part of `output` between the lines `BEGIN name` and `END name`.
-fn section<'a>(output: &'a str, name: &str) -> &'a str {
-    let begin = format!("BEGIN {name}\n");
-    let end = format!("END {name}\n");
-    let start = output
-        .find(&begin)
-        .unwrap_or_else(|| panic!("no {begin:?} in the guest output"))
-        + begin.len();
-    let stop = output[start..]
-        .find(&end)
-        .unwrap_or_else(|| panic!("no {end:?} in the guest output"));
-    &output[start..start + stop]
-}
-
-/// `KV key value` lines.
-fn kvs(output: &str) -> BTreeMap<String, String> {
-    output
-        .lines()
-        .filter_map(|l| l.strip_prefix("KV "))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 const GUEST: &str = r#"
 L="--metadata /dev/vda --data /dev/vdb --state-dir /tmp/state"
@@ -235,14 +213,14 @@ fn root_kernel_dmtool_drives_the_pool_through_device_mapper() {
     assert!(guest.ok, "the guest failed\n{}", guest.report());
     let out = guest.output.clone();
     let sha = kernel::parse_sha_lines(&out).unwrap();
-    let kv = kvs(&out);
+    let kv = kernel::kvs(&out);
     let report = guest.report();
 
     // The kernel read what our engine wrote.
     for t in ["1", "2", "3"] {
         assert_eq!(sha[&format!("t{t}")], before[t], "thin {t}\n{report}");
     }
-    let status = section(&out, "status");
+    let status = kernel::section(&out, "status");
     assert!(
         status.contains("Owner:") && status.contains("kernel device-mapper, /dev/mapper/thinbox-"),
         "{status}"
@@ -300,7 +278,7 @@ fn root_kernel_dmtool_drives_the_pool_through_device_mapper() {
     );
     assert_eq!(kv["file_check"], "ok", "{report}");
 
-    let ls: serde_json::Value = serde_json::from_str(section(&out, "ls")).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(kernel::section(&out, "ls")).unwrap();
     let rows = ls.as_array().unwrap();
     let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, [1, 2, 4, 5], "{report}");
@@ -316,7 +294,7 @@ fn root_kernel_dmtool_drives_the_pool_through_device_mapper() {
     assert!(device.starts_with("/dev/mapper/thinbox-"), "{report}");
 
     // Back on the host: the guest's volume store, our reader, both checkers.
-    std::fs::write(state.join("volumes.json"), section(&out, "volumes")).unwrap();
+    std::fs::write(state.join("volumes.json"), kernel::section(&out, "volumes")).unwrap();
     for (t, name) in [("1", "t1_after"), ("2", "t2"), ("4", "t4"), ("5", "t5")] {
         assert_eq!(host_sha(t), sha[name], "thin {t} read on the host");
     }

@@ -8,7 +8,6 @@
 //! Back on the host, our reader gives the guest's checksums, the data region is where the
 //! split says, and both checkers are clean on the metadata region. Privileged and slow.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -37,28 +36,6 @@ fn ok(out: Output, what: &str) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
-}
-
-fn section<'a>(output: &'a str, name: &str) -> &'a str {
-    let begin = format!("BEGIN {name}\n");
-    let end = format!("END {name}\n");
-    let start = output
-        .find(&begin)
-        .unwrap_or_else(|| panic!("no {begin:?} in the guest output"))
-        + begin.len();
-    let stop = output[start..]
-        .find(&end)
-        .unwrap_or_else(|| panic!("no {end:?} in the guest output"));
-    &output[start..start + stop]
-}
-
-fn kvs(output: &str) -> BTreeMap<String, String> {
-    output
-        .lines()
-        .filter_map(|l| l.strip_prefix("KV "))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 const GUEST: &str = r#"
@@ -155,14 +132,14 @@ fn root_kernel_takes_a_split_device_through_linear_regions() {
     let out = guest.output.clone();
     let report = guest.report();
     let sha = kernel::parse_sha_lines(&out).unwrap();
-    let kv = kvs(&out);
+    let kv = kernel::kvs(&out);
 
     // The kernel's pool sits on one linear device per region, of the regions' sizes.
     assert!(
         kv["mapper"].contains("-tmeta") && kv["mapper"].contains("-tdata"),
         "{report}"
     );
-    let tables = section(&out, "tables");
+    let tables = kernel::section(&out, "tables");
     let line = |suffix: &str| {
         tables
             .lines()
@@ -214,7 +191,7 @@ fn root_kernel_takes_a_split_device_through_linear_regions() {
     assert_ne!(before, t1);
 
     // Back on the host: the split reads back from what the kernel left.
-    std::fs::write(state.join("volumes.json"), section(&out, "volumes")).unwrap();
+    std::fs::write(state.join("volumes.json"), kernel::section(&out, "volumes")).unwrap();
     let read = |id: &str| kernel::sha256_hex(&run(&["thin", "read"], &[id]));
     assert_eq!(read("1"), sha["t1_after"]);
     assert_eq!(read("2"), sha["t2"]);
