@@ -45,8 +45,6 @@ fn ok(out: Output, what: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// The part of `output` between the lines `BEGIN name` and `END name`.
-
 const GUEST: &str = r#"
 L="--metadata /dev/vda --data /dev/vdb --state-dir /tmp/state"
 mkdir -p /tmp/state
