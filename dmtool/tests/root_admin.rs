@@ -1,6 +1,7 @@
 //! The admin verbs against real owners and devices, as root: `thin rename` through the pool
-//! daemon, `pool set`/`trim`/`repair` refused while the daemon owns the pool, and `trim` on
-//! a pool whose devices are loop devices (BLKDISCARD, not hole punching).
+//! daemon, `thin ls` on a pool the daemon owns (read through a metadata snapshot),
+//! `pool set`/`trim`/`repair` refused while the daemon owns the pool, and `trim` on a pool
+//! whose devices are loop devices (BLKDISCARD, not hole punching).
 //!
 //! Each test keeps the daemon's run directory under a temporary `THINBOX_RUN_ROOT` and a
 //! guard that kills the daemon and detaches every loop device backed by the test's files,
@@ -8,6 +9,8 @@
 
 use std::path::Path;
 use std::process::Command;
+
+use serde_json::{json, Value};
 
 mod common;
 
@@ -22,13 +25,33 @@ fn daemon_pid(run_root: &Path) -> u32 {
     panic!("no daemon.pid under {}", run_root.display());
 }
 
-fn names(env: &Env, pool: &str) -> Vec<serde_json::Value> {
-    let ls: serde_json::Value =
-        serde_json::from_str(&env.ok(&["thin", "ls", "--pool", pool, "--json"])).unwrap();
-    ls.as_array()
+fn thin_ls(env: &Env, pool: &str) -> Value {
+    serde_json::from_str(&env.ok(&["thin", "ls", "--pool", pool, "--json"])).unwrap()
+}
+
+fn names(env: &Env, pool: &str) -> Vec<Value> {
+    thin_ls(env, pool)
+        .as_array()
         .unwrap()
         .iter()
         .map(|t| t["name"].clone())
+        .collect()
+}
+
+/// (id, mapped, exclusive, shared) in blocks, per thin.
+fn space(ls: &Value) -> Vec<(u64, u64, u64, u64)> {
+    let n = |t: &Value, k: &str| t[k].as_u64().unwrap();
+    ls.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                n(t, "id"),
+                n(t, "mapped_blocks"),
+                n(t, "exclusive_blocks"),
+                n(t, "shared_blocks"),
+            )
+        })
         .collect()
 }
 
@@ -53,11 +76,38 @@ fn root_rename_goes_through_the_daemon_and_offline_verbs_refuse_it() {
     env.ok(&[
         "thin", "create", "--pool", pool, "2", "--size", "4M", "--name", "b",
     ]);
+    // 1 MiB (16 blocks) in thin 1, then thin 3 a snapshot of it.
+    env.ok_with_stdin(&["thin", "write", "--pool", pool, "1"], &vec![7u8; 1 << 20]);
+    env.ok(&["thin", "snap", "--pool", pool, "3", "1"]);
     env.ok(&["pool", "start", "--pool", pool, "--backend", "userspace"]);
     let pid = daemon_pid(&env.run_root);
 
+    // Changes made through the daemon show in `thin ls` while it owns the pool: 128 KiB
+    // written into the snapshot (two blocks copied), and a snapshot of the snapshot.
+    env.ok_with_stdin(
+        &["thin", "write", "--pool", pool, "3", "--offset", "256K"],
+        &vec![9u8; 128 << 10],
+    );
+    env.ok(&["thin", "snap", "--pool", pool, "4", "3"]);
+    let owned = thin_ls(&env, pool);
+    assert_eq!(
+        space(&owned),
+        [(1, 16, 2, 14), (2, 0, 0, 0), (3, 16, 0, 16), (4, 16, 0, 16)],
+        "{owned:#}"
+    );
+    assert_eq!(owned[3]["origin"], 3);
+    // The metadata snapshot `thin ls` read through is given back.
+    let status: Value =
+        serde_json::from_str(&env.ok(&["pool", "status", "--pool", pool, "--json"])).unwrap();
+    assert_eq!(status["status"]["held_root"], Value::Null, "{status:#}");
+    assert_eq!(status["daemon_pid"], pid);
+
     env.ok(&["thin", "rename", "--pool", pool, "1", "a2"]);
-    assert_eq!(names(&env, pool), ["a2", "b"]);
+    assert_eq!(
+        names(&env, pool),
+        [json!("a2"), json!("b"), Value::Null, Value::Null]
+    );
+    let owned_after_rename = thin_ls(&env, pool);
     env.fails(
         &["thin", "rename", "--pool", pool, "2", "a2"],
         "is taken by thin 1",
@@ -76,8 +126,13 @@ fn root_rename_goes_through_the_daemon_and_offline_verbs_refuse_it() {
     );
 
     env.ok(&["pool", "stop", "--pool", pool]);
-    // The rename was the daemon's change to the store: it is there offline too.
-    assert_eq!(names(&env, pool), ["a2", "b"]);
+    // The rename was the daemon's change to the store: it is there offline too, and the
+    // offline listing reads what the daemon's listing read.
+    assert_eq!(
+        names(&env, pool),
+        [json!("a2"), json!("b"), Value::Null, Value::Null]
+    );
+    assert_eq!(thin_ls(&env, pool), owned_after_rename);
 }
 
 fn losetup(file: &Path) -> String {

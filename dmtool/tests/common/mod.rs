@@ -19,8 +19,14 @@ pub fn run(args: &[&str]) -> Output {
 }
 
 pub fn run_with_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(DMTOOL)
-        .args(args)
+    let mut cmd = Command::new(DMTOOL);
+    cmd.args(args);
+    feed(cmd, input)
+}
+
+/// Runs `cmd` with `input` on its stdin.
+fn feed(mut cmd: Command, input: &[u8]) -> Output {
+    let mut child = cmd
         .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -101,6 +107,20 @@ impl Env {
     #[track_caller]
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.dmtool(args);
+        assert!(
+            out.status.success(),
+            "dmtool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// [`Self::ok`] with `input` on dmtool's stdin.
+    #[track_caller]
+    pub fn ok_with_stdin(&self, args: &[&str], input: &[u8]) -> String {
+        let mut cmd = Command::new(DMTOOL);
+        cmd.args(args).env("THINBOX_RUN_ROOT", &self.run_root);
+        let out = feed(cmd, input);
         assert!(
             out.status.success(),
             "dmtool {args:?}: {}",
