@@ -1,6 +1,7 @@
 //! A pool on one device split into a metadata region and a data region (`--device`), here a
-//! regular file: create, thins and snapshots, reopen, the offline tools, resize, trim and
-//! restore, with the real thin_check on the metadata region where it is installed.
+//! regular file: create, thins and snapshots, reopen, the offline tools, resize, trim,
+//! restore, and repair after the superblock is destroyed, with the real thin_check on the
+//! metadata region where it is installed.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -298,6 +299,89 @@ fn restore_onto_the_device_keeps_its_data_region() {
     );
     assert_eq!(pool.status()["metadata_space"]["total_bytes"], METADATA_LEN);
     assert_eq!(sha256(&pool.read("1")), sha256(&bytes));
+}
+
+/// The procedure docs/format.md gives for a split device whose superblock is gone: the split
+/// cannot be read, so `repair` scans the device into a file of the metadata region's size,
+/// and that file is copied back over the region. Nothing in the data region moves.
+#[test]
+fn a_destroyed_superblock_is_repaired_into_a_region_sized_file_and_copied_back() {
+    let pool = SplitPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "4M", "--name", "base"]));
+    let origin = random_bytes(3 << 20, 21);
+    ok(pool.cmd_with_stdin("thin", "write", &["1"], &origin));
+    ok(pool.cmd("thin", "snap", &["2", "1"]));
+    let patch = random_bytes(256 << 10, 22);
+    ok(pool.cmd_with_stdin("thin", "write", &["2", "--offset", "1M"], &patch));
+    let mut snap = origin.clone();
+    snap[1 << 20..(1 << 20) + patch.len()].copy_from_slice(&patch);
+    let data_before = sha256(&read_range(&pool.device, DATA_OFFSET, DATA_LEN));
+    let dump_before = ok(run(&["dump", pool.dev()])).stdout;
+
+    // Destroy the superblock: the pool no longer opens, and says why.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pool.device)
+        .unwrap();
+    f.write_all_at(&[0; 4096], 0).unwrap();
+    drop(f);
+    fails(&pool.cmd("thin", "ls", &[]), "no intact pool superblock");
+
+    let region = pool._tmp.path().join("metadata.new");
+    std::fs::File::create(&region)
+        .unwrap()
+        .set_len(METADATA_LEN)
+        .unwrap();
+    let out = ok(run(&[
+        "repair",
+        "-i",
+        pool.dev(),
+        "-o",
+        region.to_str().unwrap(),
+        "--data-block-size",
+        "128k",
+    ]));
+    assert!(
+        stderr(&out).contains("found by scanning"),
+        "{}",
+        stderr(&out)
+    );
+    ok(run(&["check", region.to_str().unwrap()]));
+    if fixtures::tools::available() {
+        let checked = fixtures::tools::thin_check(&region, &[]);
+        assert_eq!(checked.rc, 0, "{checked:?}");
+    }
+    // Copy it back (what `dd conv=notrunc` does).
+    let repaired = std::fs::read(&region).unwrap();
+    assert_eq!(repaired.len() as u64, METADATA_LEN);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pool.device)
+        .unwrap();
+    f.write_all_at(&repaired, 0).unwrap();
+    drop(f);
+
+    // The same split, the same mappings, the same bytes; the data region untouched.
+    let status = pool.status();
+    assert_eq!(status["metadata_space"]["total_bytes"], METADATA_LEN);
+    assert_eq!(status["data_space"]["total_bytes"], DATA_LEN);
+    let mappings = |xml: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(xml)
+            .lines()
+            .filter(|l| l.contains("_mapping"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = mappings(&dump_before);
+    assert!(before.len() > 2, "{before:?}");
+    assert_eq!(mappings(&ok(run(&["dump", pool.dev()])).stdout), before);
+    assert_eq!(sha256(&pool.read("1")[..origin.len()]), sha256(&origin));
+    assert_eq!(sha256(&pool.read("2")[..snap.len()]), sha256(&snap));
+    assert_eq!(
+        sha256(&read_range(&pool.device, DATA_OFFSET, DATA_LEN)),
+        data_before
+    );
+    ok(run(&["check", pool.dev()]));
 }
 
 #[test]
