@@ -304,6 +304,17 @@ fn root_a_container_left_frozen_by_a_dead_commit_still_stops() {
             .arg(&mountpoint),
     );
 
+    a.ok(&["kill", "stuck"]);
+    // `kill` thawed the filesystem: it is not frozen any more.
+    let unfreeze = std::process::Command::new("fsfreeze")
+        .arg("--unfreeze")
+        .arg(&mountpoint)
+        .output()
+        .unwrap();
+    assert!(
+        !unfreeze.status.success(),
+        "the rootfs was still frozen after kill"
+    );
     a.ok(&["rm", "-f", "stuck"]);
     assert!(!cgroup.exists(), "the freezer cgroup is gone");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());

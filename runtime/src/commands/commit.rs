@@ -3,12 +3,13 @@
 //!
 //! With devicemapper, the new top layer is a thin snapshot of the container's own thin
 //! (constant time, whatever the container wrote), taken while its processes are paused
-//! (unless `-p=false`) and its filesystem frozen (`fsfreeze`: dirty data written, the journal
-//! clean, so the snapshot mounts like a cleanly unmounted filesystem). The layer's blob,
-//! which push and save need, is the tar of the snapshot's differences from the image's top
-//! layer (the parent mounted read-only under ROOT/mnt), with OCI whiteouts for what was
-//! deleted. With overlay, the blob is packed from the container's merged view (paused, not
-//! frozen: overlayfs cannot be) and applied to a new layer directory.
+//! (unless `-p=false`) and its filesystem frozen (`FIFREEZE`, as `fsfreeze` does: dirty
+//! data written, the journal clean, so the snapshot mounts like a cleanly unmounted
+//! filesystem). The layer's blob, which push and save need, is the tar of the snapshot's
+//! differences from the image's top layer (the parent mounted read-only under ROOT/mnt),
+//! with OCI whiteouts for what was deleted. With overlay, the blob is packed from the
+//! container's merged view (paused, not frozen: overlayfs cannot be) and applied to a new
+//! layer directory.
 //!
 //! The new image's config is the container's (Docker's rule: a committed image runs what
 //! its container ran), with the `-c` instructions applied, a history entry, and the layer's
@@ -17,7 +18,7 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::ArgAction;
@@ -28,7 +29,7 @@ use serde_json::{json, Map, Value};
 use crate::cli::Global;
 use crate::commands::pull::{reconcile, unpack_blob, write_blob};
 use crate::container::diff::{changes, INIT_PATHS};
-use crate::container::{self, find, now_rfc3339, pause, rootfs, Container};
+use crate::container::{self, find, now_rfc3339, pause, rootfs, sys, Container};
 use crate::image::{change, Digest, HashingWriter, Reference};
 use crate::storage::pack::write_layer;
 use crate::storage::unpack::Limits;
@@ -356,15 +357,15 @@ fn snapshot(
     Ok(snap)
 }
 
-/// A filesystem frozen with `fsfreeze` (its dirty data and journal written, writers held);
-/// thawed by [`Frozen::thaw`] or when dropped.
+/// A filesystem frozen (its dirty data and journal written, writers held); thawed by
+/// [`Frozen::thaw`] or when dropped.
 struct Frozen {
     mountpoint: Option<PathBuf>,
 }
 
 impl Frozen {
     fn freeze(mountpoint: &Path) -> anyhow::Result<Frozen> {
-        fsfreeze("--freeze", mountpoint)?;
+        sys::freeze_fs(mountpoint)?;
         Ok(Frozen {
             mountpoint: Some(mountpoint.to_path_buf()),
         })
@@ -372,7 +373,7 @@ impl Frozen {
 
     fn thaw(mut self) -> anyhow::Result<()> {
         match self.mountpoint.take() {
-            Some(m) => fsfreeze("--unfreeze", &m),
+            Some(m) => thaw(&m),
             None => Ok(()),
         }
     }
@@ -381,27 +382,36 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         if let Some(m) = self.mountpoint.take() {
-            if let Err(e) = fsfreeze("--unfreeze", &m) {
+            if let Err(e) = thaw(&m) {
                 tracing::warn!("{e:#}");
             }
         }
     }
 }
 
-fn fsfreeze(flag: &str, mountpoint: &Path) -> anyhow::Result<()> {
-    let output = Command::new("fsfreeze")
-        .arg(flag)
-        .arg(mountpoint)
-        .output()
-        .context("failed to run fsfreeze (util-linux)")?;
-    if !output.status.success() {
-        bail!(
-            "fsfreeze {flag} {} failed: {}",
-            mountpoint.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+/// Thaws, retrying a few times: a filesystem left frozen hangs every writer in the container
+/// (`kill` and the next commit thaw it too, through `pause::recover`).
+fn thaw(mountpoint: &Path) -> anyhow::Result<()> {
+    let mut tries = 0;
+    loop {
+        match sys::thaw_fs(mountpoint) {
+            Ok(_) => return Ok(()),
+            Err(e) if tries < 5 => {
+                tracing::warn!(error = %e, "thawing {} failed; retrying", mountpoint.display());
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20 << tries));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "failed to thaw the filesystem at {} (it stays frozen until `thinbox \
+                         kill` or the next commit)",
+                        mountpoint.display()
+                    )
+                })
+            }
+        }
     }
-    Ok(())
 }
 
 /// Removes from the new layer what the runner made as mount points (`/proc`, `/dev`,

@@ -27,7 +27,7 @@ pub mod rootfs;
 pub mod runner;
 pub mod spec;
 pub mod supervise;
-mod sys;
+pub(crate) mod sys;
 
 use std::fs;
 use std::io::Read;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::{oci, supervise, Container};
+use super::{oci, rootfs, supervise, sys, Container};
 
 /// A paused container; resumed by [`Paused::resume`] or, failing that, when dropped.
 pub struct Paused {
@@ -270,12 +270,15 @@ pub fn recover(root: &Path, c: &Container) {
         let state_root = supervise::runtime_state(root, runtime);
         let _ = run_runtime(runtime, &state_root, "resume", &c.id);
     }
-    // Not frozen is the usual answer (EINVAL); nothing to report then.
-    let _ = std::process::Command::new("fsfreeze")
-        .arg("--unfreeze")
-        .arg(c.mountpoint(root))
-        .stderr(std::process::Stdio::null())
-        .status();
+    // Not frozen is the usual answer; not mounted (nothing to open) too.
+    let live = c.mountpoint(root);
+    if rootfs::is_mounted(&live) {
+        match sys::thaw_fs(&live) {
+            Ok(true) => tracing::warn!(container = %c.id, "thawed its frozen filesystem"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("failed to thaw {}: {e}", live.display()),
+        }
+    }
 }
 
 fn run_runtime(runtime: &str, state_root: &Path, verb: &str, id: &str) -> anyhow::Result<()> {
