@@ -1,10 +1,16 @@
 //! An NBD server for thins: the newstyle fixed handshake and simple replies, from the
 //! protocol description (NetworkBlockDevice/nbd doc/proto.md).
 //!
-//! Each connection is served by one thread, one request at a time, so replies are in request
-//! order. Every export is one thin, opened for the connection's lifetime. A flush (or a FUA
-//! request) commits the pool: commits are pool-wide, so a flush on one connection covers what
-//! every connection completed, and exports advertise CAN_MULTI_CONN.
+//! Each connection is served by [`WORKERS`] threads taking turns at reading: the thread that
+//! reads a request runs it and replies, while the next one reads. A client with many
+//! requests in flight (a queue depth above one) gets them served at once, each reply sent
+//! as its request completes (simple replies carry the request's cookie, and the protocol
+//! lets them come back in any order); at queue depth one no request changes threads, so
+//! there is no hand-off in its path. Payloads of requests in flight are bounded
+//! ([`MAX_IN_FLIGHT_BYTES`]): a client cannot make the server hold more. Every export is one
+//! thin, opened for the connection's lifetime. A flush (or a FUA request) commits the pool:
+//! commits are pool-wide, so a flush covers every write any connection completed before it,
+//! which is what the protocol asks, and exports advertise CAN_MULTI_CONN.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -14,6 +20,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::thin::device::Thin;
@@ -79,6 +87,10 @@ const ENOSPC: u32 = 28;
 
 /// The largest READ or WRITE payload accepted (and advertised as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 << 20;
+/// Requests of one connection served at once.
+pub const WORKERS: usize = 8;
+/// Bytes of payload (written or to be read back) one connection may have in flight.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 /// The largest option payload accepted in the handshake; longer ones end the connection.
 const MAX_OPTION: u32 = 64 << 10;
 /// Zeros are written this much at a time for WRITE_ZEROES.
@@ -142,7 +154,7 @@ impl Server {
 
     /// Serves one connection to its end: the handshake, then requests until the client
     /// disconnects. Errors are the connection's (a peer gone, a protocol violation).
-    pub fn serve<S: Read + Write>(&self, stream: &mut S) -> io::Result<()> {
+    pub fn serve<S: NbdStream>(&self, stream: &mut S) -> io::Result<()> {
         let Some(export) = self.handshake(stream)? else {
             return Ok(());
         };
@@ -150,15 +162,15 @@ impl Server {
             .pool
             .open_thin(export.id)
             .map_err(|e| io::Error::other(format!("cannot open thin {}: {e}", export.id)))?;
-        let mut conn = Connection {
+        let conn = Connection {
             export,
             thin,
-            dirty: false,
+            dirty: AtomicBool::new(false),
         };
         let result = conn.transmit(stream);
         // Writes the client never flushed are committed when it goes; flushes are what make
         // them durable by the protocol, this only narrows the window.
-        if conn.dirty {
+        if conn.dirty.load(Ordering::Acquire) {
             if let Err(e) = conn.thin.flush() {
                 tracing::warn!(thin = %export.id, "commit after disconnect failed: {e}");
             }
@@ -318,62 +330,207 @@ fn errno(e: &Error) -> u32 {
     }
 }
 
+/// A connection's stream: the workers read requests from it in turn and write replies to a
+/// second handle on it.
+pub trait NbdStream: Read + Write + Send + Sized {
+    fn try_clone_stream(&self) -> io::Result<Self>;
+}
+
+impl NbdStream for UnixStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+impl NbdStream for TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+/// A request read off the wire, with a WRITE's payload.
+struct Request {
+    kind: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: Vec<u8>,
+    /// Bytes counted against the connection's in-flight budget.
+    charged: usize,
+}
+
+/// Bytes in flight on a connection, bounded: the reader waits for room before taking on a
+/// request. One request alone may take more than the bound (up to [`MAX_REQUEST`]), so a big
+/// request never waits forever.
+struct InFlight {
+    bytes: Mutex<usize>,
+    room: Condvar,
+}
+
+impl InFlight {
+    fn new() -> InFlight {
+        InFlight {
+            bytes: Mutex::new(0),
+            room: Condvar::new(),
+        }
+    }
+
+    fn take(&self, n: usize) {
+        let mut bytes = self.bytes.lock();
+        while *bytes > 0 && *bytes + n > MAX_IN_FLIGHT_BYTES {
+            self.room.wait(&mut bytes);
+        }
+        *bytes += n;
+    }
+
+    fn give_back(&self, n: usize) {
+        *self.bytes.lock() -= n;
+        self.room.notify_all();
+    }
+}
+
+/// The reading side of a connection, taken in turns; `end` is set by the worker that saw
+/// the connection end (and how).
+struct Requests<'s, S> {
+    stream: &'s mut S,
+    end: Option<io::Result<()>>,
+}
+
+/// Reads the next request (with a WRITE's payload, once the in-flight budget has room for
+/// it). `None` at NBD_CMD_DISC or at the client's end of file.
+fn read_request<S: Read>(s: &mut S, in_flight: &InFlight) -> io::Result<Option<Request>> {
+    let mut hdr = [0u8; 28];
+    match s.read_exact(&mut hdr) {
+        Ok(()) => {}
+        // A client that just goes away ends the connection like NBD_CMD_DISC.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let magic = u32::from_be_bytes(hdr[0..4].try_into().unwrap());
+    if magic != REQUEST_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad request magic {magic:#x}"),
+        ));
+    }
+    let mut request = Request {
+        flags: u16::from_be_bytes(hdr[4..6].try_into().unwrap()),
+        kind: u16::from_be_bytes(hdr[6..8].try_into().unwrap()),
+        cookie: u64::from_be_bytes(hdr[8..16].try_into().unwrap()),
+        offset: u64::from_be_bytes(hdr[16..24].try_into().unwrap()),
+        len: u32::from_be_bytes(hdr[24..28].try_into().unwrap()),
+        payload: Vec::new(),
+        charged: 0,
+    };
+    match request.kind {
+        CMD_DISC => return Ok(None),
+        CMD_WRITE if request.len > MAX_REQUEST => {
+            // Drained, not held: a hostile length costs time, not memory. `run` answers
+            // EINVAL for it.
+            io::copy(&mut s.take(u64::from(request.len)), &mut io::sink())?;
+        }
+        CMD_WRITE => {
+            request.charged = request.len as usize;
+            in_flight.take(request.charged);
+            request.payload = vec![0u8; request.len as usize];
+            if let Err(e) = s.read_exact(&mut request.payload) {
+                in_flight.give_back(request.charged);
+                return Err(e);
+            }
+        }
+        CMD_READ if request.len <= MAX_REQUEST => {
+            // The data to send back is allocated by `run`.
+            request.charged = request.len as usize;
+            in_flight.take(request.charged);
+        }
+        _ => {}
+    }
+    Ok(Some(request))
+}
+
 struct Connection<'a> {
     export: &'a Export,
     thin: Thin,
     /// Something was written since the last commit this connection made.
-    dirty: bool,
+    dirty: AtomicBool,
 }
 
 impl Connection<'_> {
-    fn transmit<S: Read + Write>(&mut self, s: &mut S) -> io::Result<()> {
+    /// The transmission phase, on [`WORKERS`] threads (this one among them). Ends at
+    /// NBD_CMD_DISC, at the client's end of file, or at a protocol error; requests already
+    /// read are answered first.
+    fn transmit<S: NbdStream>(&self, s: &mut S) -> io::Result<()> {
+        let replies = Mutex::new(s.try_clone_stream()?);
+        let requests = Mutex::new(Requests {
+            stream: s,
+            end: None,
+        });
+        let in_flight = InFlight::new();
+        thread::scope(|scope| {
+            for _ in 1..WORKERS {
+                scope.spawn(|| self.work(&requests, &replies, &in_flight));
+            }
+            self.work(&requests, &replies, &in_flight);
+        });
+        requests.into_inner().end.unwrap_or(Ok(()))
+    }
+
+    /// One worker: read a request (holding the reader's turn), run it, reply; until the
+    /// connection ends.
+    fn work<S: NbdStream>(
+        &self,
+        requests: &Mutex<Requests<'_, S>>,
+        replies: &Mutex<S>,
+        in_flight: &InFlight,
+    ) {
         loop {
-            let mut hdr = [0u8; 28];
-            match s.read_exact(&mut hdr) {
-                Ok(()) => {}
-                // A client that just goes away ends the connection like NBD_CMD_DISC.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
+            let request = {
+                let mut turn = requests.lock();
+                if turn.end.is_some() {
+                    return;
+                }
+                match read_request(turn.stream, in_flight) {
+                    Ok(Some(request)) => request,
+                    Ok(None) => {
+                        turn.end = Some(Ok(()));
+                        return;
+                    }
+                    Err(e) => {
+                        turn.end = Some(Err(e));
+                        return;
+                    }
+                }
+            };
+            let charged = request.charged;
+            let reply = self.run(request);
+            // A reply that cannot be sent means the peer is gone: the reader sees that too
+            // and ends the connection.
+            let mut out = replies.lock();
+            if let Err(e) = out.write_all(&reply).and_then(|()| out.flush()) {
+                tracing::debug!(thin = %self.export.id, "reply not sent: {e}");
             }
-            let magic = u32::from_be_bytes(hdr[0..4].try_into().unwrap());
-            if magic != REQUEST_MAGIC {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad request magic {magic:#x}"),
-                ));
-            }
-            let flags = u16::from_be_bytes(hdr[4..6].try_into().unwrap());
-            let kind = u16::from_be_bytes(hdr[6..8].try_into().unwrap());
-            let cookie = u64::from_be_bytes(hdr[8..16].try_into().unwrap());
-            let offset = u64::from_be_bytes(hdr[16..24].try_into().unwrap());
-            let len = u32::from_be_bytes(hdr[24..28].try_into().unwrap());
-            let fua = flags & CMD_FLAG_FUA != 0;
-            match kind {
-                CMD_READ => self.read(s, cookie, offset, len)?,
-                CMD_WRITE => {
-                    let error = self.write(s, offset, len, fua)?;
-                    reply(s, cookie, error, &[])?;
-                }
-                CMD_DISC => return Ok(()),
-                CMD_FLUSH => {
-                    let error = self.flush();
-                    reply(s, cookie, error, &[])?;
-                }
-                CMD_TRIM => {
-                    let error = self
-                        .check_change(offset, len)
-                        .or_else(|| self.done(self.thin.discard(offset, u64::from(len)), fua));
-                    reply(s, cookie, error, &[])?;
-                }
-                CMD_WRITE_ZEROES => {
-                    let error = self
-                        .check_change(offset, len)
-                        .or_else(|| self.done(self.write_zeroes(offset, len), fua));
-                    reply(s, cookie, error, &[])?;
-                }
-                _ => reply(s, cookie, EINVAL, &[])?,
-            }
+            drop(out);
+            in_flight.give_back(charged);
         }
+    }
+
+    /// Runs one request; returns the whole reply (header, and data for a read).
+    fn run(&self, r: Request) -> Vec<u8> {
+        let fua = r.flags & CMD_FLAG_FUA != 0;
+        let error = match r.kind {
+            CMD_READ => return self.read(r.cookie, r.offset, r.len),
+            CMD_WRITE => self.write(&r.payload, r.offset, r.len, fua),
+            CMD_FLUSH => self.flush(),
+            CMD_TRIM => self.check_change(r.offset, r.len).or_else(|| {
+                self.done(self.thin.discard(r.offset, u64::from(r.len)), fua)
+            }),
+            CMD_WRITE_ZEROES => self
+                .check_change(r.offset, r.len)
+                .or_else(|| self.done(self.write_zeroes(r.offset, r.len), fua)),
+            _ => Some(EINVAL),
+        };
+        reply_bytes(r.cookie, error, &[])
     }
 
     /// EINVAL for a range past the export's end.
@@ -393,25 +550,23 @@ impl Connection<'_> {
     }
 
     /// After a change: marks the connection dirty, commits for FUA, and gives the errno.
-    fn done(&mut self, result: crate::Result<()>, fua: bool) -> Option<u32> {
+    fn done(&self, result: crate::Result<()>, fua: bool) -> Option<u32> {
+        self.dirty.store(true, Ordering::Release);
         if let Err(e) = result {
             tracing::warn!(thin = %self.export.id, "request failed: {e}");
-            self.dirty = true;
             return Some(errno(&e));
         }
-        self.dirty = true;
         if fua {
             return self.flush();
         }
         None
     }
 
-    fn flush(&mut self) -> Option<u32> {
+    fn flush(&self) -> Option<u32> {
+        // Cleared before the commit: a write completing meanwhile sets it again.
+        self.dirty.store(false, Ordering::Release);
         match self.thin.flush() {
-            Ok(()) => {
-                self.dirty = false;
-                None
-            }
+            Ok(()) => None,
             Err(e) => {
                 tracing::warn!(thin = %self.export.id, "flush failed: {e}");
                 Some(errno(&e))
@@ -419,37 +574,31 @@ impl Connection<'_> {
         }
     }
 
-    fn read<S: Write>(&self, s: &mut S, cookie: u64, offset: u64, len: u32) -> io::Result<()> {
+    fn read(&self, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
         if len > MAX_REQUEST {
-            return reply(s, cookie, EINVAL, &[]);
+            return reply_bytes(cookie, EINVAL, &[]);
         }
         if let Some(error) = self.check_range(offset, len) {
-            return reply(s, cookie, error, &[]);
+            return reply_bytes(cookie, error, &[]);
         }
         let mut buf = vec![0u8; 16 + len as usize];
         if let Err(e) = self.thin.read(&mut buf[16..], offset) {
             tracing::warn!(thin = %self.export.id, "read failed: {e}");
-            return reply(s, cookie, errno(&e), &[]);
+            return reply_bytes(cookie, errno(&e), &[]);
         }
         put_reply_header(&mut buf[..16], cookie, 0);
-        s.write_all(&buf)?;
-        s.flush()
+        buf
     }
 
-    /// Reads a WRITE's payload (always, so the stream stays in step) and writes it.
-    fn write<S: Read>(&mut self, s: &mut S, offset: u64, len: u32, fua: bool) -> io::Result<u32> {
+    /// A WRITE whose payload was read (one past [`MAX_REQUEST`] was drained: EINVAL).
+    fn write(&self, data: &[u8], offset: u64, len: u32, fua: bool) -> Option<u32> {
         if len > MAX_REQUEST {
-            // Drain without holding it all: a hostile length costs time, not memory.
-            io::copy(&mut s.take(u64::from(len)), &mut io::sink())?;
-            return Ok(EINVAL);
+            return Some(EINVAL);
         }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
         if let Some(error) = self.check_change(offset, len) {
-            return Ok(error);
+            return Some(error);
         }
-        let result = self.thin.write(&data, offset);
-        Ok(self.done(result, fua).unwrap_or(0))
+        self.done(self.thin.write(data, offset), fua)
     }
 
     fn write_zeroes(&self, offset: u64, len: u32) -> crate::Result<()> {
@@ -470,18 +619,12 @@ fn put_reply_header(buf: &mut [u8], cookie: u64, error: u32) {
     buf[8..16].copy_from_slice(&cookie.to_be_bytes());
 }
 
-fn reply<S: Write>(
-    s: &mut S,
-    cookie: u64,
-    error: impl Into<Option<u32>>,
-    data: &[u8],
-) -> io::Result<()> {
-    let error = error.into().unwrap_or(0);
+/// A simple reply: the header, then `data`.
+fn reply_bytes(cookie: u64, error: impl Into<Option<u32>>, data: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; 16 + data.len()];
-    put_reply_header(&mut buf[..16], cookie, error);
+    put_reply_header(&mut buf[..16], cookie, error.into().unwrap_or(0));
     buf[16..].copy_from_slice(data);
-    s.write_all(&buf)?;
-    s.flush()
+    buf
 }
 
 #[cfg(test)]
@@ -674,7 +817,7 @@ impl Drop for NbdListener {
 /// a thread of its own.
 fn spawn_acceptor<S, F>(mut accept: F, server: Arc<Server>) -> Result<()>
 where
-    S: Read + Write + Send + 'static,
+    S: NbdStream + 'static,
     F: FnMut() -> io::Result<Option<S>> + Send + 'static,
 {
     thread::Builder::new()
