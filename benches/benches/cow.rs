@@ -286,12 +286,45 @@ trait CowSystem {
     fn space(&mut self) -> Result<u64>;
     /// The inherited file inside the container, when the system has a file system.
     fn path(&self) -> Option<PathBuf>;
-    /// Runs a workload without fio (systems without a kernel file system); `None` when
-    /// the system cannot run it.
-    fn native(&mut self, _job: &FioJob, _seconds: u64) -> Result<Option<f64>> {
-        Ok(None)
+    /// How fio reaches the container: the file at [`CowSystem::path`], and for systems
+    /// without a kernel file system (and the plain file, their baseline) the container's
+    /// disk exported over NBD.
+    fn transports(&self) -> &'static [Transport] {
+        &[Transport::File]
+    }
+    /// Serves the container's disk over NBD on `socket` until the export is dropped.
+    fn serve_nbd(&mut self, _socket: &Path) -> Result<NbdExport> {
+        bail!("{} is not served over NBD", self.kind().name())
     }
     fn destroy(&mut self) -> Result<()>;
+}
+
+/// How fio reaches a container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    /// The inherited file through the container's file system (`--direct=1`).
+    File,
+    /// The container's disk through an NBD server (fio's nbd engine, libnbd).
+    Nbd,
+}
+
+/// A container's disk served over NBD: the server stops when this is dropped.
+enum NbdExport {
+    Qemu(sys::QemuNbd),
+    /// The engine's own server in this process; its connections end with fio's.
+    Engine {
+        uri: String,
+        _listener: engine::activate::nbd::NbdListener,
+    },
+}
+
+impl NbdExport {
+    fn uri(&self) -> String {
+        match self {
+            NbdExport::Qemu(q) => q.uri(),
+            NbdExport::Engine { uri, .. } => uri.clone(),
+        }
+    }
 }
 
 struct PlainSys {
@@ -313,6 +346,14 @@ impl CowSystem for PlainSys {
     }
     fn path(&self) -> Option<PathBuf> {
         Some(self.file.clone())
+    }
+    fn transports(&self) -> &'static [Transport] {
+        &[Transport::File, Transport::Nbd]
+    }
+    fn serve_nbd(&mut self, socket: &Path) -> Result<NbdExport> {
+        Ok(NbdExport::Qemu(sys::QemuNbd::start(
+            &self.file, "raw", socket,
+        )?))
     }
     fn destroy(&mut self) -> Result<()> {
         Ok(())
@@ -419,12 +460,11 @@ impl Drop for OverlaySys {
     }
 }
 
-/// A qcow2 overlay (64 KiB clusters) whose backing file is the image's raw file, written
-/// through an interactive `qemu-io -t none`.
+/// A qcow2 overlay (64 KiB clusters) whose backing file is the image's raw file: first
+/// writes through an interactive `qemu-io -t none`, fio through `qemu-nbd`.
 struct Qcow2Sys {
     backing: PathBuf,
     overlay: PathBuf,
-    size: u64,
     io: Option<QemuIo>,
 }
 
@@ -457,44 +497,17 @@ impl CowSystem for Qcow2Sys {
     fn path(&self) -> Option<PathBuf> {
         None
     }
-    fn native(&mut self, job: &FioJob, seconds: u64) -> Result<Option<f64>> {
-        if job.depth != 1 {
-            return Ok(None);
-        }
-        // One `qemu-io -c … -c …` process runs the requests back to back (an interactive
-        // session reads one line per wakeup, so it cannot be fed a batch); the figure is
-        // from qemu-io's own per-request times, without process start and image open.
+    fn transports(&self) -> &'static [Transport] {
+        &[Transport::Nbd]
+    }
+    fn serve_nbd(&mut self, socket: &Path) -> Result<NbdExport> {
+        // qemu-io holds the image's lock: qemu-nbd opens it once qemu-io is gone.
         self.io = None;
-        let bs = job.bs;
-        let n = if bs >= MIB {
-            (32 * seconds).min(self.size / bs)
-        } else {
-            800 * seconds
-        };
-        let mut rng = SmallRng::seed_from_u64(seconds);
-        let slots = self.size / bs;
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-t", "none", "-f", "qcow2"]);
-        for k in 0..n {
-            let off = if job.random {
-                rng.gen_range(0..slots) * bs
-            } else {
-                (k % slots) * bs
-            };
-            let verb = if job.write { "write -P 7" } else { "read" };
-            cmd.arg("-c").arg(format!("{verb} {off} {bs}"));
-        }
-        cmd.arg(&self.overlay);
-        let times = sys::qemu_io_op_seconds(&sys::run(&mut cmd)?);
-        if times.len() as u64 != n {
-            bail!("qemu-io reported {} of {n} requests", times.len());
-        }
-        let secs: f64 = times.iter().sum();
-        Ok(Some(if bs >= MIB {
-            (n * bs) as f64 / MIB as f64 / secs
-        } else {
-            n as f64 / secs
-        }))
+        Ok(NbdExport::Qemu(sys::QemuNbd::start(
+            &self.overlay,
+            "qcow2",
+            socket,
+        )?))
     }
     fn destroy(&mut self) -> Result<()> {
         self.io = None;
@@ -714,49 +727,38 @@ impl CowSystem for EngineSys {
     fn path(&self) -> Option<PathBuf> {
         None
     }
-    fn native(&mut self, job: &FioJob, seconds: u64) -> Result<Option<f64>> {
-        if job.depth != 1 {
-            return Ok(None);
-        }
-        let size = self.size;
-        let bs = job.bs;
-        let thin = self.thin()?;
-        let mut rng = SmallRng::seed_from_u64(seconds);
-        let slots = size / bs;
-        let mut buf = vec![0u8; bs as usize];
-        rng.fill_bytes(&mut buf);
-        let deadline = Instant::now() + Duration::from_secs(seconds);
-        let start = Instant::now();
-        let mut ops = 0u64;
-        let mut next = 0;
-        while Instant::now() < deadline {
-            for _ in 0..64 {
-                let off = if job.random {
-                    rng.gen_range(0..slots) * bs
-                } else {
-                    let o = next;
-                    next = (next + bs) % (slots * bs);
-                    o
-                };
-                if job.write {
-                    thin.write(&buf, off)?;
-                } else {
-                    thin.read(&mut buf, off)?;
-                }
-                ops += 1;
-            }
-        }
-        let secs = start.elapsed().as_secs_f64();
-        Ok(Some(if bs >= MIB {
-            (ops * bs) as f64 / MIB as f64 / secs
-        } else {
-            ops as f64 / secs
-        }))
+    fn transports(&self) -> &'static [Transport] {
+        &[Transport::Nbd]
+    }
+    fn serve_nbd(&mut self, socket: &Path) -> Result<NbdExport> {
+        use engine::activate::nbd::{Export, Listen, NbdListener, Server};
+        let export = Export {
+            id: id(SNAP),
+            alias: None,
+            size: self.size,
+            read_only: false,
+        };
+        let server = Arc::new(Server::new(self.pool()?.clone(), vec![export]));
+        let listener = NbdListener::start(server, &Listen::Unix(socket.to_path_buf()))?;
+        Ok(NbdExport::Engine {
+            uri: sys::nbd_unix_uri(socket, &SNAP.to_string()),
+            _listener: listener,
+        })
     }
     fn destroy(&mut self) -> Result<()> {
         self.thin = None;
         let pool = self.pool()?;
-        pool.delete(id(SNAP))?;
+        // An NBD connection closes its thin when it sees the client's end of file, a moment
+        // after fio exits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match pool.delete(id(SNAP)) {
+                Err(engine::Error::ThinBusy(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r?,
+            }
+        }
         pool.commit()?;
         Ok(())
     }
@@ -1028,25 +1030,39 @@ impl FioJob {
     }
 }
 
-fn fio(file: &Path, size: u64, job: &FioJob, seconds: u64) -> Result<f64> {
+/// Where fio runs a job: a file (psync at qd1, io_uring above, `--direct=1`) or an NBD URI
+/// (fio's nbd engine, requests pipelined up to the queue depth).
+enum FioTarget<'a> {
+    File(&'a Path),
+    Nbd(&'a str),
+}
+
+fn fio(target: FioTarget<'_>, size: u64, job: &FioJob, seconds: u64) -> Result<f64> {
     let rw = match (job.write, job.random) {
         (true, true) => "randwrite",
         (true, false) => "write",
         (false, true) => "randread",
         (false, false) => "read",
     };
-    let engine = if job.depth > 1 { "io_uring" } else { "psync" };
+    let mut cmd = Command::new("fio");
+    cmd.arg("--name=cow");
+    match target {
+        FioTarget::File(file) => {
+            let engine = if job.depth > 1 { "io_uring" } else { "psync" };
+            cmd.arg(format!("--filename={}", file.display()))
+                .arg(format!("--ioengine={engine}"))
+                .arg("--direct=1");
+        }
+        FioTarget::Nbd(uri) => {
+            cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
+        }
+    }
     let out = sys::run(
-        Command::new("fio")
-            .arg("--name=cow")
-            .arg(format!("--filename={}", file.display()))
-            .arg(format!("--size={size}"))
+        cmd.arg(format!("--size={size}"))
             .arg(format!("--rw={rw}"))
             .arg(format!("--bs={}", job.bs))
-            .arg(format!("--ioengine={engine}"))
             .arg(format!("--iodepth={}", job.depth))
             .args([
-                "--direct=1",
                 "--randrepeat=0",
                 "--refill_buffers",
                 "--time_based",
@@ -1084,7 +1100,8 @@ struct FirstWrite {
 type Measured = (Vec<(u64, FirstWrite)>, Option<FioResults>);
 
 struct FioResults {
-    kinds: Vec<Kind>,
+    /// One row per system and transport.
+    rows: Vec<(Kind, Transport)>,
     /// [job][system] → samples per round
     values: Vec<Vec<Vec<f64>>>,
     space: Vec<Vec<f64>>,
@@ -1122,7 +1139,6 @@ fn build_systems(
             Kind::Qcow2 => Box::new(Qcow2Sys {
                 backing: image.to_path_buf(),
                 overlay: dir.join("container.qcow2"),
-                size,
                 io: None,
             }),
             Kind::Btrfs | Kind::Xfs => Box::new(ReflinkSys::new(k, dir, size, 11)?),
@@ -1207,7 +1223,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
             group: Vec::new(),
         };
         let mut fr = FioResults {
-            kinds: Vec::new(),
+            rows: Vec::new(),
             values: vec![Vec::new(); FIO_JOBS.len()],
             space: Vec::new(),
         };
@@ -1253,6 +1269,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
             let mut plain_cold = Vec::new();
             if measure_first {
                 for round in 0..o.runs {
+                    sys::check_interrupted()?;
                     for k in 0..n {
                         let i = (round + k) % n;
                         let s = &mut systems[i];
@@ -1327,35 +1344,50 @@ fn fio_group(
     first_group: bool,
     fr: &mut FioResults,
 ) -> Result<()> {
-    let members: Vec<usize> = (0..systems.len())
+    // (system, transport) pairs; the plain file's only in the first group.
+    let members: Vec<(usize, Transport)> = (0..systems.len())
         .filter(|&i| first_group || group[i] != Kind::Plain)
         .filter(|&i| group[i] != Kind::FullCopy)
+        .flat_map(|i| systems[i].transports().iter().map(move |t| (i, *t)))
         .collect();
-    let base = fr.kinds.len();
-    for &i in &members {
-        fr.kinds.push(group[i]);
+    let base = fr.rows.len();
+    for &(i, t) in &members {
+        fr.rows.push((group[i], t));
         fr.space.push(Vec::new());
         for v in fr.values.iter_mut() {
             v.push(Vec::new());
         }
     }
+    let socket = o
+        .dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("cow-nbd-{}.sock", std::process::id()));
     for round in 0..o.runs {
+        sys::check_interrupted()?;
         for (j, job) in FIO_JOBS.iter().enumerate() {
             for k in 0..members.len() {
                 let m = (round + k) % members.len();
-                let s = &mut systems[members[m]];
+                let (i, transport) = members[m];
+                let s = &mut systems[i];
                 s.create()?;
-                if job.write && s.kind() == Kind::Overlay {
-                    // The copy-up happens at the first open for writing; fio's clock may
-                    // include its open, so the copy is made here (it is in the first-write
-                    // table) and fio measures the upper file.
-                    if let Some(p) = s.path() {
-                        fs::OpenOptions::new().write(true).open(p)?;
+                let v = match transport {
+                    Transport::File => {
+                        let p = s.path().context("a file transport without a path")?;
+                        if job.write && s.kind() == Kind::Overlay {
+                            // The copy-up happens at the first open for writing; fio's clock
+                            // may include its open, so the copy is made here (it is in the
+                            // first-write table) and fio measures the upper file.
+                            fs::OpenOptions::new().write(true).open(&p)?;
+                        }
+                        fio(FioTarget::File(&p), size, job, o.fio_seconds)?
                     }
-                }
-                let v = match s.path() {
-                    Some(p) => Some(fio(&p, size, job, o.fio_seconds)?),
-                    None => s.native(job, o.fio_seconds)?,
+                    Transport::Nbd => {
+                        let export = s.serve_nbd(&socket)?;
+                        let v = fio(FioTarget::Nbd(&export.uri()), size, job, o.fio_seconds)?;
+                        drop(export);
+                        v
+                    }
                 };
                 if job.name == "randwrite 4k qd1" {
                     let space = s.space()?;
@@ -1363,18 +1395,25 @@ fn fio_group(
                 }
                 s.destroy()?;
                 eprintln!(
-                    "  fio round {round} {:<18} {:<22} {}",
+                    "  fio round {round} {:<18} {:<34} {v:.0} {}",
                     job.name,
-                    s.kind().name(),
-                    v.map_or("n/a".into(), |v| format!("{v:.0} {}", job.unit()))
+                    row_name(s.kind(), transport),
+                    job.unit()
                 );
-                if let Some(v) = v {
-                    fr.values[j][base + m].push(v);
-                }
+                fr.values[j][base + m].push(v);
             }
         }
     }
     Ok(())
+}
+
+/// A fio row's name: the system, and how fio reached it.
+fn row_name(kind: Kind, transport: Transport) -> String {
+    match (kind, transport) {
+        (_, Transport::File) => kind.name().to_string(),
+        (Kind::Engine, Transport::Nbd) => "thinbox engine over NBD (its server)".into(),
+        (_, Transport::Nbd) => format!("{} over NBD (qemu-nbd)", kind.name()),
+    }
 }
 
 fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
@@ -1554,17 +1593,19 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
         ),
         &format!(
             "Every job runs on a fresh container (the whole file still shared), {} s, fio \
-             `--direct=1 --randrepeat=0 --refill_buffers --time_based` (psync at qd1, \
-             io_uring at qd32) on the file inside the container. The writes are therefore \
-             mostly first writes into shared data (copy-on-write), the reads read shared \
-             data. overlayfs copies the whole file up when fio opens it, before its clock \
-             starts: these rows show the upper file after the copy (the copy is in the \
-             first-write table). The engine API and qcow2 have no file system here: the \
-             engine runs the same pattern through `Thin::read`/`Thin::write` in this \
-             process (qd1, page cache, no flush; not comparable with fio's direct IO, so no \
-             ratio), qcow2 through one `qemu-io -t none` process given the requests as `-c` \
-             commands, timed by qemu-io's own per-request figures (qd1); neither has a qd32 \
-             figure. Host bytes are after the qd1 random-write job.",
+             `--randrepeat=0 --refill_buffers --time_based`. The writes are therefore mostly \
+             first writes into shared data (copy-on-write), the reads read shared data. Two \
+             ways in, each with its own baseline: **through a file system**, fio \
+             `--direct=1` (psync at qd1, io_uring at qd32) on the file inside the container, \
+             ratios against the plain file; **over NBD** for the block systems without a \
+             kernel file system here, fio's nbd engine (libnbd, requests pipelined up to the \
+             queue depth) on the container's disk: the thinbox engine through its own NBD \
+             server in this process, qcow2 through `qemu-nbd`, ratios against the plain file \
+             exported by `qemu-nbd` (all with the host page cache in play: qemu-nbd's \
+             writeback cache, the engine's buffered data file). overlayfs copies the whole \
+             file up when fio opens it, before its clock starts: its rows show the upper file \
+             after the copy (the copy is in the first-write table). Host bytes are after the \
+             qd1 random-write job.",
             o.fio_seconds
         ),
     );
@@ -1576,7 +1617,8 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
     );
     headers.push("host bytes after randwrite qd1".into());
     let mut rows = Vec::new();
-    let plain = fr.kinds.iter().position(|k| *k == Kind::Plain);
+    // Each transport's rows are compared with the plain file reached the same way.
+    let plain = |t: Transport| fr.rows.iter().position(|r| *r == (Kind::Plain, t));
     let mut chart = Chart {
         title: "4 KiB random IO on a shared file in a fresh container".into(),
         x_label: "fio job".into(),
@@ -1590,15 +1632,14 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
         ]),
         ..Chart::default()
     };
-    for (i, k) in fr.kinds.iter().enumerate() {
-        let mut row = vec![k.name().to_string()];
-        let mut series = series(k.name(), Vec::new());
+    for (i, &(k, transport)) in fr.rows.iter().enumerate() {
+        let name = row_name(k, transport);
+        let mut row = vec![name.clone()];
+        let mut series = series(&name, Vec::new());
         for (j, job) in FIO_JOBS.iter().enumerate() {
             let v = &fr.values[j][i];
-            // The engine's figures come from another kind of loop (in process, page cache):
-            // no ratio against fio's direct IO.
-            let ratio = plain
-                .filter(|p| *p != i && *k != Kind::Engine)
+            let ratio = plain(transport)
+                .filter(|p| *p != i)
                 .map(|p| ratios(v, &fr.values[j][p]))
                 .and_then(|r| st(&r))
                 .map_or(String::new(), |s| {
@@ -1609,7 +1650,7 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
                 out.report.row(
                     "fio",
                     job.name,
-                    k.name(),
+                    &name,
                     if job.bs >= MIB {
                         Unit::MiBps
                     } else {
@@ -1630,17 +1671,14 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
             out.report.row(
                 "fio",
                 "host bytes after randwrite 4k qd1",
-                k.name(),
+                &name,
                 Unit::Bytes,
                 &fr.space[i],
                 "",
             );
         }
         rows.push(row);
-        // The engine's in-process loop is not comparable with fio's direct IO.
-        if *k != Kind::Engine {
-            chart.series.push(series);
-        }
+        chart.series.push(series);
     }
     let h: Vec<&str> = headers.iter().map(|s| s.as_str()).collect();
     out.table(&h, &rows);
@@ -1784,6 +1822,7 @@ fn snap_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let mut t = vec![vec![Vec::new(); sizes.len()]; names.len()];
     let mut pair_ratio: Vec<f64> = Vec::new();
     for rep in 0..reps {
+        sys::check_interrupted()?;
         let mut this = vec![0.0; sizes.len()];
         for k in 0..sizes.len() {
             let i = (rep + k) % sizes.len();
@@ -2090,6 +2129,7 @@ fn runtime_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let mut t = vec![Vec::new(); rts.len()];
     let mut pair = Vec::new();
     for rep in 0..reps {
+        sys::check_interrupted()?;
         let mut this = vec![0.0; rts.len()];
         for k in 0..rts.len() {
             let i = (rep + k) % rts.len();
@@ -2174,6 +2214,7 @@ fn chain_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
         }
     }
     for round in 0..o.runs {
+        sys::check_interrupted()?;
         eprintln!("chain: round {round}");
         // thin: a chain of snapshots of snapshots on a 64 MiB image.
         let meta = cdir.join("meta");
@@ -2591,6 +2632,7 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let mut t = vec![vec![Vec::new(); ops.len()]; n];
     let mut space = vec![Vec::new(); n];
     for round in 0..o.runs {
+        sys::check_interrupted()?;
         for k in 0..n {
             let i = (round + k) % n;
             let s = &mut systems[i];
@@ -2727,6 +2769,7 @@ fn blocksize_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let mut per_write = vec![Vec::new(); n];
     let mut commit = vec![Vec::new(); n];
     for round in 0..o.runs {
+        sys::check_interrupted()?;
         let mut rng = SmallRng::seed_from_u64(100 + round as u64);
         let offs: Vec<u64> = (0..writes)
             .map(|_| rng.gen_range(0..image / 4096) * 4096)
@@ -2921,6 +2964,7 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
+    sys::stop_on_signals()?;
     if !nix::unistd::geteuid().is_root() {
         eprintln!("cow bench: skipped (needs root for mounts, loop devices, FUSE, drop_caches)");
         return Ok(());
@@ -2947,7 +2991,7 @@ fn main() -> Result<()> {
     };
     context(&o, &mut out, &dir);
     let step = |name: &str, out: &mut Out, f: &mut dyn FnMut(&mut Out) -> Result<()>| {
-        if !o.wants(name) {
+        if !o.wants(name) || sys::interrupted() {
             return;
         }
         let t = Instant::now();
@@ -2988,6 +3032,8 @@ fn main() -> Result<()> {
     step("blocksize", &mut out, &mut |out| {
         blocksize_group(&o, out, &dir)
     });
+    // An interrupted run leaves the last complete results in place.
+    sys::check_interrupted()?;
     out.report.context("load after", benches::loadavg());
     out.report
         .context("cpu pressure after", benches::cpu_pressure());

@@ -309,7 +309,7 @@ impl Drop for Remove {
 
 /// An interactive `qemu-io` on one image: commands are sent on its stdin and each is done
 /// when the next `qemu-io> ` prompt arrives, so a request can be timed inside one process
-/// that already opened the image (qemu-nbd is not used).
+/// that already opened the image.
 pub struct QemuIo {
     child: std::process::Child,
     out: std::process::ChildStdout,
@@ -404,6 +404,114 @@ impl Drop for QemuIo {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An image exported over NBD on a unix socket by `qemu-nbd` (writeback cache: the host page
+/// cache in play, as for the thinbox engine's data file), stopped and its socket removed on
+/// drop.
+pub struct QemuNbd {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl QemuNbd {
+    /// `qemu-nbd -k SOCKET -f FORMAT --cache=writeback -t IMAGE`, once it accepts connections.
+    pub fn start(image: &Path, format: &str, socket: &Path) -> Result<QemuNbd> {
+        let _ = fs::remove_file(socket);
+        let child = Command::new("qemu-nbd")
+            .arg("-k")
+            .arg(socket)
+            .args(["-f", format, "--cache=writeback", "-t"])
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("failed to start qemu-nbd (qemu-utils)")?;
+        let mut nbd = QemuNbd {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(status) = nbd.child.try_wait()? {
+                bail!(
+                    "qemu-nbd exited before serving {}: {status}",
+                    image.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("qemu-nbd did not listen on {} in 10 s", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(nbd)
+    }
+
+    /// The URI fio's nbd engine and libnbd clients take.
+    pub fn uri(&self) -> String {
+        nbd_unix_uri(&self.socket, "")
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.socket);
+    }
+}
+
+/// `nbd+unix:///EXPORT?socket=PATH`.
+pub fn nbd_unix_uri(socket: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// Set by the first SIGINT or SIGTERM (see [`stop_on_signals`]).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes Ctrl-C (SIGINT) and SIGTERM stop the run cleanly: the first one only sets a flag
+/// that [`check_interrupted`] turns into an error at the next step, so the run unwinds
+/// through its guards and every mount, loop device, daemon and server it made is undone;
+/// a second one exits at once (and may leave them). Call it first thing in `main`, before
+/// any thread starts: the signals are blocked in this thread, every thread started later
+/// inherits that, and one thread waits for them. Child processes start with no signal
+/// blocked (the standard library resets the mask), so a Ctrl-C in the terminal still stops
+/// a running fio or qemu-io, whose failure then unwinds the run as well.
+pub fn stop_on_signals() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok(signal) = signals.wait() {
+                if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("{signal} again: exiting now, without cleaning up");
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "{signal}: stopping after this step and cleaning up (send it again to \
+                     exit at once)"
+                );
+            }
+        })?;
+    Ok(())
+}
+
+/// Whether a SIGINT or SIGTERM came (see [`stop_on_signals`]).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// An error once a SIGINT or SIGTERM came, for the loops to stop at.
+pub fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
