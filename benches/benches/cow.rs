@@ -1271,6 +1271,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
                 for round in 0..o.runs {
                     sys::check_interrupted()?;
                     for k in 0..n {
+                        sys::check_interrupted()?;
                         let i = (round + k) % n;
                         let s = &mut systems[i];
                         let c = s.create()?;
@@ -1367,6 +1368,7 @@ fn fio_group(
         sys::check_interrupted()?;
         for (j, job) in FIO_JOBS.iter().enumerate() {
             for k in 0..members.len() {
+                sys::check_interrupted()?;
                 let m = (round + k) % members.len();
                 let (i, transport) = members[m];
                 let s = &mut systems[i];

@@ -410,42 +410,50 @@ impl Drop for QemuIo {
 /// cache in play, as for the thinbox engine's data file), stopped and its socket removed on
 /// drop.
 pub struct QemuNbd {
-    child: std::process::Child,
+    pid: nix::unistd::Pid,
     socket: PathBuf,
+    pid_file: PathBuf,
 }
 
 impl QemuNbd {
-    /// `qemu-nbd -k SOCKET -f FORMAT --cache=writeback -t IMAGE`, once it accepts connections.
+    /// `qemu-nbd --fork -k SOCKET -f FORMAT --cache=writeback -t IMAGE`: `--fork` returns
+    /// once the server listens, so nothing probes the socket (a probe that hangs up makes
+    /// qemu-nbd complain on stderr).
     pub fn start(image: &Path, format: &str, socket: &Path) -> Result<QemuNbd> {
         let _ = fs::remove_file(socket);
-        let child = Command::new("qemu-nbd")
+        let pid_file = socket.with_extension("pid");
+        // The server keeps whatever stdio it is given: a file, not a pipe nobody drains.
+        let log = socket.with_extension("log");
+        let status = Command::new("qemu-nbd")
+            .arg("--fork")
+            .arg("--pid-file")
+            .arg(&pid_file)
             .arg("-k")
             .arg(socket)
             .args(["-f", format, "--cache=writeback", "-t"])
             .arg(image)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
+            .stderr(fs::File::create(&log)?)
+            .status()
             .context("failed to start qemu-nbd (qemu-utils)")?;
-        let mut nbd = QemuNbd {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(status) = nbd.child.try_wait()? {
-                bail!(
-                    "qemu-nbd exited before serving {}: {status}",
-                    image.display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("qemu-nbd did not listen on {} in 10 s", socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let said = fs::read_to_string(&log).unwrap_or_default();
+        let _ = fs::remove_file(&log);
+        if !status.success() {
+            bail!(
+                "qemu-nbd {} failed ({status}): {}",
+                image.display(),
+                said.trim()
+            );
         }
-        Ok(nbd)
+        let pid = fs::read_to_string(&pid_file)
+            .with_context(|| format!("qemu-nbd wrote no {}", pid_file.display()))?;
+        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().context("qemu-nbd's pid file")?);
+        Ok(QemuNbd {
+            pid,
+            socket: socket.to_path_buf(),
+            pid_file,
+        })
     }
 
     /// The URI fio's nbd engine and libnbd clients take.
@@ -456,9 +464,15 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Not our child (it forked away): wait for /proc to let it go.
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGTERM);
+        let proc = PathBuf::from(format!("/proc/{}", self.pid));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while proc.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = fs::remove_file(&self.socket);
+        let _ = fs::remove_file(&self.pid_file);
     }
 }
 
@@ -468,36 +482,23 @@ pub fn nbd_unix_uri(socket: &Path, export: &str) -> String {
 }
 
 /// Set by the first SIGINT or SIGTERM (see [`stop_on_signals`]).
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static INTERRUPTED: std::sync::LazyLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Makes Ctrl-C (SIGINT) and SIGTERM stop the run cleanly: the first one only sets a flag
 /// that [`check_interrupted`] turns into an error at the next step, so the run unwinds
 /// through its guards and every mount, loop device, daemon and server it made is undone;
-/// a second one exits at once (and may leave them). Call it first thing in `main`, before
-/// any thread starts: the signals are blocked in this thread, every thread started later
-/// inherits that, and one thread waits for them. Child processes start with no signal
-/// blocked (the standard library resets the mask), so a Ctrl-C in the terminal still stops
-/// a running fio or qemu-io, whose failure then unwinds the run as well.
+/// a second one exits at once (status 130, and may leave them). Handlers, not a blocked
+/// mask: child processes (fio, qemu-nbd, the pool daemon) must not inherit blocked signals,
+/// or their own SIGTERM would never arrive. A Ctrl-C in the terminal also stops a running
+/// fio or qemu-io, whose failure then unwinds the run as well.
 pub fn stop_on_signals() -> Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block()?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            while let Ok(signal) = signals.wait() {
-                if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    eprintln!("{signal} again: exiting now, without cleaning up");
-                    std::process::exit(130);
-                }
-                eprintln!(
-                    "{signal}: stopping after this step and cleaning up (send it again to \
-                     exit at once)"
-                );
-            }
-        })?;
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for signal in [SIGINT, SIGTERM] {
+        // Registered first, so it runs before the flag is set: only a second signal exits.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, INTERRUPTED.clone())?;
+        signal_hook::flag::register(signal, INTERRUPTED.clone())?;
+    }
     Ok(())
 }
 
@@ -509,7 +510,7 @@ pub fn interrupted() -> bool {
 /// An error once a SIGINT or SIGTERM came, for the loops to stop at.
 pub fn check_interrupted() -> Result<()> {
     if interrupted() {
-        bail!("interrupted");
+        bail!("interrupted: cleaning up (a second Ctrl-C exits at once)");
     }
     Ok(())
 }
