@@ -522,9 +522,9 @@ impl Connection<'_> {
             CMD_READ => return self.read(r.cookie, r.offset, r.len),
             CMD_WRITE => self.write(&r.payload, r.offset, r.len, fua),
             CMD_FLUSH => self.flush(),
-            CMD_TRIM => self.check_change(r.offset, r.len).or_else(|| {
-                self.done(self.thin.discard(r.offset, u64::from(r.len)), fua)
-            }),
+            CMD_TRIM => self
+                .check_change(r.offset, r.len)
+                .or_else(|| self.done(self.thin.discard(r.offset, u64::from(r.len)), fua)),
             CMD_WRITE_ZEROES => self
                 .check_change(r.offset, r.len)
                 .or_else(|| self.done(self.write_zeroes(r.offset, r.len), fua)),
