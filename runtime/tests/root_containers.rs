@@ -9,277 +9,46 @@
 //! test can run again right away.
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use engine::activate::daemon::{Client, RunDir};
 use engine::activate::PoolControl;
-use engine::{PoolPaths, ThinId};
-use fixtures::registry::{busybox_layout, run, Registry, RegistryAuth};
+use fixtures::registry::{run, RegistryAuth};
 
-const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
+mod common;
 
-/// Small sizes keep mkfs and the pool quick.
-const STORAGE_OPTS: [&str; 4] = [
-    "--storage-opt=dm.basesize=512M",
-    "--storage-opt=dm.loopdatasize=4G",
-    "--storage-opt=dm.loopmetadatasize=64M",
-    "--storage-opt=dm.min_free_space=1%",
-];
+use common::{Root, THINBOX};
 
+/// The first root of a [`common::Env`], with the fixture busybox image pulled into it.
 struct Env {
-    dir: tempfile::TempDir,
-    root: PathBuf,
-    run_root: PathBuf,
+    env: common::Env,
     image: String,
-    // Fields drop after Drop::drop's body: the registry is killed after the cleanup.
-    _registry: Registry,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Root;
+    fn deref(&self) -> &Root {
+        &self.env.roots[0]
+    }
 }
 
 impl Env {
-    /// A registry with the fixture busybox image, pulled into a fresh root.
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = busybox_layout(dir.path());
-        let registry = Registry::start(dir.path(), RegistryAuth::None);
-        registry.push(
-            &format!("oci:{}:base", layout.display()),
-            "test/busybox:base",
-        );
-        let image = format!("{}/test/busybox:base", registry.host());
-        let env = Env {
-            root: dir.path().join("root"),
-            run_root: dir.path().join("run"),
-            dir,
-            image,
-            _registry: registry,
-        };
+        let env = common::Env::new(RegistryAuth::None);
+        let image = format!("{}/test/busybox:base", env.host());
+        let env = Env { env, image };
         env.ok(&["pull", "-q", &env.image]);
         env
     }
 
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(THINBOX);
-        c.arg("--root")
-            .arg(&self.root)
-            .args(STORAGE_OPTS)
-            .args(args)
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn thinbox(&self, args: &[&str]) -> Output {
-        self.command(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("thinbox runs")
-    }
-
-    /// Runs thinbox with `input` on its stdin.
-    fn thinbox_with_input(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        child.wait_with_output().unwrap()
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.thinbox(args);
-        assert!(
-            out.status.success(),
-            "thinbox {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs thinbox and returns its exit code, stdout and stderr.
-    fn code(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.thinbox(args);
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn run_dir(&self) -> RunDir {
-        let paths = PoolPaths::in_dir(&self.root.join("devicemapper"));
-        let key = engine::activate::daemon::pool_key(&paths);
-        RunDir::new(self.run_root.join(format!("pool-{key}")))
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.run_dir().socket())
-            .unwrap()
-            .expect("the pool daemon runs")
-    }
-
-    fn used_data_blocks(&self) -> u64 {
-        self.client().status().unwrap().status.used_data_blocks
-    }
-
-    fn thin_names(&self) -> Vec<String> {
-        self.client()
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|t| t.name.unwrap_or_default())
-            .collect()
-    }
-
-    fn active_thins(&self) -> usize {
-        self.client()
-            .list()
-            .unwrap()
-            .iter()
-            .filter(|t| t.active.is_some())
-            .count()
-    }
-
-    /// Mount points under ROOT.
-    fn mounts(&self) -> Vec<String> {
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = self.root.to_str().unwrap().to_string();
-        info.lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&root))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn container_ids(&self) -> Vec<String> {
-        fs::read_dir(self.root.join("containers"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.len() == 64)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn record(&self, id: &str) -> serde_json::Value {
-        let path = self.root.join("containers").join(id).join("config.v2.json");
-        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
-    }
-
-    /// Activates thin `id` read-only, mounts it, runs `check` on the mount, cleans up.
-    fn with_thin<T>(&self, id: u64, check: impl FnOnce(&Path) -> T) -> T {
-        let id = ThinId::new(id).unwrap();
-        let mut client = self.client();
-        let activation = client.activate(id, true).unwrap();
-        let mnt = self.dir.path().join(format!("check-{id}"));
-        fs::create_dir_all(&mnt).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "ro,noload"])
-            .arg(&activation.device)
-            .arg(&mnt));
-        let result = check(&mnt);
-        run(Command::new("umount").arg(&mnt));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.deactivate(id, false).is_err() {
-            assert!(Instant::now() < deadline, "thin {id} stays busy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        result
-    }
-
+    /// The thin of the image's top layer.
     fn image_thin(&self) -> u64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.ok(&["inspect", &self.image])).unwrap();
-        v[0]["GraphDriver"]["Data"]["DeviceId"]
+        self.inspect(&self.image)["GraphDriver"]["Data"]["DeviceId"]
             .as_str()
             .unwrap()
             .parse()
             .unwrap()
-    }
-
-    /// Waits until `ps -a` shows `name` with a status starting with `prefix`.
-    #[track_caller]
-    fn wait_status(&self, name: &str, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = self
-                .ok(&["ps", "-a", "--format", "{{.Names}}|{{.Status}}"])
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}|")).map(str::to_string))
-                .unwrap_or_default();
-            if status.starts_with(prefix) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} is {status:?}, not {prefix:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn kill9(pid: u64) {
-    let _ = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // What containers left running: their processes, then their supervisors.
-        for id in self.container_ids() {
-            let path = self
-                .root
-                .join("containers")
-                .join(&id)
-                .join("config.v2.json");
-            let Ok(bytes) = fs::read(path) else { continue };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-                continue;
-            };
-            for key in ["pid", "supervisor_pid"] {
-                if let Some(pid) = v["state"][key].as_u64() {
-                    kill9(pid);
-                }
-            }
-            for runtime in ["runc", "crun"] {
-                let _ = Command::new(runtime)
-                    .arg("--root")
-                    .arg(self.root.join("runtime").join(runtime))
-                    .args(["delete", "--force", &id])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let mut points = self.mounts();
-        points.reverse();
-        for p in points {
-            let _ = Command::new("umount").args(["-l", &p]).status();
-        }
-        let _ = self
-            .command(&["pool-daemon", "stop", "--force"])
-            .stdin(Stdio::null())
-            .output();
-        if let Some(pid) = fs::read_to_string(self.run_dir().pid_file())
-            .ok()
-            .and_then(|p| p.trim().parse::<u64>().ok())
-        {
-            kill9(pid);
-        }
-        fixtures::activation::clean_up_run_root(&self.run_root);
     }
 }
 
@@ -377,10 +146,10 @@ fn root_run_passes_output_exit_codes_and_settings() {
     }
 
     // -i passes piped stdin; without it the container reads nothing.
-    let out = env.thinbox_with_input(&["run", "-i", image, "cat"], b"through stdin\n");
+    let out = env.with_input(&["run", "-i", image, "cat"], b"through stdin\n");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
-    let out = env.thinbox_with_input(&["run", image, "cat"], b"ignored\n");
+    let out = env.with_input(&["run", image, "cat"], b"ignored\n");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "");
     // -t gives a terminal (script provides ours).
     let cmd = format!(
@@ -562,7 +331,7 @@ fn root_detached_containers_run_log_exec_stop_and_kill() {
     assert!(out.ends_with(&format!("\n{}\n", &id[..12])), "{out}");
     assert_eq!(env.code(&["exec", "web", "sh", "-c", "exit 7"]).0, 7);
     env.ok(&["exec", "web", "sh", "-c", "echo persisted > /tmp/p"]);
-    let out = env.thinbox_with_input(&["exec", "-i", "web", "cat"], b"piped\n");
+    let out = env.with_input(&["exec", "-i", "web", "cat"], b"piped\n");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "piped\n");
 
     // rm refuses a running container; stop sends SIGTERM (sh as pid 1 ignores it), then KILL.

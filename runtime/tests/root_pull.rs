@@ -7,190 +7,35 @@
 //! test fails, so every test can run again right away.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
 
-use engine::activate::daemon::{Client, RunDir};
-use engine::activate::PoolControl;
-use engine::{PoolPaths, ThinId};
-use fixtures::registry::{busybox_layout, run, Registry, RegistryAuth};
-use sha2::{Digest, Sha256};
+use fixtures::registry::{run, Registry, RegistryAuth};
 
-const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
+mod common;
 
-/// Small sizes keep mkfs and the pool quick.
-const STORAGE_OPTS: [&str; 4] = [
-    "--storage-opt=dm.basesize=512M",
-    "--storage-opt=dm.loopdatasize=4G",
-    "--storage-opt=dm.loopmetadatasize=64M",
-    "--storage-opt=dm.min_free_space=1%",
-];
+use common::{sha256_hex, Root};
 
-struct Env {
-    dir: tempfile::TempDir,
-    root: PathBuf,
-    run_root: PathBuf,
-    mounts: std::cell::RefCell<Vec<PathBuf>>,
-    // Fields drop after Drop::drop's body: the registry is killed after the cleanup.
-    registry: Option<Registry>,
+/// The first root of a [`common::Env`], whose registry holds `test/busybox:base` and
+/// `test/busybox:v2`.
+struct Pull(common::Env);
+
+impl std::ops::Deref for Pull {
+    type Target = Root;
+    fn deref(&self) -> &Root {
+        &self.0.roots[0]
+    }
 }
 
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        Env {
-            root: dir.path().join("root"),
-            run_root: dir.path().join("run"),
-            dir,
-            mounts: Default::default(),
-            registry: None,
-        }
-    }
-
-    fn thinbox(&self, args: &[&str]) -> Output {
-        Command::new(THINBOX)
-            .arg("--root")
-            .arg(&self.root)
-            .args(STORAGE_OPTS)
-            .args(args)
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("thinbox runs")
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.thinbox(args);
-        assert!(
-            out.status.success(),
-            "thinbox {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    #[track_caller]
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.thinbox(args);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "thinbox {args:?} should fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
+impl Pull {
     fn registry(&self) -> &Registry {
-        self.registry.as_ref().unwrap()
-    }
-
-    fn client(&self) -> Client {
-        let socket = self.run_dir().socket();
-        Client::connect(&socket)
-            .unwrap()
-            .expect("the pool daemon runs")
-    }
-
-    fn run_dir(&self) -> RunDir {
-        let paths = PoolPaths::in_dir(&self.root.join("devicemapper"));
-        let key = engine::activate::daemon::pool_key(&paths);
-        RunDir::new(self.run_root.join(format!("pool-{key}")))
-    }
-
-    /// Names of the thins in the pool.
-    fn thin_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .client()
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|t| t.name.unwrap_or_default())
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// Activates thin `id` read-only, mounts it, runs `check` on the mount, cleans up.
-    fn with_layer<T>(&self, id: u64, check: impl FnOnce(&Path) -> T) -> T {
-        let id = ThinId::new(id).unwrap();
-        let mut client = self.client();
-        let activation = client.activate(id, true).unwrap();
-        let mnt = self.dir.path().join(format!("mnt-{id}"));
-        fs::create_dir_all(&mnt).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "ro,noload"])
-            .arg(&activation.device)
-            .arg(&mnt));
-        self.mounts.borrow_mut().push(mnt.clone());
-        let result = check(&mnt);
-        run(Command::new("umount").arg(&mnt));
-        self.mounts.borrow_mut().retain(|m| *m != mnt);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.deactivate(id, false).is_err() {
-            assert!(Instant::now() < deadline, "thin {id} stays busy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        result
-    }
-
-    fn inspect(&self, name: &str) -> serde_json::Value {
-        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
-        v[0].clone()
-    }
-
-    fn daemon_pid(&self) -> Option<u32> {
-        fs::read_to_string(self.run_dir().pid_file())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        self.0.registry()
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        for mnt in self.mounts.borrow().iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(mnt).status();
-        }
-        // Layer mounts thinbox itself may have left after a failure.
-        fixtures::activation::unmount_under(&self.root.join("mnt"));
-        // A clean stop first; a kill if that fails.
-        let _ = Command::new(THINBOX)
-            .arg("--root")
-            .arg(&self.root)
-            .args(["pool-daemon", "stop", "--force"])
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .stdin(Stdio::null())
-            .output();
-        if let Some(pid) = self.daemon_pid() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-        fixtures::activation::clean_up_run_root(&self.run_root);
-    }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A registry holding `test/busybox:base` and `test/busybox:v2`.
-fn env_with_images(auth: RegistryAuth) -> Env {
-    let mut env = Env::new();
-    let layout = busybox_layout(env.dir.path());
-    let registry = Registry::start(env.dir.path(), auth);
-    let l = layout.display();
-    registry.push(&format!("oci:{l}:base"), "test/busybox:base");
-    registry.push(&format!("oci:{l}:v2"), "test/busybox:v2");
-    env.registry = Some(registry);
-    env
+fn env_with_images(auth: RegistryAuth) -> Pull {
+    Pull(common::Env::new(auth))
 }
 
 fn device_id(info: &serde_json::Value) -> u64 {
@@ -245,7 +90,7 @@ fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
 
     // The layer device holds the files: busybox byte for byte.
     let host_busybox = sha256_hex(&fs::read("/bin/busybox").unwrap());
-    env.with_layer(base_thin, |mnt| {
+    env.with_thin(base_thin, |mnt| {
         assert_eq!(
             sha256_hex(&fs::read(mnt.join("bin/busybox")).unwrap()),
             host_busybox
@@ -278,7 +123,7 @@ fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
     );
     let v2_thin = device_id(&info2);
     assert_ne!(v2_thin, base_thin);
-    env.with_layer(v2_thin, |mnt| {
+    env.with_thin(v2_thin, |mnt| {
         assert_eq!(
             sha256_hex(&fs::read(mnt.join("bin/busybox")).unwrap()),
             host_busybox
@@ -297,7 +142,7 @@ fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
         assert!(!mnt.join("data/opaque/.wh..wh..opq").exists());
     });
     // The lower layer did not change.
-    env.with_layer(base_thin, |mnt| {
+    env.with_thin(base_thin, |mnt| {
         assert_eq!(
             fs::read_to_string(mnt.join("data/keep.txt")).unwrap(),
             "original\n"
@@ -328,7 +173,7 @@ fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
     ] {
         assert!(info_out.contains(field), "{field} missing in {info_out}");
     }
-    let used_before = env.client().status().unwrap().status.used_data_blocks;
+    let used_before = env.used_data_blocks();
 
     // rmi of v2 frees its own layer only; rmi of base frees the shared one.
     let out = env.ok(&["rmi", &v2]);
@@ -338,7 +183,7 @@ fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
     env.ok(&["rmi", &base]);
     assert_eq!(env.thin_names(), ["thinbox-base"]);
     assert_eq!(env.ok(&["images", "-q"]), "");
-    let used_after = env.client().status().unwrap().status.used_data_blocks;
+    let used_after = env.used_data_blocks();
     assert!(used_after < used_before, "{used_after} < {used_before}");
     let fails = env.fails(&["inspect", &base]);
     assert!(fails.contains("No such object"), "{fails}");

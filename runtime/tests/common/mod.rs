@@ -10,7 +10,11 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
+use engine::activate::daemon::{Client, RunDir};
+use engine::activate::PoolControl;
+use engine::{PoolPaths, ThinId};
 use fixtures::registry::{busybox_layout, run, Registry, RegistryAuth};
 
 pub const THINBOX: &str = env!("CARGO_BIN_EXE_thinbox");
@@ -123,6 +127,142 @@ impl Root {
             .unwrap_or_default()
     }
 
+    /// Runs thinbox with `input` on its stdin; the raw output.
+    pub fn with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        self.output(self.command(args), Some(input))
+    }
+
+    /// Runs and returns the exit code, stdout and stderr.
+    pub fn code(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.output(self.command(args), None);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The devicemapper pool daemon's run directory.
+    pub fn run_dir(&self) -> RunDir {
+        let paths = PoolPaths::in_dir(&self.root.join("devicemapper"));
+        let key = engine::activate::daemon::pool_key(&paths);
+        RunDir::new(self.run_root.join(format!("pool-{key}")))
+    }
+
+    /// A client of the running pool daemon.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.run_dir().socket())
+            .unwrap()
+            .expect("the pool daemon runs")
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.run_dir().pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn used_data_blocks(&self) -> u64 {
+        self.client().status().unwrap().status.used_data_blocks
+    }
+
+    /// Names of the thins in the pool, sorted.
+    pub fn thin_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .client()
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.unwrap_or_default())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Thins with a block device.
+    pub fn active_thins(&self) -> usize {
+        self.client()
+            .list()
+            .unwrap()
+            .iter()
+            .filter(|t| t.active.is_some())
+            .count()
+    }
+
+    /// Activates thin `id` read-only, mounts it under ROOT/test-mnt, runs `check` on the
+    /// mount, cleans up (the guard unmounts it if `check` panics).
+    pub fn with_thin<T>(&self, id: u64, check: impl FnOnce(&Path) -> T) -> T {
+        let id = ThinId::new(id).unwrap();
+        let mut client = self.client();
+        let activation = client.activate(id, true).unwrap();
+        let mnt = self.root.join("test-mnt").join(id.to_string());
+        fs::create_dir_all(&mnt).unwrap();
+        run(Command::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(&activation.device)
+            .arg(&mnt));
+        let result = check(&mnt);
+        run(Command::new("umount").arg(&mnt));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.deactivate(id, false).is_err() {
+            assert!(Instant::now() < deadline, "thin {id} stays busy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        result
+    }
+
+    /// Mount points under ROOT.
+    pub fn mounts(&self) -> Vec<String> {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = self.root.to_str().unwrap().to_string();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&root))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Ids of the containers with a record.
+    pub fn container_ids(&self) -> Vec<String> {
+        fs::read_dir(self.root.join("containers"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.len() == 64)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A container's record (`config.v2.json`).
+    pub fn record(&self, id: &str) -> serde_json::Value {
+        let path = self.root.join("containers").join(id).join("config.v2.json");
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+    }
+
+    /// Waits until `ps -a` shows `name` with a status starting with `prefix`.
+    #[track_caller]
+    pub fn wait_status(&self, name: &str, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self
+                .ok(&["ps", "-a", "--format", "{{.Names}}|{{.Status}}"])
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}|")).map(str::to_string))
+                .unwrap_or_default();
+            if status.starts_with(prefix) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {status:?}, not {prefix:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops what a test left: container processes and supervisors, external runtimes'
     /// state, the freezer cgroups of an interrupted commit, mounts, the pool daemon, loops.
     pub fn cleanup(&self) {
@@ -132,6 +272,7 @@ impl Root {
                 kill_container(&self.root, &id, &entry.path().join("config.v2.json"));
             }
         }
+        fixtures::activation::unmount_under(&self.root.join("test-mnt"));
         fixtures::activation::unmount_under(&self.root.join("mnt"));
         fixtures::activation::unmount_under(&self.root.join("overlay2"));
         let _ = Command::new(THINBOX)
