@@ -13,37 +13,18 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use fixtures::kernel;
 
-const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+mod common;
+
+use common::{ok_stdout, run_in, DMTOOL};
+
 const MIB: u64 = 1 << 20;
 /// Each thin's size. Small, because the emulated CPU hashes slowly.
 const THIN_BYTES: u64 = 16 * MIB;
 const BS: usize = 64 << 10;
-
-fn dmtool(args: &[&str], run_root: &Path) -> Output {
-    Command::new(DMTOOL)
-        .args(args)
-        .env("THINBOX_RUN_ROOT", run_root)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("dmtool runs")
-}
-
-#[track_caller]
-fn ok(out: Output, what: &str) -> Vec<u8> {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 const GUEST: &str = r#"
 L="--metadata /dev/vda --data /dev/vdb --state-dir /tmp/state"
@@ -51,16 +32,6 @@ mkdir -p /tmp/state
 cat > /tmp/state/volumes.json <<'VOLUMES_EOF'
 @VOLUMES@
 VOLUMES_EOF
-
-# A command that must fail: prints "KV <key> <its stderr, one line>".
-refused() {
-  key=$1; shift
-  if out=$("$@" 2>&1); then
-    echo "KV $key UNEXPECTED-SUCCESS $out"
-  else
-    echo "KV $key $(echo "$out" | tr '\n' ' ')"
-  fi
-}
 
 start=$(date +%s)
 dmtool pool start --backend kernel $L
@@ -162,7 +133,7 @@ fn root_kernel_dmtool_drives_the_pool_through_device_mapper() {
     let run = |args: &[&str]| {
         let all = with(args);
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        ok(dmtool(&all, &run_root), &all.join(" "))
+        ok_stdout(run_in(&all, &run_root), &all.join(" "))
     };
 
     // Host: the pool and three thins, written by our engine through dmtool.
@@ -296,7 +267,7 @@ fn root_kernel_dmtool_drives_the_pool_through_device_mapper() {
     for (t, name) in [("1", "t1_after"), ("2", "t2"), ("4", "t4"), ("5", "t5")] {
         assert_eq!(host_sha(t), sha[name], "thin {t} read on the host");
     }
-    let gone = dmtool(
+    let gone = run_in(
         &with(&["thin", "read", "3"])
             .iter()
             .map(String::as_str)
@@ -304,8 +275,8 @@ fn root_kernel_dmtool_drives_the_pool_through_device_mapper() {
         &run_root,
     );
     assert!(!gone.status.success(), "thin 3 was deleted in the guest");
-    ok(
-        dmtool(&["check", meta.to_str().unwrap()], &run_root),
+    ok_stdout(
+        run_in(&["check", meta.to_str().unwrap()], &run_root),
         "dmtool check",
     );
     if fixtures::tools::available() {
@@ -329,8 +300,8 @@ fn root_backend_auto_falls_back_to_userspace_without_device_mapper() {
     let run_root = dir.path().join("run");
     let pool = dir.path().join("pool");
     let p = pool.to_str().unwrap();
-    ok(
-        dmtool(
+    ok_stdout(
+        run_in(
             &[
                 "pool",
                 "create",
@@ -345,33 +316,33 @@ fn root_backend_auto_falls_back_to_userspace_without_device_mapper() {
         ),
         "pool create",
     );
-    ok(
-        dmtool(
+    ok_stdout(
+        run_in(
             &["thin", "create", "--pool", p, "1", "--size", "4M"],
             &run_root,
         ),
         "create",
     );
-    let started = dmtool(
+    let started = run_in(
         &["pool", "start", "--backend", "auto", "--pool", p],
         &run_root,
     );
     let guard = StopOnDrop(p.to_string(), run_root.clone());
-    ok(started, "pool start --backend auto");
-    let status = String::from_utf8(ok(
-        dmtool(&["pool", "status", "--pool", p], &run_root),
+    ok_stdout(started, "pool start --backend auto");
+    let status = String::from_utf8(ok_stdout(
+        run_in(&["pool", "status", "--pool", p], &run_root),
         "status",
     ))
     .unwrap();
     assert!(status.contains("pool daemon, pid"), "{status}");
-    let dev = String::from_utf8(ok(
-        dmtool(&["thin", "activate", "--pool", p, "1"], &run_root),
+    let dev = String::from_utf8(ok_stdout(
+        run_in(&["thin", "activate", "--pool", p, "1"], &run_root),
         "activate",
     ))
     .unwrap();
     assert!(dev.trim().starts_with("/dev/loop"), "{dev}");
-    ok(
-        dmtool(&["thin", "deactivate", "--pool", p, "1"], &run_root),
+    ok_stdout(
+        run_in(&["thin", "deactivate", "--pool", p, "1"], &run_root),
         "deactivate",
     );
     drop(guard);
@@ -381,6 +352,6 @@ struct StopOnDrop(String, PathBuf);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        let _ = dmtool(&["pool", "stop", "--force", "--pool", &self.0], &self.1);
+        let _ = run_in(&["pool", "stop", "--force", "--pool", &self.0], &self.1);
     }
 }

@@ -9,34 +9,16 @@
 //! split says, and both checkers are clean on the metadata region. Privileged and slow.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
 use fixtures::kernel;
 
-const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+mod common;
+
+use common::{ok_stdout, run, DMTOOL};
+
 const MIB: u64 = 1 << 20;
 const THIN_BYTES: u64 = 8 * MIB;
 const METADATA_BYTES: u64 = 8 * MIB;
-
-fn dmtool(args: &[&str]) -> Output {
-    Command::new(DMTOOL)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("dmtool runs")
-}
-
-#[track_caller]
-fn ok(out: Output, what: &str) -> Vec<u8> {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 const GUEST: &str = r#"
 L="--device /dev/vda --state-dir /tmp/state"
@@ -44,15 +26,6 @@ mkdir -p /tmp/state
 cat > /tmp/state/volumes.json <<'VOLUMES_EOF'
 @VOLUMES@
 VOLUMES_EOF
-
-refused() {
-  key=$1; shift
-  if out=$("$@" 2>&1); then
-    echo "KV $key UNEXPECTED-SUCCESS $out"
-  else
-    echo "KV $key $(echo "$out" | tr '\n' ' ')"
-  fi
-}
 
 dmtool pool start --backend kernel $L
 echo "KV mapper $(ls /dev/mapper | tr '\n' ' ')"
@@ -97,28 +70,28 @@ fn root_kernel_takes_a_split_device_through_linear_regions() {
         "--state-dir",
         state.to_str().unwrap(),
     ];
-    let run = |verb: &[&str], rest: &[&str]| {
+    let dmtool = |verb: &[&str], rest: &[&str]| {
         let all: Vec<&str> = verb
             .iter()
             .chain(loc.iter())
             .chain(rest.iter())
             .copied()
             .collect();
-        ok(dmtool(&all), &all.join(" "))
+        ok_stdout(run(&all), &all.join(" "))
     };
 
-    run(
+    dmtool(
         &["pool", "create"],
         &["--metadata-size", "8M", "--data-size", "128M"],
     );
-    run(
+    dmtool(
         &["thin", "create"],
         &["1", "--size", &THIN_BYTES.to_string(), "--name", "base"],
     );
     let input = dir.path().join("input");
     let origin = kernel::pattern("host-split", 3 * MIB as usize);
     std::fs::write(&input, &origin).unwrap();
-    run(
+    dmtool(
         &["thin", "write"],
         &["1", "--input", input.to_str().unwrap()],
     );
@@ -192,10 +165,10 @@ fn root_kernel_takes_a_split_device_through_linear_regions() {
 
     // Back on the host: the split reads back from what the kernel left.
     std::fs::write(state.join("volumes.json"), kernel::section(&out, "volumes")).unwrap();
-    let read = |id: &str| kernel::sha256_hex(&run(&["thin", "read"], &[id]));
+    let read = |id: &str| kernel::sha256_hex(&dmtool(&["thin", "read"], &[id]));
     assert_eq!(read("1"), sha["t1_after"]);
     assert_eq!(read("2"), sha["t2"]);
-    ok(dmtool(&["check", disk.to_str().unwrap()]), "dmtool check");
+    ok_stdout(run(&["check", disk.to_str().unwrap()]), "dmtool check");
     if fixtures::tools::available() {
         let region = dir.path().join("metadata-region");
         let bytes = std::fs::read(&disk).unwrap();

@@ -7,7 +7,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use sha2::{Digest, Sha256};
@@ -50,6 +50,25 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// dmtool with `args`, stdin empty, and `THINBOX_RUN_ROOT` set to `run_root`.
+pub fn run_in(args: &[&str], run_root: &Path) -> Output {
+    let mut cmd = Command::new(DMTOOL);
+    cmd.args(args).env("THINBOX_RUN_ROOT", run_root);
+    feed(cmd, &[])
+}
+
+/// The stdout of a run that must have succeeded; `what` names it if it did not.
+#[track_caller]
+pub fn ok_stdout(o: Output, what: &str) -> Vec<u8> {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}",
+        o.status,
+        stderr(&o)
+    );
+    o.stdout
 }
 
 #[track_caller]
