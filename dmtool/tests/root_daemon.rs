@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-const DMTOOL: &str = env!("CARGO_BIN_EXE_dmtool");
+mod common;
+
+use common::DMTOOL;
 
 struct Env {
     dir: tempfile::TempDir,
@@ -36,13 +38,7 @@ impl Env {
     }
 
     fn dmtool(&self, args: &[&str]) -> Output {
-        Command::new(DMTOOL)
-            .args(args)
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("dmtool runs")
+        common::run_in(args, &self.run_root)
     }
 
     /// Runs a pool verb (`--pool` appended) and asserts success; returns stdout.

@@ -114,24 +114,12 @@ impl Env {
     }
 
     pub fn dmtool(&self, args: &[&str]) -> Output {
-        Command::new(DMTOOL)
-            .args(args)
-            .env("THINBOX_RUN_ROOT", &self.run_root)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("dmtool runs")
+        run_in(args, &self.run_root)
     }
 
     #[track_caller]
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.dmtool(args);
-        assert!(
-            out.status.success(),
-            "dmtool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.ok_with_stdin(args, &[])
     }
 
     /// [`Self::ok`] with `input` on dmtool's stdin.
@@ -139,13 +127,8 @@ impl Env {
     pub fn ok_with_stdin(&self, args: &[&str], input: &[u8]) -> String {
         let mut cmd = Command::new(DMTOOL);
         cmd.args(args).env("THINBOX_RUN_ROOT", &self.run_root);
-        let out = feed(cmd, input);
-        assert!(
-            out.status.success(),
-            "dmtool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let out = ok_stdout(feed(cmd, input), &format!("dmtool {args:?}"));
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     #[track_caller]

@@ -293,12 +293,15 @@ fn kill_container(root: &Path, id: &str, record: &Path) {
         .arg(root.join("mnt").join(id))
         .stderr(Stdio::null())
         .status();
-    for hierarchy in [
-        "/sys/fs/cgroup/freezer",
-        "/sys/fs/cgroup",
-        "/sys/fs/cgroup/unified",
-    ] {
-        let cgroup = Path::new(hierarchy).join(format!("thinbox-pause-{id}"));
+    let pause_cgroups = || {
+        [
+            "/sys/fs/cgroup/freezer",
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/unified",
+        ]
+        .map(|h| Path::new(h).join(format!("thinbox-pause-{id}")))
+    };
+    for cgroup in pause_cgroups() {
         if cgroup.exists() {
             let _ = fs::write(cgroup.join("freezer.state"), "THAWED");
             let _ = fs::write(cgroup.join("cgroup.freeze"), "0");
@@ -326,12 +329,8 @@ fn kill_container(root: &Path, id: &str, record: &Path) {
             .stderr(Stdio::null())
             .status();
     }
-    for hierarchy in [
-        "/sys/fs/cgroup/freezer",
-        "/sys/fs/cgroup",
-        "/sys/fs/cgroup/unified",
-    ] {
-        let _ = fs::remove_dir(Path::new(hierarchy).join(format!("thinbox-pause-{id}")));
+    for cgroup in pause_cgroups() {
+        let _ = fs::remove_dir(cgroup);
     }
 }
 
