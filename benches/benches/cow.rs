@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use benches::svg::{Chart, Point, Series};
 use benches::sys::{self, Mount, QemuIo, Remove};
-use benches::{fmt_num, fmt_stats, Goal, Report, Stats, Unit};
+use benches::{env_num, fmt_num, fmt_stats, Goal, Report, Stats, Unit};
 use engine::activate::daemon::{Client, Daemon, DaemonConfig, RunDir};
 use engine::activate::PoolControl;
 use engine::io::{BlockDevice, FileDevice, OpenMode};
@@ -76,15 +76,6 @@ fn env_list<T>(name: &str, default: &str, parse: impl Fn(&str) -> Option<T>) -> 
         .collect()
 }
 
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
-        Err(_) => default,
-    }
-}
-
 impl Opts {
     fn from_env() -> Opts {
         let size = engine::units::parse_size;
@@ -125,6 +116,13 @@ struct Out {
 }
 
 impl Out {
+    /// Adds `samples` to the JSON report, unless the system did not run that measurement.
+    fn record(&mut self, group: &str, what: &str, system: &str, unit: Unit, samples: &[f64]) {
+        if !samples.is_empty() {
+            self.report.row(group, what, system, unit, samples, "");
+        }
+    }
+
     fn section(&mut self, title: &str, text: &str) {
         let _ = writeln!(self.md, "\n## {title}\n\n{text}\n");
     }
@@ -1483,43 +1481,13 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
                 cell(&fw.warm[i], " ms"),
                 st(&fw.space[i]).map_or("—".into(), |s| bytes(s.median)),
             ]);
-            out.report.row(
-                "first",
-                &format!("{label}: cold first 4 KiB write + fsync"),
-                &name,
-                Unit::Millis,
-                &fw.cold[i],
-                "",
-            );
-            if !fw.create[i].is_empty() {
-                out.report.row(
-                    "first",
-                    &format!("{label}: container create"),
-                    &name,
-                    Unit::Millis,
-                    &fw.create[i],
-                    "",
-                );
-            }
-            if !fw.warm[i].is_empty() {
-                out.report.row(
-                    "first",
-                    &format!("{label}: warm 4 KiB write + fsync"),
-                    &name,
-                    Unit::Millis,
-                    &fw.warm[i],
-                    "",
-                );
-            }
-            if !fw.space[i].is_empty() {
-                out.report.row(
-                    "first",
-                    &format!("{label}: host bytes added"),
-                    &name,
-                    Unit::Bytes,
-                    &fw.space[i],
-                    "",
-                );
+            for (what, unit, samples) in [
+                ("cold first 4 KiB write + fsync", Unit::Millis, &fw.cold[i]),
+                ("container create", Unit::Millis, &fw.create[i]),
+                ("warm 4 KiB write + fsync", Unit::Millis, &fw.warm[i]),
+                ("host bytes added", Unit::Bytes, &fw.space[i]),
+            ] {
+                out.record("first", &format!("{label}: {what}"), &name, unit, samples);
             }
             if !(*k == Kind::Plain && i > 0) {
                 if let Some(p) = point((*size / MIB) as f64, &fw.cold[i]) {
@@ -1648,20 +1616,12 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
                     format!(" (÷plain {})", fmt_num(s.median))
                 });
             row.push(format!("{}{ratio}", cell(v, "")));
-            if !v.is_empty() {
-                out.report.row(
-                    "fio",
-                    job.name,
-                    &name,
-                    if job.bs >= MIB {
-                        Unit::MiBps
-                    } else {
-                        Unit::Iops
-                    },
-                    v,
-                    "",
-                );
-            }
+            let unit = if job.bs >= MIB {
+                Unit::MiBps
+            } else {
+                Unit::Iops
+            };
+            out.record("fio", job.name, &name, unit, v);
             if j < 4 {
                 if let Some(p) = point(j as f64, v) {
                     series.points.push(p);
@@ -1669,16 +1629,13 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
             }
         }
         row.push(st(&fr.space[i]).map_or("—".into(), |s| bytes(s.median)));
-        if !fr.space[i].is_empty() {
-            out.report.row(
-                "fio",
-                "host bytes after randwrite 4k qd1",
-                &name,
-                Unit::Bytes,
-                &fr.space[i],
-                "",
-            );
-        }
+        out.record(
+            "fio",
+            "host bytes after randwrite 4k qd1",
+            &name,
+            Unit::Bytes,
+            &fr.space[i],
+        );
         rows.push(row);
         chart.series.push(series);
     }
@@ -1969,14 +1926,8 @@ fn snap_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             if let Some(p) = point(m as f64 / GIB as f64, &t[n][i]) {
                 series.points.push(p);
             }
-            out.report.row(
-                "snap",
-                &format!("create, origin {}", engine::units::format_size(m)),
-                name,
-                Unit::Millis,
-                &t[n][i],
-                "",
-            );
+            let what = format!("create, origin {}", engine::units::format_size(m));
+            out.record("snap", &what, name, Unit::Millis, &t[n][i]);
         }
         rows.push(row);
         if !name.starts_with('…') {
@@ -2403,16 +2354,7 @@ fn chain_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             if let Some(p) = point(d as f64, &t[n][i]) {
                 series.points.push(p);
             }
-            if !t[n][i].is_empty() {
-                out.report.row(
-                    "chain",
-                    &format!("depth {d}"),
-                    name,
-                    Unit::Millis,
-                    &t[n][i],
-                    "",
-                );
-            }
+            out.record("chain", &format!("depth {d}"), name, Unit::Millis, &t[n][i]);
         }
         rows.push(row);
         if n % 2 == 0 {
@@ -2879,21 +2821,13 @@ fn blocksize_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
                 format!("{:.1}×", s.median * 1024.0 / 4096.0)
             }),
         ]);
-        out.report.row(
-            "blocksize",
-            "4 KiB CoW write",
-            &label,
-            Unit::Micros,
-            &us[i],
-            "",
-        );
-        out.report.row(
+        out.record("blocksize", "4 KiB CoW write", &label, Unit::Micros, &us[i]);
+        out.record(
             "blocksize",
             "bytes added per write",
             &label,
             Unit::Bytes,
             &per_write[i],
-            "",
         );
         let x = (bs / KIB) as f64;
         if let Some(p) = point(x, &us[i]) {

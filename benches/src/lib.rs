@@ -61,7 +61,9 @@ fn env_size(name: &str, default: u64) -> u64 {
     }
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
+/// A number from the environment variable `name`, or `default` when it is not set; a value
+/// that is not a number stops the run with a message naming the variable.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
         Ok(v) => v
             .parse()
@@ -75,8 +77,8 @@ impl Config {
         Config {
             size: env_size("BENCH_SIZE", 1 << 30),
             dir: std::env::var_os("BENCH_DIR").map(PathBuf::from),
-            runs: env_usize("BENCH_RUNS", 5).max(1),
-            ops: env_usize("BENCH_OPS", 50_000).max(1),
+            runs: env_num("BENCH_RUNS", 5usize).max(1),
+            ops: env_num("BENCH_OPS", 50_000usize).max(1),
             snap_mapped: env_size("BENCH_SNAP_MAPPED", 64 << 30),
             cold: std::env::var("BENCH_COLD").map_or(true, |v| v != "0"),
             json: std::env::var_os("BENCH_JSON").map(PathBuf::from),

@@ -464,16 +464,32 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        // Not our child (it forked away): wait for /proc to let it go.
-        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGTERM);
-        let proc = PathBuf::from(format!("/proc/{}", self.pid));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while proc.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        // Not our child (it forked away): wait for /proc to let it go, and kill it if a
+        // SIGTERM is not enough.
+        use nix::sys::signal::{kill, Signal};
+        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+            let _ = kill(self.pid, signal);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while running(self.pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !running(self.pid) {
+                break;
+            }
         }
         let _ = fs::remove_file(&self.socket);
         let _ = fs::remove_file(&self.pid_file);
     }
+}
+
+/// Whether process `pid` exists and has not exited (a zombie waiting for its parent, here
+/// init, to reap it has exited).
+fn running(pid: nix::unistd::Pid) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// `nbd+unix:///EXPORT?socket=PATH`.
@@ -517,6 +533,22 @@ pub fn check_interrupted() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_zombie_is_not_running() {
+        assert!(super::running(nix::unistd::getpid()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        // Exited but not reaped: a zombie.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::running(pid) {
+            assert!(std::time::Instant::now() < deadline, "`true` did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        child.wait().unwrap();
+        assert!(!super::running(pid));
+    }
+
     use super::*;
 
     #[test]
