@@ -123,6 +123,47 @@ impl Out {
         }
     }
 
+    /// A table and a chart of systems against a sweep (origin sizes, chain depths): one row
+    /// per system with samples, one column per `(x, label)`, `t[system][column]` in ms. JSON
+    /// rows are named `"{what} {label}"` in `group` (`what` may be empty); `charted` picks
+    /// the systems drawn.
+    #[allow(clippy::too_many_arguments)]
+    fn sweep(
+        &mut self,
+        mut chart: Chart,
+        file: &str,
+        (group, what): (&str, &str),
+        columns: &[(f64, String)],
+        names: &[&str],
+        t: &[Vec<Vec<f64>>],
+        charted: impl Fn(usize, &str) -> bool,
+    ) {
+        let mut headers = vec!["system"];
+        headers.extend(columns.iter().map(|(_, l)| l.as_str()));
+        let mut rows = Vec::new();
+        for (n, &name) in names.iter().enumerate() {
+            if t[n].iter().all(|v| v.is_empty()) {
+                continue;
+            }
+            let mut row = vec![name.to_string()];
+            let mut line = series(name.to_string(), Vec::new());
+            for (i, (x, label)) in columns.iter().enumerate() {
+                row.push(cell(&t[n][i], " ms"));
+                if let Some(p) = point(*x, &t[n][i]) {
+                    line.points.push(p);
+                }
+                let row_name = format!("{what} {label}");
+                self.record(group, row_name.trim(), name, Unit::Millis, &t[n][i]);
+            }
+            rows.push(row);
+            if charted(n, name) {
+                chart.series.push(line);
+            }
+        }
+        self.table(&headers, &rows);
+        self.chart(file, chart);
+    }
+
     fn section(&mut self, title: &str, text: &str) {
         let _ = writeln!(self.md, "\n## {title}\n\n{text}\n");
     }
@@ -1904,40 +1945,28 @@ fn snap_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
              btrfs on a loop-mounted sparse image). {reps} repetitions, sizes interleaved."
         ),
     );
-    let mut headers = vec!["system".to_string()];
-    headers.extend(sizes.iter().map(|s| engine::units::format_size(*s)));
-    let mut rows = Vec::new();
-    let mut chart = Chart {
-        title: "Container / snapshot creation against mapped origin size".into(),
-        x_label: "origin mapped (GiB)".into(),
-        y_label: "ms (log)".into(),
-        x_log: true,
-        y_log: true,
-        ..Chart::default()
-    };
-    for (n, name) in names.iter().enumerate() {
-        if t[n].iter().all(|v| v.is_empty()) {
-            continue;
-        }
-        let mut row = vec![name.to_string()];
-        let mut series = series(name.to_string(), Vec::new());
-        for (i, &m) in sizes.iter().enumerate() {
-            row.push(cell(&t[n][i], " ms"));
-            if let Some(p) = point(m as f64 / GIB as f64, &t[n][i]) {
-                series.points.push(p);
-            }
-            let what = format!("create, origin {}", engine::units::format_size(m));
-            out.record("snap", &what, name, Unit::Millis, &t[n][i]);
-        }
-        rows.push(row);
-        if !name.starts_with('…') {
-            chart.series.push(series);
-        }
-    }
+    let columns: Vec<(f64, String)> = sizes
+        .iter()
+        .map(|&m| (m as f64 / GIB as f64, engine::units::format_size(m)))
+        .collect();
+    out.sweep(
+        Chart {
+            title: "Container / snapshot creation against mapped origin size".into(),
+            x_label: "origin mapped (GiB)".into(),
+            y_label: "ms (log)".into(),
+            x_log: true,
+            y_log: true,
+            ..Chart::default()
+        },
+        "snap-origin.svg",
+        ("snap", "create, origin"),
+        &columns,
+        &names,
+        &t,
+        // The breakdown rows ("… of which") are in the table, not the chart.
+        |_, name| !name.starts_with('…'),
+    );
     drop(engines);
-    let h: Vec<&str> = headers.iter().map(|s| s.as_str()).collect();
-    out.table(&h, &rows);
-    out.chart("snap-origin.svg", chart);
     let big = engine::units::format_size(*sizes.last().expect("sizes"));
     let small = engine::units::format_size(sizes[0]);
     out.target(
@@ -2332,38 +2361,27 @@ fn chain_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
          qcow2: `qemu-img create -b` on top of a chain of that depth, then a `qemu-io` \
          process reading 4 KiB that only the base has (opens the whole chain).",
     );
-    let mut headers = vec!["system".to_string()];
-    headers.extend(depths.iter().map(|d| format!("depth {d}")));
-    let mut rows = Vec::new();
-    let mut chart = Chart {
-        title: "Creating a layer at depth d".into(),
-        x_label: "chain depth".into(),
-        y_label: "ms (log)".into(),
-        x_log: true,
-        y_log: true,
-        ..Chart::default()
-    };
-    for (n, name) in names.iter().enumerate() {
-        if t[n].iter().all(|v| v.is_empty()) {
-            continue;
-        }
-        let mut row = vec![name.to_string()];
-        let mut series = series(name.to_string(), Vec::new());
-        for (i, &d) in depths.iter().enumerate() {
-            row.push(cell(&t[n][i], " ms"));
-            if let Some(p) = point(d as f64, &t[n][i]) {
-                series.points.push(p);
-            }
-            out.record("chain", &format!("depth {d}"), name, Unit::Millis, &t[n][i]);
-        }
-        rows.push(row);
-        if n % 2 == 0 {
-            chart.series.push(series);
-        }
-    }
-    let h: Vec<&str> = headers.iter().map(|s| s.as_str()).collect();
-    out.table(&h, &rows);
-    out.chart("chain.svg", chart);
+    let columns: Vec<(f64, String)> = depths
+        .iter()
+        .map(|&d| (d as f64, format!("depth {d}")))
+        .collect();
+    out.sweep(
+        Chart {
+            title: "Creating a layer at depth d".into(),
+            x_label: "chain depth".into(),
+            y_label: "ms (log)".into(),
+            x_log: true,
+            y_log: true,
+            ..Chart::default()
+        },
+        "chain.svg",
+        ("chain", ""),
+        &columns,
+        &names,
+        &t,
+        // Creation rows only: reads are in the table.
+        |n, _| n % 2 == 0,
+    );
     Ok(())
 }
 
