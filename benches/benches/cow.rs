@@ -555,6 +555,14 @@ impl CowSystem for Qcow2Sys {
     }
 }
 
+/// The name and mkfs command of a reflink-capable file system: btrfs, or xfs with reflinks.
+fn reflink_mkfs(kind: Kind) -> (&'static str, &'static [&'static str]) {
+    match kind {
+        Kind::Btrfs => ("btrfs", &["mkfs.btrfs", "-f", "-q"]),
+        _ => ("xfs", &["mkfs.xfs", "-f", "-q", "-m", "reflink=1"]),
+    }
+}
+
 /// A reflink-capable file system on its own loop device; a container is
 /// `cp --reflink=always` of the image file, synced.
 struct ReflinkSys {
@@ -567,10 +575,7 @@ struct ReflinkSys {
 
 impl ReflinkSys {
     fn new(kind: Kind, dir: &Path, size: u64, seed: u64) -> Result<ReflinkSys> {
-        let (tag, mkfs): (&str, &[&str]) = match kind {
-            Kind::Btrfs => ("btrfs", &["mkfs.btrfs", "-f", "-q"]),
-            _ => ("xfs", &["mkfs.xfs", "-f", "-q", "-m", "reflink=1"]),
-        };
+        let (tag, mkfs) = reflink_mkfs(kind);
         let image_size = (size * 2 + 2 * GIB).max(4 * GIB);
         let options = (kind == Kind::Btrfs).then_some("discard=async");
         let fs = sys::LoopFs::create(
@@ -2486,10 +2491,7 @@ struct SmallReflink {
 }
 impl SmallReflink {
     fn new(kind: Kind, dir: &Path, tree: &Path) -> Result<SmallReflink> {
-        let (tag, mkfs): (&str, &[&str]) = match kind {
-            Kind::Btrfs => ("btrfs", &["mkfs.btrfs", "-f", "-q"]),
-            _ => ("xfs", &["mkfs.xfs", "-f", "-q", "-m", "reflink=1"]),
-        };
+        let (tag, mkfs) = reflink_mkfs(kind);
         let fs = sys::LoopFs::create(
             &dir.join(format!("small-{tag}.img")),
             4 * GIB,
