@@ -53,32 +53,23 @@ pub fn mount(
 pub fn unmount(client: &mut Client, c: &Container, root: &Path) -> anyhow::Result<bool> {
     unmount_path(&c.mountpoint(root))?;
     let id = thin_id(c)?;
-    if !is_active(client, c)? {
-        return Ok(true);
-    }
-    // The container's supervisor deactivates the thin too when the container stops, so it
-    // may go while this runs (`kill` then `rm -f`): a failure is checked against that first.
-    match storage::devicemapper::deactivate(client, id) {
-        Ok(()) => Ok(true),
-        Err(_) if !is_active(client, c)? => Ok(true),
-        Err(e) => {
-            tracing::warn!(thin_id = %id, "{e:#}; deactivation deferred");
-            match client.deactivate(id, true) {
-                Ok(()) => Ok(false),
-                Err(_) if !is_active(client, c)? => Ok(true),
-                Err(e) => Err(anyhow::Error::from(e)
-                    .context(format!("failed to defer the deactivation of thin {id}"))),
-            }
-        }
-    }
-}
-
-/// Whether the container's thin has a block device.
-fn is_active(client: &mut Client, c: &Container) -> anyhow::Result<bool> {
-    Ok(client
+    let active = client
         .list()?
         .into_iter()
-        .any(|t| t.id == c.thin_id && t.active.is_some()))
+        .any(|t| t.id == c.thin_id && t.active.is_some());
+    if !active {
+        return Ok(true);
+    }
+    match storage::devicemapper::deactivate(client, id) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!(thin_id = %id, "{e:#}; deactivation deferred");
+            client
+                .deactivate(id, true)
+                .with_context(|| format!("failed to defer the deactivation of thin {id}"))?;
+            Ok(false)
+        }
+    }
 }
 
 /// Unmounts `target` if something is mounted there (lazily if something still holds it)

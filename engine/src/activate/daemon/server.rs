@@ -482,8 +482,11 @@ impl Daemon {
     }
 
     fn deactivate(&self, state: &mut State, id: ThinId, deferred: bool) -> Result<()> {
+        // A thin that is not active is done, as device-mapper's remove of a device that is
+        // gone is for the kernel backend: two deactivations may race (a container's
+        // supervisor when it stops, and `rm -f` right after `kill`).
         let Some(active) = state.active.get_mut(&id) else {
-            return Err(Error::InvalidArgument(format!("thin {id} is not active")));
+            return Ok(());
         };
         if deferred {
             active.device.detach_deferred()?;
