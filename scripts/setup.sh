@@ -27,11 +27,17 @@ for p in "${packages[@]}"; do
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")
 done
 command -v qemu-io >/dev/null 2>&1 || missing+=(qemu-utils)
+export DEBIAN_FRONTEND=noninteractive
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Installing Debian's qemu-system-x86 removes the machine image's backported qemu-utils (their
+# versions conflict), so qemu-io is looked for again afterwards and Debian's own installed.
+if ! command -v qemu-io >/dev/null 2>&1; then
+  echo "setup: installing qemu-utils" >&2
+  apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
 fi
 
 command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
