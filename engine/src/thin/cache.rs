@@ -1,23 +1,30 @@
-//! A cache of recent mappings for the read path, read without any lock.
+//! A cache of recent mappings for the data path, read without any lock.
 //!
-//! A 4 KiB read from the page cache costs about 2 µs; a b-tree walk under the metadata lock
-//! would add a third to it, and even a locked hash map costs a few percent (two atomic
+//! A 4 KiB read from the page cache costs well under 1 µs; a b-tree walk under the metadata
+//! lock would add a third to it, and even a locked hash map costs a few percent (two atomic
 //! read-modify-writes and a cache miss or two). So each open thin has a [`MappingTable`]: a
 //! three-level radix table of `AtomicU64` entries indexed by virtual block, allocated lazily,
 //! where a hit is three dependent loads and no write to shared memory.
 //!
-//! An entry holds the data block plus one, tagged with the low 24 bits of the pool's epoch
-//! ([`MappingCache`]); 0 means "not cached".
+//! An entry holds the data block plus one, tagged with the low 24 bits of its table's epoch;
+//! 0 means "not cached". One more bit says the mapping is the thin's own: made after the
+//! thin's latest snapshot, so a write may go to the block in place without asking the
+//! metadata (the write path's fast path).
 //!
 //! Why it is never stale:
 //! - a mapping changes only under the block's stripe lock held for writing (provisioning,
-//!   copy-on-write, discard), and whoever changes it invalidates the entry before letting go;
-//!   readers hold the same stripe for reading, so a reader never races a change of its block;
+//!   copy-on-write, discard), and whoever changes it invalidates or replaces the entry before
+//!   letting go; readers hold the same stripe for reading, so a reader never races a change
+//!   of its block;
 //! - changes that are not per block (an aborted transaction, a deleted thin whose id may come
-//!   back) bump the epoch under the metadata lock, which makes every entry's tag wrong at once;
-//!   a reader that looked a mapping up before such a bump tags its insert with the epoch it saw
-//!   under the metadata lock, so the insert is born stale. When the 24-bit tag wraps, every
-//!   table of an open thin is zeroed as well, so a tag can never match again by coming around.
+//!   back) bump every table's epoch under the metadata lock ([`MappingCache::clear`]), which
+//!   makes every entry's tag wrong at once; whoever looked a mapping up before such a bump
+//!   tags its insert with the epoch it read under the metadata lock, so the insert is born
+//!   stale. When a table's 24-bit tag wraps, the table is zeroed as well, so a tag can never
+//!   match again by coming around;
+//! - a mapping stops being the thin's own only when the thin is snapshotted, which bumps that
+//!   thin's table the same way, with the thin's writes held off (so no write is between its
+//!   check of the entry and its data write meanwhile).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -38,15 +45,17 @@ const MAX_LEAVES: usize = 4096;
 
 const TAG_BITS: u32 = 24;
 const TAG_SHIFT: u32 = 64 - TAG_BITS;
-const BLOCK_MASK: u64 = (1 << TAG_SHIFT) - 1;
+/// Set when the mapping is the thin's own (see the module's docs).
+const OWN: u64 = 1 << (TAG_SHIFT - 1);
+/// Data blocks at or past this are not cached (2^39: far past any data device's blocks).
+const BLOCK_MASK: u64 = OWN - 1;
 
 type Leaf = Box<[AtomicU64]>;
 type Middle = Box<[OnceLock<Leaf>]>;
 
-/// The pool-wide part: the epoch, the memory budget and the tables (for zeroing them all
-/// when the tag wraps). Lock order: the metadata lock, then `tables`.
+/// The pool-wide part: the memory budget and the open thins' tables (to make them all
+/// stale at once). Lock order: the metadata lock, then `tables`.
 pub(crate) struct MappingCache {
-    epoch: AtomicU64,
     leaves: AtomicUsize,
     tables: Mutex<Vec<Weak<MappingTable>>>,
 }
@@ -54,7 +63,6 @@ pub(crate) struct MappingCache {
 impl MappingCache {
     pub(crate) fn new() -> MappingCache {
         MappingCache {
-            epoch: AtomicU64::new(0),
             leaves: AtomicUsize::new(0),
             tables: Mutex::new(Vec::new()),
         }
@@ -69,29 +77,19 @@ impl MappingCache {
         table
     }
 
-    /// The epoch to pass to `insert`; read it under the metadata lock, with the lookup.
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    fn tag(epoch: u64) -> u64 {
-        epoch & ((1 << TAG_BITS) - 1)
-    }
-
-    /// Makes every cached mapping stale (the caller holds the metadata lock).
+    /// Makes every cached mapping of every open thin stale (the caller holds the metadata
+    /// lock).
     pub(crate) fn clear(&self) {
-        let new = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        if Self::tag(new) == 0 {
-            // The tag came around: an old entry could match again, so none may survive.
-            for table in self.tables.lock().iter().filter_map(Weak::upgrade) {
-                table.zero();
-            }
+        for table in self.tables.lock().iter().filter_map(Weak::upgrade) {
+            table.clear();
         }
     }
 }
 
 /// One open thin's cached mappings.
 pub(crate) struct MappingTable {
+    /// Entries carry its low bits; bumped under the metadata lock.
+    epoch: AtomicU64,
     top: Box<[OnceLock<Middle>]>,
 }
 
@@ -106,10 +104,29 @@ fn split(vblock: u64) -> Option<(usize, usize, usize)> {
     })
 }
 
+fn tag(epoch: u64) -> u64 {
+    epoch & ((1 << TAG_BITS) - 1)
+}
+
 impl MappingTable {
     fn new() -> MappingTable {
         MappingTable {
+            epoch: AtomicU64::new(0),
             top: (0..TOP).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The epoch to pass to `insert`; read it under the metadata lock, with the lookup.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Makes every entry stale (the caller holds the metadata lock).
+    pub(crate) fn clear(&self) {
+        let new = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        if tag(new) == 0 {
+            // The tag came around: an old entry could match again, so none may survive.
+            self.zero();
         }
     }
 
@@ -118,15 +135,35 @@ impl MappingTable {
         Some(&self.top[t].get()?[m].get()?[l])
     }
 
-    /// The data block `vblock` maps to, if cached and current.
-    pub(crate) fn get(&self, cache: &MappingCache, vblock: u64) -> Option<u64> {
+    /// The current entry for `vblock`, if any.
+    fn current(&self, vblock: u64) -> Option<u64> {
         let entry = self.entry(vblock)?.load(Ordering::Acquire);
-        let tag = MappingCache::tag(cache.epoch());
-        (entry != 0 && entry >> TAG_SHIFT == tag).then(|| (entry & BLOCK_MASK) - 1)
+        (entry != 0 && entry >> TAG_SHIFT == tag(self.epoch())).then_some(entry)
     }
 
-    /// Caches a mapping looked up at `epoch` (born stale if the pool's epoch moved since).
-    pub(crate) fn insert(&self, cache: &MappingCache, vblock: u64, block: u64, epoch: u64) {
+    /// The data block `vblock` maps to, if cached and current.
+    pub(crate) fn get(&self, vblock: u64) -> Option<u64> {
+        self.current(vblock).map(|entry| (entry & BLOCK_MASK) - 1)
+    }
+
+    /// The data block `vblock` maps to, if cached, current and the thin's own: a write may go
+    /// there in place.
+    pub(crate) fn get_own(&self, vblock: u64) -> Option<u64> {
+        self.current(vblock)
+            .filter(|entry| entry & OWN != 0)
+            .map(|entry| (entry & BLOCK_MASK) - 1)
+    }
+
+    /// Caches a mapping looked up at `epoch` (born stale if the table's epoch moved since);
+    /// `own` says it was made after the thin's latest snapshot.
+    pub(crate) fn insert(
+        &self,
+        cache: &MappingCache,
+        vblock: u64,
+        block: u64,
+        own: bool,
+        epoch: u64,
+    ) {
         if block >= BLOCK_MASK {
             return;
         }
@@ -150,8 +187,9 @@ impl MappingTable {
                 leaf
             }
         };
+        let own = if own { OWN } else { 0 };
         leaf[l].store(
-            (MappingCache::tag(epoch) << TAG_SHIFT) | (block + 1),
+            (tag(epoch) << TAG_SHIFT) | own | (block + 1),
             Ordering::Release,
         );
     }
@@ -194,42 +232,63 @@ mod tests {
     fn hits_misses_invalidation_and_epochs() {
         let cache = MappingCache::new();
         let table = cache.new_table();
-        assert_eq!(table.get(&cache, 7), None);
-        table.insert(&cache, 7, 1234, cache.epoch());
-        table.insert(&cache, MAX_VBLOCK - 1, 0, cache.epoch());
-        assert_eq!(table.get(&cache, 7), Some(1234));
-        assert_eq!(table.get(&cache, MAX_VBLOCK - 1), Some(0));
-        assert_eq!(table.get(&cache, 8), None);
+        assert_eq!(table.get(7), None);
+        table.insert(&cache, 7, 1234, false, table.epoch());
+        table.insert(&cache, MAX_VBLOCK - 1, 0, true, table.epoch());
+        assert_eq!(table.get(7), Some(1234));
+        assert_eq!(table.get_own(7), None, "shared with a snapshot");
+        assert_eq!(table.get(MAX_VBLOCK - 1), Some(0));
+        assert_eq!(table.get_own(MAX_VBLOCK - 1), Some(0));
+        assert_eq!(table.get(8), None);
         table.invalidate(7);
-        assert_eq!(table.get(&cache, 7), None);
+        assert_eq!(table.get(7), None);
 
         // An insert looked up before a clear is born stale; one after it is current.
-        let before = cache.epoch();
+        let before = table.epoch();
         cache.clear();
-        table.insert(&cache, 9, 5, before);
-        assert_eq!(table.get(&cache, 9), None);
-        assert_eq!(table.get(&cache, MAX_VBLOCK - 1), None, "clear staled it");
-        table.insert(&cache, 9, 5, cache.epoch());
-        assert_eq!(table.get(&cache, 9), Some(5));
+        table.insert(&cache, 9, 5, true, before);
+        assert_eq!(table.get(9), None);
+        assert_eq!(table.get(MAX_VBLOCK - 1), None, "clear staled it");
+        table.insert(&cache, 9, 5, true, table.epoch());
+        assert_eq!(table.get(9), Some(5));
+        assert_eq!(table.get_own(9), Some(5));
+        // The largest block that fits beside the flag keeps it apart.
+        table.insert(&cache, 11, BLOCK_MASK - 1, false, table.epoch());
+        assert_eq!(table.get(11), Some(BLOCK_MASK - 1));
+        assert_eq!(table.get_own(11), None);
 
         // Out of range: never cached, never a panic.
-        table.insert(&cache, MAX_VBLOCK, 1, cache.epoch());
-        assert_eq!(table.get(&cache, MAX_VBLOCK), None);
-        table.insert(&cache, 10, BLOCK_MASK, cache.epoch());
-        assert_eq!(table.get(&cache, 10), None);
+        table.insert(&cache, MAX_VBLOCK, 1, false, table.epoch());
+        assert_eq!(table.get(MAX_VBLOCK), None);
+        table.insert(&cache, 10, BLOCK_MASK, true, table.epoch());
+        assert_eq!(table.get(10), None);
     }
 
     #[test]
-    fn the_tag_wrapping_around_zeroes_every_table() {
+    fn one_table_goes_stale_alone() {
+        // A snapshot of one thin stales that thin's entries and leaves the others' alone.
         let cache = MappingCache::new();
-        cache.epoch.store((1 << TAG_BITS) - 2, Ordering::Relaxed);
+        let (origin, other) = (cache.new_table(), cache.new_table());
+        origin.insert(&cache, 1, 10, true, origin.epoch());
+        other.insert(&cache, 1, 20, true, other.epoch());
+        origin.clear();
+        assert_eq!(origin.get_own(1), None);
+        assert_eq!(other.get_own(1), Some(20));
+        cache.clear();
+        assert_eq!(other.get(1), None);
+    }
+
+    #[test]
+    fn the_tag_wrapping_around_zeroes_the_table() {
+        let cache = MappingCache::new();
         let table = cache.new_table();
+        table.epoch.store((1 << TAG_BITS) - 2, Ordering::Relaxed);
         // Tagged 0: without zeroing it would match again once the tag comes around.
-        table.insert(&cache, 1, 2, 0);
+        table.insert(&cache, 1, 2, true, 0);
         cache.clear();
         cache.clear();
-        assert_eq!(MappingCache::tag(cache.epoch()), 0);
-        assert_eq!(table.get(&cache, 1), None);
+        assert_eq!(tag(table.epoch()), 0);
+        assert_eq!(table.get(1), None);
     }
 
     #[test]
@@ -237,13 +296,10 @@ mod tests {
         let cache = MappingCache::new();
         let table = cache.new_table();
         for i in 0..(MAX_LEAVES as u64 + 10) {
-            table.insert(&cache, i * FANOUT as u64, i, cache.epoch());
+            table.insert(&cache, i * FANOUT as u64, i, false, table.epoch());
         }
         assert_eq!(cache.leaves.load(Ordering::Relaxed), MAX_LEAVES);
-        assert_eq!(
-            table.get(&cache, (MAX_LEAVES as u64 + 5) * FANOUT as u64),
-            None
-        );
+        assert_eq!(table.get((MAX_LEAVES as u64 + 5) * FANOUT as u64), None);
         table.release(&cache);
         assert_eq!(cache.leaves.load(Ordering::Relaxed), 0);
     }

@@ -160,19 +160,21 @@ impl Thin {
     fn read_one(&self, buf: &mut [u8], vblock: u64, within: u64) -> Result<()> {
         let bs = self.pool.block_size().bytes();
         let _stripe = self.pool.stripe(self.id, vblock).read();
-        if let Some(block) = self.gate.table.get(&self.pool.mappings, vblock) {
+        if let Some(block) = self.gate.table.get(vblock) {
             return self.read_data(buf, block * bs + within);
         }
         // The epoch is read under the metadata lock, with the lookup (see `thin::cache`).
-        let (mapping, epoch) = self.pool.on_metadata(|md| {
-            let epoch = self.pool.mappings.epoch();
-            Ok((md.lookup(self.id, vblock)?, epoch))
+        let (mapping, snapshotted_time, epoch) = self.pool.on_metadata(|md| {
+            let epoch = self.gate.table.epoch();
+            let mapping = md.lookup(self.id, vblock)?;
+            Ok((mapping, md.device(self.id)?.snapshotted_time, epoch))
         })?;
         match mapping {
             Some(bt) => {
+                let own = bt.time >= snapshotted_time;
                 self.gate
                     .table
-                    .insert(&self.pool.mappings, vblock, bt.block, epoch);
+                    .insert(&self.pool.mappings, vblock, bt.block, own, epoch);
                 self.read_data(buf, bt.block * bs + within)
             }
             None => {
@@ -204,15 +206,35 @@ impl Thin {
     /// Writes `buf` at `offset`, provisioning and copying blocks as needed.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_span(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         self.pool.check_writable()?;
         let _io = self.gate.io.read_recursive();
-        let bs = self.pool.block_size().bytes();
+        let block_size = self.pool.block_size();
+        let bs = block_size.bytes();
+        let (first, within) = block_size.split(offset);
+        if within + buf.len() as u64 <= bs && self.write_own(buf, first, within)? {
+            return Ok(());
+        }
         let all: Vec<Piece> = pieces(offset, buf.len(), bs).collect();
         // Batches bound the stripes held and the blocks allocated at once.
         for batch in all.chunks(WRITE_BATCH_BLOCKS) {
             self.write_batch(buf, batch)?;
         }
         Ok(())
+    }
+
+    /// A write within one block that the mapping cache knows to be the thin's own: in place,
+    /// with no metadata work (the common overwrite). False when the cache cannot tell; the
+    /// caller then takes the general path.
+    fn write_own(&self, buf: &[u8], vblock: u64, within: u64) -> Result<bool> {
+        let bs = self.pool.block_size().bytes();
+        let _stripe = self.pool.stripe(self.id, vblock).write();
+        match self.gate.table.get_own(vblock) {
+            Some(block) => self.write_data(buf, block * bs + within).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Writes the pieces of one batch (consecutive blocks): blocks this thin owns are written
@@ -224,11 +246,12 @@ impl Thin {
         let (first, last) = (batch[0].vblock, batch[batch.len() - 1].vblock + 1);
         let stripes = pool.stripes_for(self.id, first..last);
         let _guards: Vec<_> = stripes.iter().map(|s| s.write()).collect();
-        let (mappings, snapshotted_time) = pool.on_metadata(|md| {
+        let (mappings, snapshotted_time, epoch) = pool.on_metadata(|md| {
             let snap_time = md.device(self.id)?.snapshotted_time;
             Ok((
                 md.lookup_range(self.id, first, last, usize::MAX)?,
                 snap_time,
+                self.gate.table.epoch(),
             ))
         })?;
         let mut mapped = mappings.iter().peekable();
@@ -243,8 +266,12 @@ impl Thin {
                 .filter(|(v, _)| *v == p.vblock)
                 .map(|(_, bt)| *bt);
             match old {
-                // Mapped after this thin's latest snapshot: nobody else sees it, write in place.
+                // Mapped after this thin's latest snapshot: nobody else sees it, write in place
+                // (and let the next write to it know so without asking the metadata).
                 Some(bt) if bt.time >= snapshotted_time => {
+                    self.gate
+                        .table
+                        .insert(&pool.mappings, p.vblock, bt.block, true, epoch);
                     in_place.push(
                         bt.block * bs + p.within as u64,
                         p.at,
@@ -278,6 +305,7 @@ impl Thin {
             }
             return Err(e);
         }
+        let epoch = self.gate.table.epoch();
         for ((p, _), &block) in pieces.iter().zip(&blocks) {
             self.gate.table.invalidate(p.vblock);
             let r = md.insert(self.id, p.vblock, BlockTime { block, time });
@@ -285,6 +313,10 @@ impl Thin {
                 pool.metadata_failed(&mut md, &e);
                 return Err(e);
             }
+            // Made now, after any snapshot of this thin: its own.
+            self.gate
+                .table
+                .insert(&pool.mappings, p.vblock, block, true, epoch);
         }
         Ok(())
     }

@@ -9,9 +9,9 @@
 //! 3. the provisioning gate (read from allocating a data block until its mapping is inserted;
 //!    write for commit), so that a commit never records a block allocated but not yet mapped;
 //! 4. the metadata mutex, held only for metadata work, never across data I/O;
-//! 5. the mapping cache's table list (only to register a thin's table, or to zero them all
-//!    when the cache's epoch tag wraps). The open-thins map is taken before 4 and 5, never
-//!    after them.
+//! 5. the mapping cache's table list (only to register a thin's table, or to make them all
+//!    stale). The open-thins map is taken before 1 (`create_snap` holds it while it quiesces
+//!    the origin, so the origin cannot be opened meanwhile), never after any of them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -179,6 +179,8 @@ pub struct Pool {
     block_size: DataBlockSize,
     options: PoolOptions,
     mode: Mutex<PoolMode>,
+    /// Whether `mode` is read-only (it latches): what the data path checks, without the lock.
+    read_only: std::sync::atomic::AtomicBool,
     stripes: Vec<RwLock<()>>,
     provisioning: RwLock<()>,
     open_thins: Mutex<HashMap<ThinId, (Arc<ThinGate>, usize)>>,
@@ -262,6 +264,7 @@ impl Pool {
             data_dev,
             block_size,
             options,
+            read_only: std::sync::atomic::AtomicBool::new(matches!(mode, PoolMode::ReadOnly(_))),
             mode: Mutex::new(mode),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             provisioning: RwLock::new(()),
@@ -324,6 +327,9 @@ impl Pool {
     /// Refuses changes unless the pool is writable. Out of data space still allows changes
     /// that need no new data block.
     pub(crate) fn check_writable(&self) -> Result<()> {
+        if !self.read_only.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         match &*self.mode.lock() {
             PoolMode::ReadOnly(why) => Err(Error::ReadOnly(why.clone())),
             _ => Ok(()),
@@ -350,6 +356,10 @@ impl Pool {
                     reason: why.clone(),
                 }),
             };
+            if matches!(mode, PoolMode::ReadOnly(_)) {
+                self.read_only
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             *m = mode;
             drop(m);
             if let Some(event) = event {
@@ -419,7 +429,11 @@ impl Pool {
     /// Latches read-only mode (it never goes back while the pool is open) and tells
     /// subscribers.
     fn enter_read_only(&self, reason: String) {
-        *self.mode.lock() = PoolMode::ReadOnly(reason.clone());
+        let mut mode = self.mode.lock();
+        *mode = PoolMode::ReadOnly(reason.clone());
+        self.read_only
+            .store(true, std::sync::atomic::Ordering::Release);
+        drop(mode);
         self.emit(PoolEvent::ReadOnly { reason });
     }
 
@@ -505,9 +519,22 @@ impl Pool {
     /// so the snapshot is a point-in-time copy.
     pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
         tracing::debug!(thin_id = %id, origin = %origin, "create_snap");
-        let gate = self.open_thins.lock().get(&origin).map(|(g, _)| g.clone());
+        // The open-thins map stays locked until the snapshot is recorded, so the origin is
+        // either open now (and quiesced here) or opened afterwards (with a fresh table).
+        let open = self.open_thins.lock();
+        let gate = open.get(&origin).map(|(g, _)| g.clone());
         let _quiesced = gate.as_ref().map(|g| g.io.write());
-        self.with_metadata_space(|md| md.create_snap(id, origin))
+        let r = self.with_metadata_space(|md| {
+            md.create_snap(id, origin)?;
+            if let Some(gate) = &gate {
+                // The origin's blocks are shared now: its cached mappings must stop saying
+                // they are its own.
+                gate.table.clear();
+            }
+            Ok(())
+        });
+        drop(open);
+        r
     }
 
     /// Deletes a thin. Refused while it is open.
