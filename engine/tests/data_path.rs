@@ -158,7 +158,7 @@ fn snapshots_taken_while_the_origin_is_written_never_change_afterwards() {
                 let mut thin = pool.open_thin(id(1)).unwrap();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    if n % 5 == 0 {
+                    if n.is_multiple_of(5) {
                         // Now and then the origin has no open handle: a snapshot may come
                         // just before a writer opens it.
                         drop(thin);
