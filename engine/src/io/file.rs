@@ -17,7 +17,10 @@ pub enum OpenMode {
 /// A regular file (sparse) or a block device (loop or raw disk).
 ///
 /// Block devices are opened with `O_EXCL`, so the kernel refuses a second exclusive opener
-/// (a mounted filesystem, another pool); their size comes from the kernel.
+/// (a mounted filesystem, another pool); their size comes from the kernel. Both are opened
+/// with `O_NOATIME` where the caller may (the file's owner, or `CAP_FOWNER`): a pool's files
+/// have no use for access times, and checking whether one is due costs a cached read about
+/// a tenth of its time.
 pub struct FileDevice {
     file: File,
     path: PathBuf,
@@ -33,11 +36,10 @@ nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64;
 impl FileDevice {
     /// Creates a sparse regular file of `size` bytes. Fails if the path exists.
     pub fn create(path: &Path, size: u64) -> io::Result<FileDevice> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create_new(true);
+        // Whoever creates the file owns it, so O_NOATIME is always allowed here.
+        let file = options.custom_flags(nix::libc::O_NOATIME).open(path)?;
         file.set_len(size)?;
         Self::from_file(file, path, false)
     }
@@ -48,10 +50,22 @@ impl FileDevice {
         let is_block_device = meta.file_type().is_block_device();
         let mut options = OpenOptions::new();
         options.read(true).write(mode == OpenMode::ReadWrite);
-        if is_block_device && mode == OpenMode::ReadWrite {
-            options.custom_flags(nix::libc::O_EXCL);
+        let exclusive = if is_block_device && mode == OpenMode::ReadWrite {
+            nix::libc::O_EXCL
+        } else {
+            0
+        };
+        let file = match options
+            .custom_flags(exclusive | nix::libc::O_NOATIME)
+            .open(path)
+        {
+            // Neither the owner nor CAP_FOWNER: O_NOATIME is not ours to ask for.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => {
+                options.custom_flags(exclusive).open(path)
+            }
+            r => r,
         }
-        let file = options.open(path).map_err(|e| {
+        .map_err(|e| {
             if e.raw_os_error() == Some(nix::libc::EBUSY) {
                 io::Error::new(io::ErrorKind::ResourceBusy, "device is busy")
             } else {

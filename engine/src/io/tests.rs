@@ -85,3 +85,22 @@ fn file_device_creation_is_sparse_and_discard_punches_holes() {
         "discard gave the space back: {before} -> {after} sectors"
     );
 }
+
+#[test]
+fn file_device_reads_leave_access_times_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dev");
+    drop(FileDevice::create(&path, 1 << 20).unwrap());
+    // An access time two days old: under relatime (or strictatime) a plain read renews it.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    file.set_times(std::fs::FileTimes::new().set_accessed(old))
+        .unwrap();
+    let before = std::fs::metadata(&path).unwrap().atime();
+    for mode in [OpenMode::ReadOnly, OpenMode::ReadWrite] {
+        let dev = FileDevice::open(&path, mode).unwrap();
+        dev.read_at(&mut [0u8; 4096], 0).unwrap();
+    }
+    assert_eq!(std::fs::metadata(&path).unwrap().atime(), before);
+}
