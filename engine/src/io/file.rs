@@ -153,6 +153,25 @@ impl BlockDevice for FileDevice {
         self.file.sync_data()
     }
 
+    fn start_writeback(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // Safety: sync_file_range only reads its scalar arguments.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            nix::libc::sync_file_range(
+                self.file.as_raw_fd(),
+                0,
+                0,
+                nix::libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.size(), offset, len as usize)?;
         if self.is_block_device {

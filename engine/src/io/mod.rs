@@ -34,6 +34,12 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Starts writing what was written so far towards the device, without waiting for it or
+    /// flushing anything: a hint that a `sync` follows (devices without such a notion do
+    /// nothing).
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Releases a byte range (a hole punched in a file, a discard on a device).
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Grows the device to `new_size` bytes where the device can (sparse files can); a raw

@@ -102,6 +102,10 @@ impl BlockDevice for RegionDevice {
         self.inner.sync()
     }
 
+    fn start_writeback(&self) -> io::Result<()> {
+        self.inner.start_writeback()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let at = self.translate(offset, len)?;
         self.inner.discard(at, len)

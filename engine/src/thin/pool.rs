@@ -8,7 +8,8 @@
 //!    sees a block that a discard freed and someone else reused;
 //! 3. the provisioning gate (read from allocating a data block until its mapping is inserted;
 //!    write for commit), so that a commit never records a block allocated but not yet mapped;
-//! 4. the metadata mutex, held only for metadata work, never across data I/O;
+//! 4. the metadata mutex, held for metadata work and, in a commit, across the data flush
+//!    that must come before the superblock (never across other data I/O);
 //! 5. the mapping cache's table list (only to register a thin's table, or to make them all
 //!    stale). The open-thins map is taken before 1 (`create_snap` holds it while it quiesces
 //!    the origin, so the origin cannot be opened meanwhile), never after any of them.
@@ -412,8 +413,7 @@ impl Pool {
     /// failed: the commit fails like one with a metadata error. The transaction's mappings
     /// may name blocks whose contents never reached the disk, so it is thrown away and the
     /// pool turns read-only with needs_check, as the kernel's does.
-    fn data_flush_failed(&self, md: &mut Metadata, source: std::io::Error) -> Error {
-        let err = self.data_io_error(0, source);
+    fn data_flush_failed(&self, md: &mut Metadata, err: Error) -> Error {
         self.fail(md, format!("data device flush failed: {err}"), true);
         err
     }
@@ -423,7 +423,7 @@ impl Pool {
     fn sync_data_for_commit(&self) -> Result<()> {
         self.data_dev
             .sync()
-            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), e))
+            .map_err(|e| self.data_flush_failed(&mut self.md.lock(), self.data_io_error(0, e)))
     }
 
     /// Latches read-only mode (it never goes back while the pool is open) and tells
@@ -469,7 +469,7 @@ impl Pool {
         let committed = self
             .data_dev
             .sync()
-            .map_err(|e| self.data_flush_failed(&mut md, e))
+            .map_err(|e| self.data_flush_failed(&mut md, self.data_io_error(0, e)))
             .and_then(|_| md.commit());
         match committed {
             Err(e) => self.metadata_failed(&mut md, &e),
@@ -595,8 +595,26 @@ impl Pool {
             return self.data_dev.sync().map_err(|e| self.data_io_error(0, e));
         }
         let _gate = self.provisioning.write();
-        self.sync_data_for_commit()?;
-        self.with_metadata(|md| md.commit())?;
+        self.check_writable()?;
+        let mut md = self.md.lock();
+        // The data the new mappings point at must be durable before the superblock that
+        // records them: it is flushed once the metadata blocks are on their way.
+        let mut data_flush_failed = false;
+        let committed = md.commit_with(|| {
+            self.data_dev.sync().map_err(|e| {
+                data_flush_failed = true;
+                self.data_io_error(0, e)
+            })
+        });
+        if let Err(e) = committed {
+            return Err(if data_flush_failed {
+                self.data_flush_failed(&mut md, e)
+            } else {
+                self.metadata_failed(&mut md, &e);
+                e
+            });
+        }
+        drop(md);
         self.pass_down_discards();
         // Blocks freed by the transaction are allocatable now: wake queued writers.
         self.after_free();

@@ -364,9 +364,27 @@ impl TransactionManager {
     /// Writes every dirty block, flushes, writes the superblock, flushes (see the module doc).
     /// On success the current space maps become the committed ones.
     pub fn commit(&mut self, superblock: &mut Block) -> Result<()> {
+        self.commit_with(superblock, || Ok(()))
+    }
+
+    /// [`Self::commit`], running `before_flush` once the blocks are written and their
+    /// writeback started, before they are flushed. The pool makes its data durable there:
+    /// the superblock must come after it, the other blocks need not (no committed superblock
+    /// reaches them), and on a pool made of files the host's file system then commits the
+    /// allocations of both files in one journal transaction (about a tenth of a commit here).
+    pub fn commit_with(
+        &mut self,
+        superblock: &mut Block,
+        before_flush: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         // Step 1 and 2: everything but the superblock, then a flush.
         let mut blocks: Vec<(u64, Dirty)> = self.dirty.drain().collect();
         self.write_out(&mut blocks)?;
+        if let Err(e) = self.dev.start_writeback() {
+            // Only a hint: the flush below reports whatever really went wrong.
+            tracing::debug!(error = %e, "metadata writeback could not be started");
+        }
+        before_flush()?;
         self.dev.sync().map_err(|e| self.io_error(0, e))?;
         // Step 3 and 4: the superblock flips the pool to the new transaction.
         block::seal(superblock, 0, BlockKind::Superblock);

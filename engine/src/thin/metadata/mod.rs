@@ -627,8 +627,15 @@ impl Metadata {
 
     /// Makes every change since the last commit durable (the superblock is written last).
     pub fn commit(&mut self) -> Result<()> {
+        self.commit_with(|| Ok(()))
+    }
+
+    /// [`Self::commit`], running `before_flush` after the metadata blocks are written and
+    /// before they are flushed and the superblock is written (see
+    /// [`TransactionManager::commit_with`]); it runs even when nothing changed.
+    pub fn commit_with(&mut self, before_flush: impl FnOnce() -> Result<()>) -> Result<()> {
         if !self.changed && self.tm.nr_dirty() == 0 {
-            return Ok(());
+            return before_flush();
         }
         for id in std::mem::take(&mut self.dirty_details) {
             let d = self.details[&id].encode();
@@ -645,7 +652,7 @@ impl Metadata {
         self.sb.metadata_sm_root = disk::persist_metadata(&mut self.tm, &mut self.meta_loc)?;
         self.sb.metadata_nr_blocks = self.sb.metadata_sm_root.nr_blocks;
         let mut sb_block: Box<Block> = self.sb.encode();
-        self.tm.commit(&mut sb_block)?;
+        self.tm.commit_with(&mut sb_block, before_flush)?;
         tracing::debug!(
             transaction_id = self.sb.transaction_id,
             metadata_used = self.tm.meta_sm.nr_allocated(),
