@@ -197,6 +197,80 @@ fn snapshots_taken_while_the_origin_is_written_never_change_afterwards() {
     }
 }
 
+/// Cached reads take no lock; a block they read must never be one that was freed meanwhile and
+/// reused by another thin. Here one thread reads the blocks of thin 1 over and over while
+/// another frees them (by discard, or by copying them on write when the snapshot that shared
+/// them is gone), commits (the blocks become allocatable), fills thin 2 with the freed blocks
+/// and maps thin 1 again: the reader sees thin 1's bytes or zeros, never thin 2's.
+#[test]
+fn cached_reads_never_see_a_block_reused_by_another_thin() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const BLOCKS: u64 = 4;
+    let MemPool { pool, .. } = mem_pool(
+        8 << 20,
+        BLOCKS * 2,
+        DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
+    pool.create_thin(id(1)).unwrap();
+    pool.create_thin(id(2)).unwrap();
+    let ours = pool.open_thin(id(1)).unwrap();
+    for b in 0..BLOCKS {
+        ours.write(&[1u8; 65536], b * 65536).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let thin = pool.open_thin(id(1)).unwrap();
+            let mut buf = [0u8; 4096];
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for b in 0..BLOCKS {
+                    thin.read(&mut buf, b * 65536 + 8192).unwrap();
+                    assert!(
+                        buf.iter().all(|&x| x == 1) || buf.iter().all(|&x| x == 0),
+                        "read {reads}: block {b} held another thin's bytes ({})",
+                        buf[0]
+                    );
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    let theirs = pool.open_thin(id(2)).unwrap();
+    for by_discard in [true, false]
+        .into_iter()
+        .flat_map(|d| std::iter::repeat_n(d, 3000))
+    {
+        if by_discard {
+            ours.discard(0, BLOCKS * 65536).unwrap();
+        } else {
+            // Shared with a snapshot by time, with nobody else by count: the copy frees them.
+            pool.create_snap(id(3), id(1)).unwrap();
+            pool.delete(id(3)).unwrap();
+            for b in 0..BLOCKS {
+                ours.write(&[1u8; 4096], b * 65536).unwrap();
+            }
+        }
+        pool.commit().unwrap();
+        for b in 0..BLOCKS {
+            theirs.write(&[2u8; 65536], b * 65536).unwrap();
+        }
+        theirs.discard(0, BLOCKS * 65536).unwrap();
+        pool.commit().unwrap();
+        if by_discard {
+            for b in 0..BLOCKS {
+                ours.write(&[1u8; 65536], b * 65536).unwrap();
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads > 0);
+}
+
 #[test]
 fn data_block_sizes_other_than_64k_work() {
     for kib in [192u64, 1024] {

@@ -25,6 +25,14 @@
 //! - a mapping stops being the thin's own only when the thin is snapshotted, which bumps that
 //!   thin's table the same way, with the thin's writes held off (so no write is between its
 //!   check of the entry and its data write meanwhile).
+//!
+//! Reads of a cached block take no lock at all. The stripe lock they would need guards one
+//! thing: that the block read is not freed, reused by another thin and rewritten between the
+//! lookup and the read. So whoever frees a block of a thin counts it in the thin's table
+//! ([`MappingTable::freed`], under the block's stripe and the metadata lock, before anyone
+//! can allocate the block again), and a lock-free read that saw the count move while it read
+//! ([`MappingTable::frees`] before, [`MappingTable::unchanged_since`] after) reads again under
+//! the stripe. The count sits beside the epoch, in a line every lookup touches anyway.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -90,6 +98,8 @@ impl MappingCache {
 pub(crate) struct MappingTable {
     /// Entries carry its low bits; bumped under the metadata lock.
     epoch: AtomicU64,
+    /// Data blocks of this thin freed so far (see the module's docs).
+    frees: AtomicU64,
     top: Box<[OnceLock<Middle>]>,
 }
 
@@ -112,6 +122,7 @@ impl MappingTable {
     fn new() -> MappingTable {
         MappingTable {
             epoch: AtomicU64::new(0),
+            frees: AtomicU64::new(0),
             top: (0..TOP).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -123,11 +134,32 @@ impl MappingTable {
 
     /// Makes every entry stale (the caller holds the metadata lock).
     pub(crate) fn clear(&self) {
+        // An aborted transaction frees the blocks it allocated: count that too.
+        self.freed();
         let new = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         if tag(new) == 0 {
             // The tag came around: an old entry could match again, so none may survive.
             self.zero();
         }
+    }
+
+    /// Counts a freed data block of this thin. Call it after the entry is invalidated and
+    /// before the metadata lock is let go (so before the block can be allocated again).
+    pub(crate) fn freed(&self) {
+        self.frees.fetch_add(1, Ordering::Release);
+    }
+
+    /// The free count, read before a lock-free read of a cached block.
+    pub(crate) fn frees(&self) -> u64 {
+        self.frees.load(Ordering::Acquire)
+    }
+
+    /// Whether no block of this thin was freed since `frees` was read: then a block read in
+    /// between held what the cached mapping named.
+    pub(crate) fn unchanged_since(&self, frees: u64) -> bool {
+        // The read's loads (the data, in the kernel) before the count's.
+        std::sync::atomic::fence(Ordering::Acquire);
+        self.frees.load(Ordering::Relaxed) == frees
     }
 
     fn entry(&self, vblock: u64) -> Option<&AtomicU64> {
@@ -276,6 +308,20 @@ mod tests {
         assert_eq!(other.get_own(1), Some(20));
         cache.clear();
         assert_eq!(other.get(1), None);
+    }
+
+    #[test]
+    fn frees_tell_a_lock_free_read_to_look_again() {
+        let cache = MappingCache::new();
+        let table = cache.new_table();
+        let before = table.frees();
+        assert!(table.unchanged_since(before));
+        table.freed();
+        assert!(!table.unchanged_since(before));
+        // Making the table stale counts too (an abort frees what its transaction took).
+        let before = table.frees();
+        cache.clear();
+        assert!(!table.unchanged_since(before));
     }
 
     #[test]

@@ -159,8 +159,19 @@ impl Thin {
     /// A read within one block: one lookup, no allocation (the common 4 KiB case).
     fn read_one(&self, buf: &mut [u8], vblock: u64, within: u64) -> Result<()> {
         let bs = self.pool.block_size().bytes();
+        let table = &self.gate.table;
+        // A cached block is read without the stripe lock; if a block of this thin was freed
+        // meanwhile, it may have been reused, and the read is done again under the stripe
+        // (see `thin::cache`).
+        let frees = table.frees();
+        if let Some(block) = table.get(vblock) {
+            self.read_data(buf, block * bs + within)?;
+            if table.unchanged_since(frees) {
+                return Ok(());
+            }
+        }
         let _stripe = self.pool.stripe(self.id, vblock).read();
-        if let Some(block) = self.gate.table.get(vblock) {
+        if let Some(block) = table.get(vblock) {
             return self.read_data(buf, block * bs + within);
         }
         // The epoch is read under the metadata lock, with the lookup (see `thin::cache`).
@@ -306,12 +317,16 @@ impl Thin {
             return Err(e);
         }
         let epoch = self.gate.table.epoch();
-        for ((p, _), &block) in pieces.iter().zip(&blocks) {
+        for ((p, old), &block) in pieces.iter().zip(&blocks) {
             self.gate.table.invalidate(p.vblock);
             let r = md.insert(self.id, p.vblock, BlockTime { block, time });
             if let Err(e) = r {
                 pool.metadata_failed(&mut md, &e);
                 return Err(e);
+            }
+            if old.is_some_and(|old| md.data_block_count(old.block) == 0) {
+                // The copied block was ours alone after all (its snapshot is gone).
+                self.gate.table.freed();
             }
             // Made now, after any snapshot of this thin: its own.
             self.gate
@@ -446,7 +461,12 @@ impl Thin {
                 let mut md = self.pool.metadata();
                 self.gate.table.invalidate(vb);
                 match md.remove(self.id, vb) {
-                    Ok(Some((_, freed))) => freed_any |= freed,
+                    Ok(Some((_, freed))) => {
+                        if freed {
+                            self.gate.table.freed();
+                        }
+                        freed_any |= freed;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         self.pool.metadata_failed(&mut md, &e);

@@ -3,9 +3,10 @@
 //! Locking, in the order they are taken (never the other way):
 //! 1. a thin's IO gate (read for writes and discards; write to quiesce the origin of a
 //!    snapshot; reads need none, a snapshot changes no mapping they see);
-//! 2. block stripes (read for reads, write for writes and discards; several at once always in
-//!    stripe order), so that two writers never provision the same block twice and a read never
-//!    sees a block that a discard freed and someone else reused;
+//! 2. block stripes (read for reads of uncached blocks, write for writes and discards; several
+//!    at once always in stripe order), so that two writers never provision the same block twice
+//!    and a read never sees a block that a discard freed and someone else reused (reads of
+//!    cached blocks check the thin's free count instead, see `thin::cache`);
 //! 3. the provisioning gate (read from allocating a data block until its mapping is inserted;
 //!    write for commit), so that a commit never records a block allocated but not yet mapped;
 //! 4. the metadata mutex, held for metadata work and, in a commit, across the data flush
