@@ -952,7 +952,7 @@ fn main() -> Result<()> {
             engine::units::format_size(cfg.snap_mapped)
         ),
     );
-    r.context("fsync policy", "throughput rows: no fsync on either side (page cache); \"+ flush\" rows: one fdatasync (plain) vs Pool::commit (thin: data fdatasync + metadata + 2 fdatasync) at the end, timed");
+    r.context("fsync policy", "throughput rows: no fsync on either side (page cache); \"+ flush\" rows: one fdatasync (plain) vs Pool::commit (thin: metadata writes, data fdatasync, metadata fdatasync, superblock fdatasync) at the end, timed");
     r.context("load before", loadavg());
     r.context("cpu pressure before", cpu_pressure());
     let start = std::time::Instant::now();
