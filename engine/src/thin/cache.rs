@@ -39,6 +39,8 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
 
+use crate::units::ThinId;
+
 /// Entries per leaf and per middle node; the top node has `TOP` entries.
 const FANOUT_BITS: u32 = 10;
 const FANOUT: usize = 1 << FANOUT_BITS;
@@ -77,8 +79,8 @@ impl MappingCache {
     }
 
     /// A new, empty table for a thin being opened.
-    pub(crate) fn new_table(&self) -> Arc<MappingTable> {
-        let table = Arc::new(MappingTable::new());
+    pub(crate) fn new_table(&self, thin: ThinId) -> Arc<MappingTable> {
+        let table = Arc::new(MappingTable::new(thin));
         let mut tables = self.tables.lock();
         tables.retain(|t| t.strong_count() > 0);
         tables.push(Arc::downgrade(&table));
@@ -92,10 +94,22 @@ impl MappingCache {
             table.clear();
         }
     }
+
+    /// Makes the cached mappings of one thin stale, in every table it has (the caller holds
+    /// the metadata lock).
+    pub(crate) fn clear_thin(&self, thin: ThinId) {
+        let tables = self.tables.lock();
+        for table in tables.iter().filter_map(Weak::upgrade) {
+            if table.thin == thin {
+                table.clear();
+            }
+        }
+    }
 }
 
 /// One open thin's cached mappings.
 pub(crate) struct MappingTable {
+    thin: ThinId,
     /// Entries carry its low bits; bumped under the metadata lock.
     epoch: AtomicU64,
     /// Data blocks of this thin freed so far (see the module's docs).
@@ -119,8 +133,9 @@ fn tag(epoch: u64) -> u64 {
 }
 
 impl MappingTable {
-    fn new() -> MappingTable {
+    fn new(thin: ThinId) -> MappingTable {
         MappingTable {
+            thin,
             epoch: AtomicU64::new(0),
             frees: AtomicU64::new(0),
             top: (0..TOP).map(|_| OnceLock::new()).collect(),
@@ -260,10 +275,14 @@ impl MappingTable {
 mod tests {
     use super::*;
 
+    fn id(n: u64) -> ThinId {
+        ThinId::new(n).expect("small")
+    }
+
     #[test]
     fn hits_misses_invalidation_and_epochs() {
         let cache = MappingCache::new();
-        let table = cache.new_table();
+        let table = cache.new_table(id(1));
         assert_eq!(table.get(7), None);
         table.insert(&cache, 7, 1234, false, table.epoch());
         table.insert(&cache, MAX_VBLOCK - 1, 0, true, table.epoch());
@@ -300,11 +319,14 @@ mod tests {
     fn one_table_goes_stale_alone() {
         // A snapshot of one thin stales that thin's entries and leaves the others' alone.
         let cache = MappingCache::new();
-        let (origin, other) = (cache.new_table(), cache.new_table());
+        let (origin, other) = (cache.new_table(id(1)), cache.new_table(id(2)));
+        let second = cache.new_table(id(1));
         origin.insert(&cache, 1, 10, true, origin.epoch());
+        second.insert(&cache, 1, 10, true, second.epoch());
         other.insert(&cache, 1, 20, true, other.epoch());
-        origin.clear();
+        cache.clear_thin(id(1));
         assert_eq!(origin.get_own(1), None);
+        assert_eq!(second.get_own(1), None);
         assert_eq!(other.get_own(1), Some(20));
         cache.clear();
         assert_eq!(other.get(1), None);
@@ -313,7 +335,7 @@ mod tests {
     #[test]
     fn frees_tell_a_lock_free_read_to_look_again() {
         let cache = MappingCache::new();
-        let table = cache.new_table();
+        let table = cache.new_table(id(1));
         let before = table.frees();
         assert!(table.unchanged_since(before));
         table.freed();
@@ -327,7 +349,7 @@ mod tests {
     #[test]
     fn the_tag_wrapping_around_zeroes_the_table() {
         let cache = MappingCache::new();
-        let table = cache.new_table();
+        let table = cache.new_table(id(1));
         table.epoch.store((1 << TAG_BITS) - 2, Ordering::Relaxed);
         // Tagged 0: without zeroing it would match again once the tag comes around.
         table.insert(&cache, 1, 2, true, 0);
@@ -340,7 +362,7 @@ mod tests {
     #[test]
     fn the_leaf_budget_bounds_memory() {
         let cache = MappingCache::new();
-        let table = cache.new_table();
+        let table = cache.new_table(id(1));
         for i in 0..(MAX_LEAVES as u64 + 10) {
             table.insert(&cache, i * FANOUT as u64, i, false, table.epoch());
         }

@@ -11,9 +11,8 @@
 //!    write for commit), so that a commit never records a block allocated but not yet mapped;
 //! 4. the metadata mutex, held for metadata work and, in a commit, across the data flush
 //!    that must come before the superblock (never across other data I/O);
-//! 5. the mapping cache's table list (only to register a thin's table, or to make them all
-//!    stale). The open-thins map is taken before 1 (`create_snap` holds it while it quiesces
-//!    the origin, so the origin cannot be opened meanwhile), never after any of them.
+//! 5. the mapping cache's table list (only to register a thin's table, or to make tables
+//!    stale). The open-thins map is taken before 4 and 5, never after them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -520,22 +519,15 @@ impl Pool {
     /// so the snapshot is a point-in-time copy.
     pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
         tracing::debug!(thin_id = %id, origin = %origin, "create_snap");
-        // The open-thins map stays locked until the snapshot is recorded, so the origin is
-        // either open now (and quiesced here) or opened afterwards (with a fresh table).
-        let open = self.open_thins.lock();
-        let gate = open.get(&origin).map(|(g, _)| g.clone());
+        let gate = self.open_thins.lock().get(&origin).map(|(g, _)| g.clone());
         let _quiesced = gate.as_ref().map(|g| g.io.write());
-        let r = self.with_metadata_space(|md| {
+        self.with_metadata_space(|md| {
             md.create_snap(id, origin)?;
-            if let Some(gate) = &gate {
-                // The origin's blocks are shared now: its cached mappings must stop saying
-                // they are its own.
-                gate.table.clear();
-            }
+            // The origin's blocks are shared now: no cached mapping of it may say they are its
+            // own, in any table it has (one opened since the look above too).
+            self.mappings.clear_thin(origin);
             Ok(())
-        });
-        drop(open);
-        r
+        })
     }
 
     /// Deletes a thin. Refused while it is open.
@@ -772,7 +764,7 @@ impl Pool {
             (
                 Arc::new(ThinGate {
                     io: RwLock::new(()),
-                    table: self.mappings.new_table(),
+                    table: self.mappings.new_table(id),
                 }),
                 0,
             )
