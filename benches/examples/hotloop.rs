@@ -141,9 +141,19 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let mut n = 0u64;
     let mut next = 0u64;
+    // HOTLOOP_SPREAD=1: every call at another of the 65536 offsets (the whole span, as the
+    // bench's hot/w64 reads), instead of the same first 1024 (CPU caches warm).
+    let spread = std::env::var_os("HOTLOOP_SPREAD").is_some();
+    let mut cursor = 0usize;
     while start.elapsed() < Duration::from_secs_f64(secs) {
         let batch = if io >= 1 << 20 { 16 } else { 1024 };
-        for &off in &offs[..batch] {
+        let window = if spread {
+            cursor = (cursor + batch) % (offs.len() - batch);
+            &offs[cursor..cursor + batch]
+        } else {
+            &offs[..batch]
+        };
+        for &off in window {
             match op.as_str() {
                 "read4k" | "read1m" => t.read(&mut rbuf, off)?,
                 "write4k" | "write1m" => t.write(&buf[..io], off)?,
