@@ -14,8 +14,8 @@
 //! Why it is never stale:
 //! - a mapping changes only under the block's stripe lock held for writing (provisioning,
 //!   copy-on-write, discard), and whoever changes it invalidates or replaces the entry before
-//!   letting go; readers hold the same stripe for reading, so a reader never races a change
-//!   of its block;
+//!   letting go; a read that looks a block up in the metadata holds the same stripe for
+//!   reading, so its insert never races a change of the block;
 //! - changes that are not per block (an aborted transaction, a deleted thin whose id may come
 //!   back) bump every table's epoch under the metadata lock ([`MappingCache::clear`]), which
 //!   makes every entry's tag wrong at once; whoever looked a mapping up before such a bump
@@ -26,9 +26,10 @@
 //!   thin's table the same way, with the thin's writes held off (so no write is between its
 //!   check of the entry and its data write meanwhile).
 //!
-//! Reads of a cached block take no lock at all. The stripe lock they would need guards one
-//! thing: that the block read is not freed, reused by another thin and rewritten between the
-//! lookup and the read. So whoever frees a block of a thin counts it in the thin's table
+//! Reads of a cached block take no lock at all, so they may race a write or a discard of the
+//! same block, and read the old bytes or the new ones, as on any block device. The stripe lock
+//! would guard one more thing: that the block read is not freed, reused by another thin and
+//! rewritten between the lookup and the read. So whoever frees a block of a thin counts it in the thin's table
 //! ([`MappingTable::freed`], under the block's stripe and the metadata lock, before anyone
 //! can allocate the block again), and a lock-free read that saw the count move while it read
 //! ([`MappingTable::frees`] before, [`MappingTable::unchanged_since`] after) reads again under

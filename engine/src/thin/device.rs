@@ -176,16 +176,14 @@ impl Thin {
         }
         // The epoch is read under the metadata lock, with the lookup (see `thin::cache`).
         let (mapping, snapshotted_time, epoch) = self.pool.on_metadata(|md| {
-            let epoch = self.gate.table.epoch();
+            let epoch = table.epoch();
             let mapping = md.lookup(self.id, vblock)?;
             Ok((mapping, md.device(self.id)?.snapshotted_time, epoch))
         })?;
         match mapping {
             Some(bt) => {
                 let own = bt.time >= snapshotted_time;
-                self.gate
-                    .table
-                    .insert(&self.pool.mappings, vblock, bt.block, own, epoch);
+                table.insert(&self.pool.mappings, vblock, bt.block, own, epoch);
                 self.read_data(buf, bt.block * bs + within)
             }
             None => {
@@ -217,10 +215,10 @@ impl Thin {
     /// Writes `buf` at `offset`, provisioning and copying blocks as needed.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_span(offset, buf.len())?;
+        self.pool.check_writable()?;
         if buf.is_empty() {
             return Ok(());
         }
-        self.pool.check_writable()?;
         let _io = self.gate.io.read_recursive();
         let block_size = self.pool.block_size();
         let bs = block_size.bytes();
