@@ -19,8 +19,8 @@ pub enum OpenMode {
 /// Block devices are opened with `O_EXCL`, so the kernel refuses a second exclusive opener
 /// (a mounted filesystem, another pool); their size comes from the kernel. Both are opened
 /// with `O_NOATIME` where the caller may (the file's owner, or `CAP_FOWNER`): a pool's files
-/// have no use for access times, and checking whether one is due costs a cached read about
-/// a tenth of its time.
+/// have no use for access times, and checking whether one is due cost up to 7 % of a cached
+/// 4 KiB read here.
 pub struct FileDevice {
     file: File,
     path: PathBuf,
