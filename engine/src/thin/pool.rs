@@ -465,20 +465,10 @@ impl Pool {
             return Error::NoMetadataSpace;
         }
         md.set_needs_check();
-        // Like every commit, the data the mappings point at goes to disk first.
-        let committed = self
-            .data_dev
-            .sync()
-            .map_err(|e| self.data_flush_failed(&mut md, self.data_io_error(0, e)))
-            .and_then(|_| md.commit());
-        match committed {
-            Err(e) => self.metadata_failed(&mut md, &e),
-            Ok(()) => {
-                tracing::warn!(
-                    "out of metadata space: pool switched to read-only, needs_check set"
-                );
-                self.enter_read_only("out of metadata space".into());
-            }
+        // A failed commit has already taken the pool read-only, its own way.
+        if self.commit_locked(&mut md).is_ok() {
+            tracing::warn!("out of metadata space: pool switched to read-only, needs_check set");
+            self.enter_read_only("out of metadata space".into());
         }
         Error::NoMetadataSpace
     }
@@ -589,9 +579,18 @@ impl Pool {
         }
         let _gate = self.provisioning.write();
         self.check_writable()?;
-        let mut md = self.md.lock();
-        // The data the new mappings point at must be durable before the superblock that
-        // records them: it is flushed once the metadata blocks are on their way.
+        self.commit_locked(&mut self.md.lock())?;
+        self.pass_down_discards();
+        // Blocks freed by the transaction are allocatable now: wake queued writers.
+        self.after_free();
+        Ok(())
+    }
+
+    /// Commits the running transaction (the caller holds the provisioning gate for writing and
+    /// the metadata lock). The data the new mappings point at must be durable before the
+    /// superblock that records them: it is flushed once the metadata blocks are on their way.
+    /// A failure goes through the failure policy before it is returned.
+    fn commit_locked(&self, md: &mut Metadata) -> Result<()> {
         let mut data_flush_failed = false;
         let committed = md.commit_with(|| {
             self.data_dev.sync().map_err(|e| {
@@ -599,19 +598,14 @@ impl Pool {
                 self.data_io_error(0, e)
             })
         });
-        if let Err(e) = committed {
-            return Err(if data_flush_failed {
-                self.data_flush_failed(&mut md, e)
+        committed.map_err(|e| {
+            if data_flush_failed {
+                self.data_flush_failed(md, e)
             } else {
-                self.metadata_failed(&mut md, &e);
+                self.metadata_failed(md, &e);
                 e
-            });
-        }
-        drop(md);
-        self.pass_down_discards();
-        // Blocks freed by the transaction are allocatable now: wake queued writers.
-        self.after_free();
-        Ok(())
+            }
+        })
     }
 
     /// Gives freed blocks back to the data device. Called with the provisioning gate held
