@@ -1009,6 +1009,33 @@ fn pool_set_is_kept_shown_and_used() {
     let block = pool.read("2", &["--length", "64k"]);
     assert!(block[4096..].iter().all(|&b| b == 0), "zeroing is on again");
 
+    // Freed space: by default the lowest freed blocks stay on the host for reuse; with
+    // --keep-free 0 they go back at once.
+    assert_eq!(row("Kept Free:"), "16MiB (freed space kept for reuse)");
+    let write_and_delete_8m = || {
+        ok(pool.cmd("thin", "create", &["3", "--size", "8M"]));
+        ok(pool.cmd_with_stdin("thin", "write", &["3"], &vec![0x33; 8 << 20]));
+        let written = allocated_bytes(&data);
+        ok(pool.cmd("thin", "delete", &["3"]));
+        (written, allocated_bytes(&data))
+    };
+    let (written, deleted) = write_and_delete_8m();
+    assert!(
+        deleted + (1 << 20) >= written,
+        "kept: {written} -> {deleted}"
+    );
+    ok(pool.cmd("pool", "set", &["--keep-free", "0"]));
+    assert_eq!(row("Kept Free:"), "0B (freed space kept for reuse)");
+    let json: serde_json::Value =
+        serde_json::from_slice(&ok(pool.cmd("pool", "status", &["--json"])).stdout).unwrap();
+    assert_eq!(json["kept_free_bytes"], 0);
+    let (again, deleted) = write_and_delete_8m();
+    assert!(again <= written + (1 << 20), "the kept blocks were reused");
+    assert!(
+        deleted + (7 << 20) <= again,
+        "given back: {again} -> {deleted}"
+    );
+
     // Refused while another process owns the pool, naming it.
     let paths = engine::PoolPaths::in_dir(&pool.dir);
     let held = engine::thin::files::open(&paths, engine::PoolOptions::default()).unwrap();

@@ -20,7 +20,9 @@
 //! `zero_new_blocks` is the pool's zeroing choice, made at create time (the kernel keeps it
 //! in the table, not in the metadata). `error_if_no_space` and `low_water_blocks` are the
 //! other table options (`dmtool pool set`); like zeroing they are read when the pool is
-//! opened or started, by this process, the daemon or the kernel activation. Every write is atomic: a temporary file in the same
+//! opened or started, by this process, the daemon or the kernel activation.
+//! `kept_free_bytes` (`pool set --keep-free`) is ours alone: how much freed space the
+//! userspace pool keeps on its data device for reuse. Every write is atomic: a temporary file in the same
 //! directory, fsync, rename over the store, fsync the directory. A missing file is an empty
 //! store; a damaged one is an [`Error::Store`], never a panic.
 //!
@@ -232,6 +234,8 @@ struct StoreFile {
     error_if_no_space: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     low_water_blocks: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kept_free_bytes: Option<u64>,
     #[serde(default)]
     volumes: Vec<Volume>,
     #[serde(default)]
@@ -246,6 +250,7 @@ pub struct VolumeStore {
     zero_new_blocks: Option<bool>,
     error_if_no_space: Option<bool>,
     low_water_blocks: Option<u64>,
+    kept_free_bytes: Option<u64>,
     volumes: BTreeMap<ThinId, Volume>,
     pending: Option<Intent>,
 }
@@ -262,6 +267,10 @@ pub struct PoolSettings {
     /// Free data blocks at or below which the low-water event is raised (the table's
     /// `low_water_mark`).
     pub low_water_blocks: Option<u64>,
+    /// Free data space kept allocated on the data device for reuse
+    /// ([`PoolOptions::kept_free_bytes`]; not a kernel option: the kernel gives back only
+    /// what a thin discards).
+    pub kept_free_bytes: Option<u64>,
 }
 
 impl PoolSettings {
@@ -281,6 +290,9 @@ impl PoolSettings {
         }
         if let Some(mark) = self.low_water_blocks {
             options.low_water_blocks = mark;
+        }
+        if let Some(kept) = self.kept_free_bytes {
+            options.kept_free_bytes = kept;
         }
         options
     }
@@ -334,6 +346,7 @@ impl VolumeStore {
             zero_new_blocks: None,
             error_if_no_space: None,
             low_water_blocks: None,
+            kept_free_bytes: None,
             volumes: BTreeMap::new(),
             pending: None,
         }
@@ -377,6 +390,7 @@ impl VolumeStore {
         store.zero_new_blocks = file.zero_new_blocks;
         store.error_if_no_space = file.error_if_no_space;
         store.low_water_blocks = file.low_water_blocks;
+        store.kept_free_bytes = file.kept_free_bytes;
         for v in file.volumes {
             check_size(v.size_bytes).map_err(|e| format!("thin {}: {e}", v.id))?;
             if let Some(name) = &v.name {
@@ -427,6 +441,7 @@ impl VolumeStore {
             zero_new_blocks: self.zero_new_blocks,
             error_if_no_space: self.error_if_no_space,
             low_water_blocks: self.low_water_blocks,
+            kept_free_bytes: self.kept_free_bytes,
             volumes: self.volumes.values().cloned().collect(),
             pending: self.pending.clone(),
         };
@@ -485,6 +500,7 @@ impl VolumeStore {
             zero_new_blocks: self.zero_new_blocks,
             error_if_no_space: self.error_if_no_space,
             low_water_blocks: self.low_water_blocks,
+            kept_free_bytes: self.kept_free_bytes,
         }
     }
 
@@ -500,6 +516,9 @@ impl VolumeStore {
         }
         if let Some(m) = changes.low_water_blocks {
             next.low_water_blocks = Some(m);
+        }
+        if let Some(k) = changes.kept_free_bytes {
+            next.kept_free_bytes = Some(k);
         }
         next.save()?;
         *self = next;
@@ -1058,6 +1077,7 @@ mod tests {
             zero_new_blocks: Some(false),
             error_if_no_space: Some(false),
             low_water_blocks: Some(16),
+            kept_free_bytes: Some(0),
         };
         store.change_settings(changes).unwrap();
         store
@@ -1075,6 +1095,7 @@ mod tests {
         let options = loaded.settings().apply(PoolOptions::default());
         assert!(!options.zero_new_blocks);
         assert_eq!(options.low_water_blocks, 32);
+        assert_eq!(options.kept_free_bytes, 0);
         assert!(matches!(options.no_space, NoSpacePolicy::Queue { .. }));
         // Unset settings leave the opener's choice.
         let defaults = PoolSettings::default().apply(PoolOptions::default());

@@ -35,17 +35,26 @@ fn new_blocks_are_zero_filled_unless_zeroing_is_off() {
     }
 }
 
+/// Bytes the host holds for a file.
+fn host_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
 #[test]
 fn discard_frees_blocks_and_punches_holes_in_the_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let paths = PoolPaths::in_dir(dir.path());
     let new = NewPool::new(256 << 20, 4 << 20, DataBlockSize::DEFAULT);
-    let pool = files::create(&paths, new, PoolOptions::default()).unwrap();
+    let options = PoolOptions {
+        kept_free_bytes: 0,
+        ..PoolOptions::default()
+    };
+    let pool = files::create(&paths, new, options).unwrap();
     pool.create_thin(id(1)).unwrap();
     let thin = pool.open_thin(id(1)).unwrap();
     thin.write(&vec![7u8; 64 << 20], 0).unwrap();
     thin.flush().unwrap();
-    let used = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let used = host_bytes;
     let before = used(&paths.data);
     assert!(before >= 64 << 20, "{before}");
     assert_eq!(pool.status().used_data_blocks, 1024);
@@ -62,6 +71,68 @@ fn discard_frees_blocks_and_punches_holes_in_the_data_file() {
     assert!(buf.iter().all(|&b| b == 0));
     thin.read(&mut buf, 50 << 20).unwrap();
     assert!(buf.iter().all(|&b| b == 7));
+}
+
+/// The lowest free blocks, up to `kept_free_bytes`, stay on the host for reuse; the rest go
+/// back at the commit that frees them, and a kept block goes back once lower frees move the
+/// window past it, in a pool reopened too.
+#[test]
+fn the_lowest_freed_blocks_stay_on_the_host_for_reuse() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = PoolPaths::in_dir(dir.path());
+    let new = NewPool::new(256 * MIB, 4 * MIB, DataBlockSize::DEFAULT);
+    let options = PoolOptions {
+        kept_free_bytes: 16 * MIB,
+        ..PoolOptions::default()
+    };
+    let pool = files::create(&paths, new, options).unwrap();
+    assert_eq!(pool.kept_free_blocks(), 256);
+    pool.create_thin(id(1)).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    thin.write(&vec![7u8; 64 << 20], 0).unwrap();
+    thin.flush().unwrap();
+    let full = host_bytes(&paths.data);
+    assert!(full >= 64 * MIB, "{full}");
+
+    // Blocks 256..1024 freed: 256..512 are the lowest free blocks and stay, 512..1024 go.
+    thin.discard(16 * MIB, 48 * MIB).unwrap();
+    thin.flush().unwrap();
+    let kept = host_bytes(&paths.data);
+    assert!(
+        kept + 31 * MIB <= full && full <= kept + 33 * MIB,
+        "32 MiB given back: {full} -> {kept}"
+    );
+
+    // A new thin's blocks are the kept ones: the host allocates nothing.
+    pool.create_thin(id(2)).unwrap();
+    let other = pool.open_thin(id(2)).unwrap();
+    other.write(&vec![9u8; 16 << 20], 0).unwrap();
+    other.flush().unwrap();
+    let reused = host_bytes(&paths.data);
+    assert!(reused <= kept + MIB, "{kept} -> {reused}");
+    drop(other);
+    pool.delete(id(2)).unwrap();
+    drop(thin);
+    drop(pool);
+
+    // Reopened, the pool still counts blocks 256..512 as kept: freeing 0..256 moves the
+    // window down and gives them back.
+    let pool = files::open(&paths, options).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    assert_eq!(host_bytes(&paths.data), reused);
+    thin.discard(0, 16 * MIB).unwrap();
+    thin.flush().unwrap();
+    let moved = host_bytes(&paths.data);
+    assert!(
+        moved + 15 * MIB <= reused && reused <= moved + 17 * MIB,
+        "16 MiB given back: {reused} -> {moved}"
+    );
+    let mut buf = vec![0u8; 16 << 20];
+    thin.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    thin.read(&mut buf, 48 * MIB).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
 }
 
 #[test]

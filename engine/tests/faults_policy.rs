@@ -18,6 +18,15 @@ fn tid(n: u64) -> ThinId {
     ThinId::new(n).unwrap()
 }
 
+/// Every freed block is passed down at once (none kept for reuse), so the discard path
+/// runs on these small pools.
+fn options() -> PoolOptions {
+    PoolOptions {
+        kept_free_bytes: 0,
+        ..PoolOptions::default()
+    }
+}
+
 struct Devs {
     meta: Arc<FaultyDevice>,
     data: Arc<FaultyDevice>,
@@ -34,13 +43,13 @@ impl Devs {
     fn format(&self) -> Arc<Pool> {
         let (m, d): (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) =
             (self.meta.clone(), self.data.clone());
-        Pool::format(m, d, DataBlockSize::DEFAULT, PoolOptions::default()).unwrap()
+        Pool::format(m, d, DataBlockSize::DEFAULT, options()).unwrap()
     }
 
     fn open(&self) -> Arc<Pool> {
         let (m, d): (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) =
             (self.meta.clone(), self.data.clone());
-        Pool::open(m, d, PoolOptions::default()).unwrap()
+        Pool::open(m, d, options()).unwrap()
     }
 
     /// The superblock on the device, behind the fault's back.

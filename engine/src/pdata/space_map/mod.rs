@@ -242,6 +242,51 @@ impl SpaceMap {
         self.cursor = 0;
     }
 
+    /// One past the `n`-th lowest block that is free in both the committed and the current
+    /// map: the blocks `alloc` hands out first after a commit lie below it. 0 when `n` is 0,
+    /// `nr_blocks` when fewer than `n` blocks are free.
+    pub fn end_of_lowest_free(&self, n: u64) -> u64 {
+        let mut left = n;
+        if left == 0 {
+            return 0;
+        }
+        for (i, bitmap) in self.bitmaps.iter().enumerate() {
+            let base = i as u64 * ENTRIES_PER_BITMAP;
+            let entries = ENTRIES_PER_BITMAP.min(self.nr_blocks.saturating_sub(base));
+            // An unchanged bitmap (the usual case right after a commit) is skipped whole by
+            // its count; a changed one is counted entry by entry against both maps.
+            let unchanged = self
+                .committed
+                .get(i)
+                .is_some_and(|c| Arc::ptr_eq(c, bitmap));
+            if unchanged && entries == ENTRIES_PER_BITMAP {
+                let free = entries.saturating_sub(u64::from(bitmap.used));
+                if free < left {
+                    left -= free;
+                    continue;
+                }
+            }
+            let mut block = base;
+            while let Some(b) = self.find_free(block) {
+                if b >= base + entries {
+                    break;
+                }
+                left -= 1;
+                if left == 0 {
+                    return b + 1;
+                }
+                block = b + 1;
+            }
+        }
+        self.nr_blocks
+    }
+
+    /// The lowest block at or past `start` that is free in both the committed and the
+    /// current map.
+    pub fn next_free(&self, start: u64) -> Option<u64> {
+        self.find_free(start)
+    }
+
     fn find_free(&self, start: u64) -> Option<u64> {
         if start >= self.nr_blocks {
             return None;

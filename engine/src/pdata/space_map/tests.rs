@@ -103,3 +103,57 @@ fn first_free_is_exact() {
     }
     assert_eq!(sm.bitmap(0).first_free(), 40);
 }
+
+/// `end_of_lowest_free` against counting block by block, over several bitmaps, with blocks
+/// freed in the running transaction (free in the current map only) and a partial last bitmap.
+#[test]
+fn end_of_lowest_free_counts_blocks_free_in_both_maps() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    for round in 0..20 {
+        let nr_blocks = 3 * ENTRIES_PER_BITMAP + rng.gen_range(0..ENTRIES_PER_BITMAP);
+        let mut sm = SpaceMap::new(nr_blocks);
+        let full_bitmap = rng.gen_range(0..3) as u64;
+        for b in 0..nr_blocks {
+            let dense = b / ENTRIES_PER_BITMAP == full_bitmap;
+            if dense || rng.gen_bool(0.3) {
+                sm.set(b, 1).unwrap();
+            }
+        }
+        sm.commit();
+        // Some frees (still taken in the committed map) and new allocations.
+        for _ in 0..rng.gen_range(0..200) {
+            let b = rng.gen_range(0..nr_blocks);
+            if sm.count(b).unwrap() > 0 {
+                sm.set(b, 0).unwrap();
+            } else {
+                sm.set(b, 1).unwrap();
+            }
+        }
+        let free: Vec<u64> = (0..nr_blocks)
+            .filter(|&b| sm.count(b).unwrap() == 0 && sm.committed_count(b) == 0)
+            .collect();
+        for n in [
+            0,
+            1,
+            2,
+            17,
+            1000,
+            20_000,
+            free.len() as u64,
+            free.len() as u64 + 1,
+        ] {
+            let expected = match n {
+                0 => 0,
+                n if n as usize > free.len() => nr_blocks,
+                n => free[n as usize - 1] + 1,
+            };
+            assert_eq!(sm.end_of_lowest_free(n), expected, "round {round}, n {n}");
+        }
+        let from = rng.gen_range(0..nr_blocks);
+        assert_eq!(
+            sm.next_free(from),
+            free.iter().copied().find(|&b| b >= from)
+        );
+    }
+}

@@ -576,6 +576,16 @@ impl Metadata {
         self.tm.data_sm.nr_blocks()
     }
 
+    /// One past the `n`-th lowest free data block (see `SpaceMap::end_of_lowest_free`).
+    pub fn end_of_lowest_free_data(&self, n: u64) -> u64 {
+        self.tm.data_sm.end_of_lowest_free(n)
+    }
+
+    /// The lowest free data block at or past `start`.
+    pub fn next_free_data_block(&self, start: u64) -> Option<u64> {
+        self.tm.data_sm.next_free(start)
+    }
+
     pub fn free_data_blocks(&self) -> u64 {
         self.tm.data_sm.nr_free()
     }
