@@ -314,8 +314,11 @@ fn build(seed: u64) -> Workload {
     let log = CrashLog::new();
     let meta = log.add_device(Image::zeroed(META_BYTES), "metadata");
     let data = log.add_device(Image::filled(DATA_BYTES, POISON), "data");
+    // Freed blocks: given back at once, given back past a window of 4 kept blocks (so
+    // discards also come from the window moving), or never.
     let opts = PoolOptions {
         discard_passdown: seed % 3 != 2,
+        kept_free_bytes: if seed % 3 == 0 { 0 } else { 4 * BS },
         ..PoolOptions::default()
     };
     let mut b = Builder {
