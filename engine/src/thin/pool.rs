@@ -165,7 +165,9 @@ impl fmt::Display for PoolStatus {
 const STRIPES: usize = 1024;
 
 pub(crate) struct ThinGate {
-    pub(crate) io: RwLock<()>,
+    /// Held for reading by every write and discard of the thin, for writing by a snapshot
+    /// of it (see [`Pool::io_gate`]).
+    pub(crate) io: Arc<RwLock<()>>,
     /// The thin's cached mappings (see `thin::cache`), shared by its handles.
     pub(crate) table: Arc<crate::thin::cache::MappingTable>,
 }
@@ -193,6 +195,9 @@ pub struct Pool {
     stripes: Vec<RwLock<()>>,
     provisioning: RwLock<()>,
     open_thins: Mutex<HashMap<ThinId, (Arc<ThinGate>, usize)>>,
+    /// Each thin's IO gate, kept from its first open until it is deleted: outlives the
+    /// handles (see [`Pool::io_gate`]). A leaf lock: nothing is taken while it is held.
+    io_gates: Mutex<HashMap<ThinId, Arc<RwLock<()>>>>,
     /// Free data blocks below this are kept on the data device (see
     /// [`Pool::kept_free_blocks`]); read and moved under the metadata lock.
     kept_free_end: std::sync::atomic::AtomicU64,
@@ -284,6 +289,7 @@ impl Pool {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             provisioning: RwLock::new(()),
             open_thins: Mutex::new(HashMap::new()),
+            io_gates: Mutex::new(HashMap::new()),
             kept_free_end: std::sync::atomic::AtomicU64::new(kept_free_end),
         })
     }
@@ -524,15 +530,43 @@ impl Pool {
     /// so the snapshot is a point-in-time copy.
     pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
         tracing::debug!(thin_id = %id, origin = %origin, "create_snap");
-        let gate = self.open_thins.lock().get(&origin).map(|(g, _)| g.clone());
-        let _quiesced = gate.as_ref().map(|g| g.io.write());
-        self.with_metadata_space(|md| {
-            md.create_snap(id, origin)?;
-            // The origin's blocks are shared now: no cached mapping of it may say they are its
-            // own, in any table it has (one opened since the look above too).
-            self.mappings.clear_thin(origin);
-            Ok(())
-        })
+        loop {
+            if !self.md.lock().exists(origin) {
+                return Err(Error::NoSuchThin(origin));
+            }
+            // No write of the origin is under way while the snapshot is made, through any
+            // handle, including one opened meanwhile: they all share this gate.
+            let gate = self.io_gate(origin);
+            let _quiesced = gate.write();
+            let made = self.with_metadata_space(|md| {
+                // Deleted (and perhaps made again, with another gate) since the look above:
+                // look again.
+                let same = self
+                    .io_gates
+                    .lock()
+                    .get(&origin)
+                    .is_some_and(|g| Arc::ptr_eq(g, &gate));
+                if !same {
+                    return Ok(false);
+                }
+                md.create_snap(id, origin)?;
+                // The origin's blocks are shared now: no cached mapping of it may say they
+                // are its own, in any table it has.
+                self.mappings.clear_thin(origin);
+                Ok(true)
+            })?;
+            if made {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The IO gate of a thin. One per thin id from the first open or snapshot until the
+    /// thin is deleted, so a snapshot holds off the writes of every handle of its origin,
+    /// those opened while it waits included (a gate that lived only as long as the open
+    /// handles could be replaced by a new one, whose writers the snapshot would not see).
+    fn io_gate(&self, id: ThinId) -> Arc<RwLock<()>> {
+        self.io_gates.lock().entry(id).or_default().clone()
     }
 
     /// Deletes a thin. Refused while it is open.
@@ -544,8 +578,9 @@ impl Pool {
         }
         let r = self.with_metadata(|md| {
             md.delete(id)?;
-            // The id may come back as another thin.
+            // The id may come back as another thin, with a gate of its own.
             self.mappings.clear();
+            self.io_gates.lock().remove(&id);
             Ok(())
         });
         drop(open);
@@ -800,7 +835,7 @@ impl Pool {
         let entry = open.entry(id).or_insert_with(|| {
             (
                 Arc::new(ThinGate {
-                    io: RwLock::new(()),
+                    io: self.io_gate(id),
                     table: self.mappings.new_table(id),
                 }),
                 0,
