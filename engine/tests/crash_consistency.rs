@@ -318,7 +318,10 @@ fn build(seed: u64) -> Workload {
     // discards also come from the window moving), or never.
     let opts = PoolOptions {
         discard_passdown: seed % 3 != 2,
-        kept_free_bytes: if seed % 3 == 0 { 0 } else { 4 * BS },
+        kept_free_bytes: match seed % 3 {
+            0 => 0,
+            _ => 4 * BS,
+        },
         ..PoolOptions::default()
     };
     let mut b = Builder {
