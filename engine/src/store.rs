@@ -22,9 +22,9 @@
 //! other table options (`dmtool pool set`); like zeroing they are read when the pool is
 //! opened or started, by this process, the daemon or the kernel activation.
 //! `kept_free_bytes` (`pool set --keep-free`) is ours alone: how much freed space the
-//! userspace pool keeps on its data device for reuse. Every write is atomic: a temporary file in the same
-//! directory, fsync, rename over the store, fsync the directory. A missing file is an empty
-//! store; a damaged one is an [`Error::Store`], never a panic.
+//! userspace pool keeps on its data device for reuse. Every write is atomic: a temporary
+//! file in the same directory, fsync, rename over the store, fsync the directory. A missing
+//! file is an empty store; a damaged one is an [`Error::Store`], never a panic.
 //!
 //! # Protocol for a change
 //!

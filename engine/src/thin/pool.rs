@@ -29,6 +29,11 @@ use crate::units::{DataBlockSize, ThinId};
 /// The default of [`PoolOptions::kept_free_bytes`]: 16 MiB, 256 blocks of 64 KiB.
 pub const DEFAULT_KEPT_FREE_BYTES: u64 = 16 << 20;
 
+/// [`PoolOptions::kept_free_bytes`] in whole data blocks.
+fn kept_blocks(options: &PoolOptions, block_size: DataBlockSize) -> u64 {
+    options.kept_free_bytes / block_size.bytes()
+}
+
 /// How a pool treats writes it cannot provision and blocks it provisions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolOptions {
@@ -263,8 +268,7 @@ impl Pool {
     ) -> Arc<Pool> {
         let block_size = md.data_block_size();
         // What a pool closed cleanly kept is still on the device: take it as kept again.
-        let kept_free_end =
-            md.end_of_lowest_free_data(options.kept_free_bytes / block_size.bytes());
+        let kept_free_end = md.end_of_lowest_free_data(kept_blocks(&options, block_size));
         let mode =
             if mode == PoolMode::ReadWrite && md.free_data_blocks() == 0 && md.nr_data_blocks() > 0
             {
@@ -719,7 +723,7 @@ impl Pool {
     /// How many of the lowest free data blocks the pool keeps on the data device rather
     /// than giving them back ([`PoolOptions::kept_free_bytes`] in blocks).
     pub fn kept_free_blocks(&self) -> u64 {
-        self.options.kept_free_bytes / self.block_size.bytes()
+        kept_blocks(&self.options, self.block_size)
     }
 
     /// Blocks were freed: an out-of-space pool may have room again.
