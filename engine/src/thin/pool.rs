@@ -267,8 +267,12 @@ impl Pool {
         mode: PoolMode,
     ) -> Arc<Pool> {
         let block_size = md.data_block_size();
-        // What a pool closed cleanly kept is still on the device: take it as kept again.
-        let kept_free_end = md.end_of_lowest_free_data(kept_blocks(&options, block_size));
+        // What a pool closed cleanly kept is still on the device: take it as kept again. The
+        // window it was closed with may have been the default one, larger than this opener's:
+        // starting from the larger, the first commit gives back what the new one lets go.
+        let default_window = kept_blocks(&PoolOptions::default(), block_size);
+        let kept_free_end =
+            md.end_of_lowest_free_data(kept_blocks(&options, block_size).max(default_window));
         let mode =
             if mode == PoolMode::ReadWrite && md.free_data_blocks() == 0 && md.nr_data_blocks() > 0
             {
