@@ -691,8 +691,13 @@ impl Pool {
         let new_end = md.end_of_lowest_free_data(self.kept_free_blocks());
         self.kept_free_end.store(new_end, Relaxed);
         let mut pending: Vec<u64> = freed.into_iter().filter(|&b| b >= new_end).collect();
+        // Free blocks the window let go: only when it moved down (lower blocks were freed).
         let mut next = new_end;
-        while let Some(b) = md.next_free_data_block(next).filter(|&b| b < old_end) {
+        while let Some(b) = (next < old_end)
+            .then(|| md.next_free_data_block(next))
+            .flatten()
+            .filter(|&b| b < old_end)
+        {
             pending.push(b);
             next = b + 1;
         }

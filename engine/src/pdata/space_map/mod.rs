@@ -230,7 +230,7 @@ impl SpaceMap {
     /// Finds a block free in both the committed and the current map, gives it count 1 and
     /// returns it; `None` when the device is full.
     pub fn alloc(&mut self) -> Option<u64> {
-        let block = self.find_free(self.cursor).or_else(|| self.find_free(0))?;
+        let block = self.next_free(self.cursor).or_else(|| self.next_free(0))?;
         self.set(block, 1).expect("found block is in range");
         self.cursor = block + 1;
         Some(block)
@@ -267,7 +267,7 @@ impl SpaceMap {
                 }
             }
             let mut block = base;
-            while let Some(b) = self.find_free(block) {
+            while let Some(b) = self.next_free(block) {
                 if b >= base + entries {
                     break;
                 }
@@ -284,10 +284,6 @@ impl SpaceMap {
     /// The lowest block at or past `start` that is free in both the committed and the
     /// current map.
     pub fn next_free(&self, start: u64) -> Option<u64> {
-        self.find_free(start)
-    }
-
-    fn find_free(&self, start: u64) -> Option<u64> {
         if start >= self.nr_blocks {
             return None;
         }
