@@ -901,6 +901,8 @@ impl ThinSys {
         populate(&me.mnt)?;
         me.mount = None;
         me.deactivate(id(ORIGIN))?;
+        // As the runtime does with every layer it writes.
+        engine::journal::trim_ext4_journal(&mut me.client, id(ORIGIN))?;
         Ok(me)
     }
 

@@ -9,6 +9,7 @@
 //! - [`thin`]: superblock, details and mapping trees, the pool and thin device IO;
 //! - [`tools`]: check and dump, which read metadata without trusting it;
 //! - [`image`]: raw and sparse image files copied into and out of thins, holes kept;
+//! - [`journal`]: a cleanly unmounted ext4 journal's log given back to the pool;
 //! - [`store`]: the volume store beside a pool (sizes and names dm-thin does not keep);
 //! - [`activate`]: thins as block devices (FUSE + loop under the pool daemon, the kernel's
 //!   device-mapper) and NBD exports, behind one [`activate::PoolControl`] interface.
@@ -22,6 +23,7 @@ pub mod block;
 pub mod error;
 pub mod image;
 pub mod io;
+pub mod journal;
 pub mod pdata;
 pub mod store;
 pub mod thin;

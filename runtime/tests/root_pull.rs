@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use engine::activate::PoolControl;
 use fixtures::registry::{run, Registry, RegistryAuth};
 
 mod common;
@@ -148,6 +149,36 @@ fn root_pull_stores_layers_as_snapshots_and_rmi_frees_them() {
             "original\n"
         );
     });
+
+    // The base device and both layers gave their ext4 journal log back to the pool: the
+    // log is there to find, and trimming it again frees nothing more.
+    let mut client = env.client();
+    let mapped = |client: &mut engine::activate::daemon::Client, id: u64| {
+        let thins = client.list().unwrap();
+        thins.iter().find(|t| t.id == id).unwrap().mapped_blocks
+    };
+    let base_device = client
+        .list()
+        .unwrap()
+        .iter()
+        .find(|t| t.name.as_deref() == Some("thinbox-base"))
+        .unwrap()
+        .id;
+    for id in [base_device, base_thin, v2_thin] {
+        let before = mapped(&mut client, id);
+        let thin = engine::ThinId::new(id).unwrap();
+        let trim = engine::journal::trim_ext4_journal(&mut client, thin).unwrap();
+        let engine::journal::JournalTrim::Trimmed { discarded, .. } = trim else {
+            panic!("thin {id}: {trim:?}");
+        };
+        assert!(discarded > 0, "thin {id}");
+        assert_eq!(
+            mapped(&mut client, id),
+            before,
+            "thin {id} kept a journal log"
+        );
+    }
+    drop(client);
 
     // Pulling again changes nothing.
     let out = env.ok(&["pull", &v2]);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use engine::activate::daemon::{launch, Client, RunDir};
 use engine::activate::{ControlStatus, PoolControl};
+use engine::journal::JournalTrim;
 use engine::{
     DataBlockSize, Error as EngineError, NewPool, PoolOptions, PoolPaths, ThinId, Volumes,
 };
@@ -161,13 +162,16 @@ impl DeviceMapper {
         };
         crate::store::write_atomic(&config_path(root), &serde_json::to_vec_pretty(&config)?)?;
         tracing::info!(thin_id = %base, fs = options.fs.name(), "created the base device");
-        Ok(DeviceMapper {
+        let dm = DeviceMapper {
             root: root.to_path_buf(),
             options,
             base,
             paths,
             store_path,
-        })
+        };
+        // mkfs wrote the journal's zeros into blocks of their own.
+        dm.trim_journal(&mut client, base);
+        Ok(dm)
     }
 
     pub fn options(&self) -> &StorageOptions {
@@ -263,9 +267,33 @@ impl DeviceMapper {
         });
         let deactivated = deactivate(client, id);
         let _ = fs::remove_dir(&mountpoint);
+        if result.is_ok() && deactivated.is_ok() {
+            self.trim_journal(client, id);
+        }
         match (result, deactivated) {
             (Err(e), Err(d)) => Err(e.context(format!("and then: {d:#}"))),
             (r, d) => d.and(r),
+        }
+    }
+
+    /// Gives the journal log of thin `id`'s ext4, unmounted cleanly, back to the pool (see
+    /// `engine::journal`): a layer then holds no old log, and each snapshot of it writes
+    /// its own log into fresh blocks instead of copying the layer's. Best effort: a file
+    /// system it cannot read is left as it is, with a warning.
+    fn trim_journal(&self, client: &mut Client, id: ThinId) {
+        if self.options.fs != Filesystem::Ext4 {
+            return;
+        }
+        match engine::journal::trim_ext4_journal(client, id) {
+            Ok(JournalTrim::Trimmed { discarded, .. }) => {
+                tracing::debug!(thin_id = %id, discarded, "trimmed the journal log");
+            }
+            Ok(JournalTrim::Skipped(reason)) => {
+                tracing::debug!(thin_id = %id, %reason, "journal log left as it is");
+            }
+            Err(e) => {
+                tracing::warn!(thin_id = %id, error = %e, "journal log left as it is");
+            }
         }
     }
 }
