@@ -9,7 +9,7 @@ use engine::units::{parse_size, MAX_THIN_ID};
 use engine::{DataBlockSize, PoolPaths, ThinId};
 
 use crate::commands::{
-    activate, check, daemon, dump, pool, repair, restore, serve, thin, thin_io, trim,
+    activate, check, daemon, dump, pool, repair, restore, serve, thin, thin_io, trim, trim_journal,
 };
 use crate::commands::{delta, links, ls, metadata_size, rmap};
 
@@ -198,6 +198,15 @@ pub enum ThinCommand {
     /// Copy a thin into an image file, leaving unmapped and zero ranges as holes
     #[command(after_help = "Example: dmtool thin export --pool /srv/pool 1 --output disk.img")]
     Export(thin_io::ExportArgs),
+    /// Give the journal log of a thin's unmounted ext4 back to the pool
+    ///
+    /// A cleanly unmounted ext4's journal log holds nothing the next mount reads, yet stays
+    /// mapped: every snapshot then copies it chunk by chunk as it logs. This discards the
+    /// log's whole pool blocks (never the journal superblock's), as thinbox does to each
+    /// image layer. A file system that needs recovery, has no internal journal or is not ext4
+    /// is left as it is; an active thin is refused.
+    #[command(after_help = "Example: dmtool thin trim-journal --pool /srv/pool 1")]
+    TrimJournal(trim_journal::Args),
     /// List thin devices: id, name, size, mapped space, origin, block device
     ///
     /// EXCLUSIVE is the space of blocks no other thin maps, SHARED the rest of MAPPED, as

@@ -836,6 +836,82 @@ fn import_and_export_keep_holes() {
 }
 
 #[test]
+fn trim_journal_discards_an_unmounted_ext4_log_and_leaves_other_thins_alone() {
+    use std::os::unix::fs::FileExt;
+    let pool = TestPool::new();
+    ok(pool.cmd("thin", "create", &["1", "--size", "64M"]));
+    ok(pool.cmd("thin", "create", &["2", "--size", "16M"]));
+    // ext4 whose 4 MiB journal log holds an old log's bytes, as a used layer's does.
+    let image = pool.dir.join("ext4");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-J", "size=4"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success());
+    let file = std::fs::File::open(&image).unwrap();
+    let len = 64 << 20;
+    let log = engine::journal::ext4_journal_log(len, &mut |offset, buf| {
+        file.read_exact_at(buf, offset)
+            .map_err(|e| engine::Error::InvalidArgument(e.to_string()))
+    })
+    .unwrap()
+    .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    for r in &log.log {
+        f.write_all_at(&vec![0x5a; (r.end - r.start) as usize], r.start)
+            .unwrap();
+    }
+    drop(f);
+    ok(pool.cmd("thin", "import", &["1", "--input", image.to_str().unwrap()]));
+    let before = mapped_blocks(&pool, 1);
+
+    let out = ok(pool.cmd("thin", "trim-journal", &["1", "--json"]));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["trimmed"], true, "{report}");
+    assert_eq!(report["log_bytes"], (4 << 20) - 4096);
+    // Every 64 KiB block wholly inside the log; not the journal superblock's, nor those
+    // the log shares with the rest of the file system.
+    let mut joined: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut ranges = log.log.clone();
+    ranges.sort_by_key(|r| r.start);
+    for r in ranges {
+        match joined.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => joined.push(r),
+        }
+    }
+    let whole: u64 = joined
+        .iter()
+        .map(|r| (r.end / (64 << 10)).saturating_sub(r.start.div_ceil(64 << 10)))
+        .sum();
+    assert!(whole >= 60, "{log:?}");
+    assert_eq!(report["discarded_bytes"], whole * (64 << 10));
+    assert_eq!(before - mapped_blocks(&pool, 1), whole);
+    let out = ok(pool.cmd("thin", "trim-journal", &["1"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("thin 1: discarded"), "{text}");
+
+    // Not ext4: nothing touched, and said so.
+    ok(pool.cmd_with_stdin("thin", "write", &["2"], &random_bytes(1 << 20, 30)));
+    let out = ok(pool.cmd("thin", "trim-journal", &["2"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("left as it is: not an ext4 file system"),
+        "{text}"
+    );
+    assert_eq!(mapped_blocks(&pool, 2), 16);
+    fails(&pool.cmd("thin", "trim-journal", &["9"]), 1, "no thin 9");
+}
+
+#[test]
 fn trim_gives_free_blocks_back_and_keeps_live_data() {
     use std::os::unix::fs::FileExt;
     let pool = TestPool::new();

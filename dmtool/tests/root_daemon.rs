@@ -263,6 +263,10 @@ fn root_daemon_runs_every_verb_and_activates_filesystems() {
     fs::write(&big, pattern(64 << 20, 3)).unwrap();
     sh(&["sync", "-f", big.to_str().unwrap()]);
 
+    // A mounted file system's journal is live: trim-journal refuses an active thin.
+    let refused = env.fails(&["thin", "trim-journal", "1"]);
+    assert!(refused.contains("is active"), "{refused}");
+
     // Busy: mounted devices are not taken away, except by a deferred removal.
     let busy = env.fails(&["thin", "deactivate", "1"]);
     assert!(
@@ -280,11 +284,24 @@ fn root_daemon_runs_every_verb_and_activates_filesystems() {
         !env.ok(&["thin", "ls", "--json"]).contains(&dev1)
     });
 
+    // Unmounted cleanly after 64 MiB went through it, ext4's log gives blocks back; the
+    // file system mounts again and keeps its file.
+    let used_before_trim = env.used_data_blocks();
+    let trim: serde_json::Value =
+        serde_json::from_str(&env.ok(&["thin", "trim-journal", "1", "--json"])).unwrap();
+    assert_eq!(trim["trimmed"], true, "{trim}");
+    let discarded = trim["discarded_bytes"].as_u64().unwrap();
+    assert!(discarded > 0, "{trim}");
+    assert!(env.used_data_blocks() < used_before_trim);
+
     // Back again: the file survived, then XFS on thin 2's snapshot.
     let dev1 = env.ok(&["thin", "activate", "1"]).trim().to_string();
     let mnt = env.mount(&dev1, "ext4");
     assert_eq!(sha256_file(&mnt.join("big")), big_sha);
+    fs::write(mnt.join("after-trim"), b"logged into a trimmed journal").unwrap();
+    sh(&["sync", "-f", mnt.to_str().unwrap()]);
     env.umount(&mnt);
+    sh(&["e2fsck", "-fn", &dev1]);
     env.ok(&["thin", "deactivate", "1"]);
     // Again: a thin that is not active is done (as for the kernel backend), so two
     // deactivations racing (a container's supervisor and `rm -f`) both succeed.

@@ -11,6 +11,7 @@ pub mod serve;
 pub mod thin;
 pub mod thin_io;
 pub mod trim;
+pub mod trim_journal;
 
 pub mod delta;
 pub mod links;
@@ -50,6 +51,7 @@ pub fn run(command: Command, verbose: u8) -> anyhow::Result<ExitCode> {
         Command::Thin(ThinCommand::Read(args)) => thin_io::read(args),
         Command::Thin(ThinCommand::Import(args)) => thin_io::import(args),
         Command::Thin(ThinCommand::Export(args)) => thin_io::export(args),
+        Command::Thin(ThinCommand::TrimJournal(args)) => trim_journal::run(args),
         Command::Check(args) => check::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Restore(args) => restore::run(args),
