@@ -902,7 +902,8 @@ impl ThinSys {
         me.mount = None;
         me.deactivate(id(ORIGIN))?;
         // As the runtime does with every layer it writes.
-        engine::journal::trim_ext4_journal(&mut me.client, id(ORIGIN))?;
+        let trim = engine::journal::trim_ext4_journal(&mut me.client, id(ORIGIN))?;
+        eprintln!("  {tag}: the image's journal log: {trim:?}");
         Ok(me)
     }
 
@@ -1140,6 +1141,10 @@ struct FirstWrite {
     parts: Vec<[Vec<f64>; 3]>,
     /// The disk group (1, 2, …) each row was measured in.
     group: Vec<usize>,
+    /// Milliseconds waited for the disk to settle before each cold write.
+    settled: Vec<f64>,
+    /// The disk's quiet flush latency (ms), the settle's yardstick.
+    quiet_flush: f64,
 }
 
 /// The first-write figures per image size, and the fio figures when that group ran.
@@ -1214,6 +1219,9 @@ fn build_systems(
     Ok(out)
 }
 
+/// How long a cold write waits at most for the disk to settle (see `sys::DiskSettle`).
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+
 fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
     let mut firsts = Vec::new();
     let mut fio_res: Option<FioResults> = None;
@@ -1233,6 +1241,8 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
             "mkfs.btrfs is not installed (btrfs-progs).",
         );
     }
+    // Measured now, before any system has written anything.
+    let mut settle = sys::DiskSettle::new(dir)?;
     let mut sizes = o.sizes.clone();
     let run_fio = o.wants("fio") && have_fio;
     if run_fio && !sizes.contains(&o.fio_size) {
@@ -1267,6 +1277,8 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
             base: Vec::new(),
             parts: Vec::new(),
             group: Vec::new(),
+            settled: Vec::new(),
+            quiet_flush: ms(settle.quiet()),
         };
         let mut fr = FioResults {
             rows: Vec::new(),
@@ -1322,6 +1334,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
                         let s = &mut systems[i];
                         let c = s.create()?;
                         sys::drop_caches()?;
+                        fw.settled.push(ms(settle.wait(SETTLE_LIMIT)?));
                         sys::take_write_parts();
                         let cold = s.write(probe_a, 0xa0 + round as u8)?;
                         let parts = sys::take_write_parts();
@@ -1479,7 +1492,12 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
          disk cannot hold every system at once, the systems run in groups one after another, \
          each with a plain file of its own (`group N`); a ratio never crosses groups. The \
          open / pwrite / fsync split shows where a file write's time went: overlayfs copies \
-         in the open, the others pay in the fsync.",
+         in the open, the others pay in the fsync. Before each cold write the bench waits \
+         for the disk to settle: `sync` returns once the guest's writes are done, but the \
+         virtual disk keeps absorbing them on its host, and for seconds after a system wrote \
+         gigabytes every flush waits behind them; a probe (4 KiB overwrite + `fdatasync` of \
+         a file of its own) repeats until two in a row are back to the quiet latency \
+         measured at the start (at most twice it, or 0.3 ms above it; 30 s at most).",
     );
     let mut chart_cold = Chart {
         title: "First 4 KiB write + fsync into a shared file (cold)".into(),
@@ -1545,6 +1563,23 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
                     }
                 }
             }
+        }
+        if let Some(w) = st(&fw.settled) {
+            let _ = writeln!(
+                out.md,
+                "Disk settle before the cold writes (quiet flush {} ms): waited {} ms median, \
+                 {} ms at most.\n",
+                fmt_num(fw.quiet_flush),
+                fmt_num(w.median),
+                fmt_num(w.max)
+            );
+            out.record(
+                "first",
+                &format!("{label}: settle wait"),
+                "disk",
+                Unit::Millis,
+                &fw.settled,
+            );
         }
         out.table(
             &[

@@ -84,6 +84,71 @@ pub fn drop_caches() -> Result<()> {
     fs::write("/proc/sys/vm/drop_caches", "3\n").context("failed to drop the page cache")
 }
 
+/// Waits out the disk's own writeback before a cold measurement. `sync` returns once the
+/// guest's writes are done, but a virtual disk keeps absorbing them on its host: for seconds
+/// after a system wrote gigabytes (a 4 GiB copy-up), every flush there waits behind them, and
+/// whichever system the rotation puts next would pay for its predecessor. A probe (4 KiB
+/// overwrite + `fdatasync` of a file of its own) tells when flushes are back to their quiet
+/// latency.
+pub struct DiskSettle {
+    probe: fs::File,
+    quiet: Duration,
+}
+
+impl DiskSettle {
+    /// Measures the quiet flush latency in `dir` (the median of 15 probes): call it on a
+    /// quiet disk, before the systems are built.
+    pub fn new(dir: &Path) -> Result<DiskSettle> {
+        let path = dir.join("settle-probe");
+        let probe = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("failed to create {}", path.display()))?;
+        // Unlinked at once: nothing to clean up, whatever happens.
+        let _ = fs::remove_file(&path);
+        let mut me = DiskSettle {
+            probe,
+            quiet: Duration::ZERO,
+        };
+        let mut samples: Vec<Duration> = (0..15).map(|_| me.probe()).collect::<Result<_>>()?;
+        samples.sort_unstable();
+        me.quiet = samples[samples.len() / 2];
+        Ok(me)
+    }
+
+    fn probe(&mut self) -> Result<Duration> {
+        let start = Instant::now();
+        self.probe.write_all_at(&[0x5a; 4096], 0)?;
+        self.probe.sync_data()?;
+        Ok(start.elapsed())
+    }
+
+    /// Probes until two probes in a row are quiet (at most twice the quiet latency, or
+    /// 0.3 ms above it), for at most `limit`; returns the time waited.
+    pub fn wait(&mut self, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let bound = (self.quiet * 2).max(self.quiet + Duration::from_micros(300));
+        let mut quiet_in_a_row = 0;
+        while quiet_in_a_row < 2 && start.elapsed() < limit {
+            if self.probe()? <= bound {
+                quiet_in_a_row += 1;
+            } else {
+                quiet_in_a_row = 0;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    /// The quiet flush latency measured at the start.
+    pub fn quiet(&self) -> Duration {
+        self.quiet
+    }
+}
+
 /// `syncfs` on the filesystem holding `path`.
 pub fn syncfs(path: &Path) {
     if let Ok(f) = fs::File::open(path) {

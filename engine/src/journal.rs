@@ -264,6 +264,11 @@ pub fn trim_ext4_journal(
 ) -> Result<JournalTrim, JournalError> {
     let size = pool.size_of(id)?;
     let block = u64::from(pool.status()?.status.data_block_sectors) * SECTOR_SIZE;
+    if block == 0 {
+        return Err(JournalError::Pool(Error::InvalidArgument(
+            "the pool reports a data block size of 0".into(),
+        )));
+    }
     let log = match ext4_journal_log(size, &mut |offset, buf| pool.read(id, offset, buf))? {
         Ok(log) => log,
         Err(reason) => return Ok(JournalTrim::Skipped(reason)),

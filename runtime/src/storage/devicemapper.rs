@@ -169,7 +169,8 @@ impl DeviceMapper {
             paths,
             store_path,
         };
-        // mkfs wrote the journal's zeros into blocks of their own.
+        // mkfs zeroes the journal; on a device that cannot zero without writing, those
+        // zeros took blocks.
         dm.trim_journal(&mut client, base);
         Ok(dm)
     }
