@@ -1143,7 +1143,7 @@ struct FirstWrite {
     group: Vec<usize>,
     /// Milliseconds waited for the disk to settle before each cold write.
     settled: Vec<f64>,
-    /// The disk's quiet flush latency (ms), the settle's yardstick.
+    /// The settle probe's quiet latency (ms), its yardstick.
     quiet_flush: f64,
 }
 
@@ -1495,9 +1495,10 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
          in the open, the others pay in the fsync. Before each cold write the bench waits \
          for the disk to settle: `sync` returns once the guest's writes are done, but the \
          virtual disk keeps absorbing them on its host, and for seconds after a system wrote \
-         gigabytes every flush waits behind them; a probe (4 KiB overwrite + `fdatasync` of \
-         a file of its own) repeats until two in a row are back to the quiet latency \
-         measured at the start (at most twice it, or 0.3 ms above it; 30 s at most).",
+         gigabytes every flush waits behind them (and every journal commit behind the \
+         freeing of a deleted copy); a probe (4 KiB overwrite + `fsync` of a file of its \
+         own: a flush and a journal commit) repeats until two in a row are back to the quiet \
+         latency measured at the start (at most twice it, or 0.3 ms above it; 30 s at most).",
     );
     let mut chart_cold = Chart {
         title: "First 4 KiB write + fsync into a shared file (cold)".into(),
@@ -1567,7 +1568,7 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
         if let Some(w) = st(&fw.settled) {
             let _ = writeln!(
                 out.md,
-                "Disk settle before the cold writes (quiet flush {} ms): waited {} ms median, \
+                "Disk settle before the cold writes (quiet probe {} ms): waited {} ms median, \
                  {} ms at most.\n",
                 fmt_num(fw.quiet_flush),
                 fmt_num(w.median),

@@ -87,16 +87,18 @@ pub fn drop_caches() -> Result<()> {
 /// Waits out the disk's own writeback before a cold measurement. `sync` returns once the
 /// guest's writes are done, but a virtual disk keeps absorbing them on its host: for seconds
 /// after a system wrote gigabytes (a 4 GiB copy-up), every flush there waits behind them, and
-/// whichever system the rotation puts next would pay for its predecessor. A probe (4 KiB
-/// overwrite + `fdatasync` of a file of its own) tells when flushes are back to their quiet
-/// latency.
+/// whichever system the rotation puts next would pay for its predecessor; and after a
+/// system deleted gigabytes, the host file system's journal is busy freeing them, which
+/// every write that allocates (a thin's new block in its sparse data file) waits for. A
+/// probe (4 KiB overwrite + `fsync` of a file of its own: the mtime makes it a journal
+/// commit as well as a flush) tells when both are back to their quiet latency.
 pub struct DiskSettle {
     probe: fs::File,
     quiet: Duration,
 }
 
 impl DiskSettle {
-    /// Measures the quiet flush latency in `dir` (the median of 15 probes): call it on a
+    /// Measures the probe's quiet latency in `dir` (the median of 15 probes): call it on a
     /// quiet disk, before the systems are built.
     pub fn new(dir: &Path) -> Result<DiskSettle> {
         let path = dir.join("settle-probe");
@@ -122,7 +124,7 @@ impl DiskSettle {
     fn probe(&mut self) -> Result<Duration> {
         let start = Instant::now();
         self.probe.write_all_at(&[0x5a; 4096], 0)?;
-        self.probe.sync_data()?;
+        self.probe.sync_all()?;
         Ok(start.elapsed())
     }
 
@@ -143,7 +145,7 @@ impl DiskSettle {
         Ok(start.elapsed())
     }
 
-    /// The quiet flush latency measured at the start.
+    /// The probe's quiet latency measured at the start.
     pub fn quiet(&self) -> Duration {
         self.quiet
     }
