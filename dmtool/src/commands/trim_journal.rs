@@ -57,24 +57,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let trim = trim_ext4_journal(pool.as_mut(), args.id)
         .with_context(|| format!("failed to trim the journal of {what}"))?;
-    let report = match &trim {
+    let (log_bytes, discarded_bytes, skipped) = match trim {
         JournalTrim::Trimmed {
             log_bytes,
             discarded,
-        } => Report {
-            id: args.id.get(),
-            trimmed: true,
-            skipped: None,
-            log_bytes: *log_bytes,
-            discarded_bytes: *discarded,
-        },
-        JournalTrim::Skipped(reason) => Report {
-            id: args.id.get(),
-            trimmed: false,
-            skipped: Some(reason.to_string()),
-            log_bytes: 0,
-            discarded_bytes: 0,
-        },
+        } => (log_bytes, discarded, None),
+        JournalTrim::Skipped(reason) => (0, 0, Some(reason.to_string())),
+    };
+    let report = Report {
+        id: args.id.get(),
+        trimmed: skipped.is_none(),
+        skipped,
+        log_bytes,
+        discarded_bytes,
     };
     if args.json {
         output::json(&report)?;

@@ -693,13 +693,14 @@ impl Pool {
         let mut pending: Vec<u64> = freed.into_iter().filter(|&b| b >= new_end).collect();
         // Free blocks the window let go: only when it moved down (lower blocks were freed).
         let mut next = new_end;
-        while let Some(b) = (next < old_end)
-            .then(|| md.next_free_data_block(next))
-            .flatten()
-            .filter(|&b| b < old_end)
-        {
-            pending.push(b);
-            next = b + 1;
+        while next < old_end {
+            match md.next_free_data_block(next) {
+                Some(b) if b < old_end => {
+                    pending.push(b);
+                    next = b + 1;
+                }
+                _ => break,
+            }
         }
         if pending.is_empty() {
             return;
