@@ -1141,6 +1141,8 @@ struct FirstWrite {
     parts: Vec<[Vec<f64>; 3]>,
     /// The disk group (1, 2, …) each row was measured in.
     group: Vec<usize>,
+    /// Milliseconds waited for the disk to settle before each container creation.
+    settled_create: Vec<f64>,
     /// Milliseconds waited for the disk to settle before each cold write.
     settled: Vec<f64>,
     /// The settle probe's quiet latency (ms), its yardstick.
@@ -1277,6 +1279,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
             base: Vec::new(),
             parts: Vec::new(),
             group: Vec::new(),
+            settled_create: Vec::new(),
             settled: Vec::new(),
             quiet_flush: ms(settle.quiet()),
         };
@@ -1332,6 +1335,9 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
                         sys::check_interrupted()?;
                         let i = (round + k) % n;
                         let s = &mut systems[i];
+                        // The previous system's teardown (gigabytes deleted) must not
+                        // land in this one's timed creation either.
+                        fw.settled_create.push(ms(settle.wait(SETTLE_LIMIT)?));
                         let c = s.create()?;
                         sys::drop_caches()?;
                         fw.settled.push(ms(settle.wait(SETTLE_LIMIT)?));
@@ -1498,7 +1504,9 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
          gigabytes every flush waits behind them (and every journal commit behind the \
          freeing of a deleted copy); a probe (4 KiB overwrite + `fsync` of a file of its \
          own: a flush and a journal commit) repeats until two in a row are back to the quiet \
-         latency measured at the start (at most twice it, or 0.3 ms above it; 30 s at most).",
+         latency measured at the start (at most twice it, or 0.3 ms above it; 30 s at most). \
+         The same wait comes before each timed container creation, which follows the \
+         previous system's teardown.",
     );
     let mut chart_cold = Chart {
         title: "First 4 KiB write + fsync into a shared file (cold)".into(),
@@ -1565,14 +1573,23 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
                 }
             }
         }
-        if let Some(w) = st(&fw.settled) {
+        if let (Some(c), Some(w)) = (st(&fw.settled_create), st(&fw.settled)) {
             let _ = writeln!(
                 out.md,
-                "Disk settle before the cold writes (quiet probe {} ms): waited {} ms median, \
-                 {} ms at most.\n",
+                "Disk settle (quiet probe {} ms): before the creations waited {} ms median, \
+                 {} ms at most; before the cold writes {} ms median, {} ms at most.\n",
                 fmt_num(fw.quiet_flush),
+                fmt_num(c.median),
+                fmt_num(c.max),
                 fmt_num(w.median),
                 fmt_num(w.max)
+            );
+            out.record(
+                "first",
+                &format!("{label}: settle wait before create"),
+                "disk",
+                Unit::Millis,
+                &fw.settled_create,
             );
             out.record(
                 "first",
