@@ -8,7 +8,7 @@
 //! on flush, like the buffered loop; so `plain-buffered` is the like-for-like comparison and
 //! `plain-dio` the one a reader would guess from "a loop device over a plain file".
 //!
-//! All sides live in the same scratch directory (`BENCH_DIR`, or a tempdir in /var/tmp),
+//! All sides live in the same scratch directory (a tempdir in `BENCH_DIR`, or in /var/tmp),
 //! each a 4 GiB device formatted `mkfs.ext4 -q` and mounted; fio runs on a 1 GiB file laid
 //! out first. Jobs (`--direct=1`, `BENCH_FIO_SECONDS` each, default 10):
 //! - `randwrite qd32`: 4 KiB random writes, io_uring, iodepth 32 (goal: ≥ 0.5 of plain);

@@ -3030,18 +3030,8 @@ fn main() -> Result<()> {
     }
     let o = Opts::from_env();
     let started = Instant::now();
-    let (dir, _tmp) = match &o.dir {
-        Some(d) => {
-            fs::create_dir_all(d)?;
-            (d.clone(), None)
-        }
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("thinbox-cow-")
-                .tempdir_in("/var/tmp")?;
-            (t.path().to_path_buf(), Some(t))
-        }
-    };
+    let scratch = benches::scratch_dir(o.dir.as_deref(), "thinbox-cow-")?;
+    let dir = scratch.path().to_path_buf();
     let mut out = Out {
         report: Report::new(),
         md: String::new(),

@@ -5,7 +5,7 @@
 //! strace -f -T -e trace=pread64,pwrite64,fdatasync target/release/examples/firstwrite 1G 5
 //! ```
 //!
-//! Arguments: `SIZE ROUNDS`. A pool on two sparse files in `BENCH_DIR` (or a tempdir in
+//! Arguments: `SIZE ROUNDS`. A pool on two sparse files in a tempdir in `BENCH_DIR` (or in
 //! /var/tmp) holds thin 1 with SIZE bytes of random data. Each round snapshots it (thin 2),
 //! commits, reopens the pool (its node cache cold, as after a restart), drops the page cache,
 //! then times opening the snapshot, a 4 KiB write in the middle of it and the flush, and
@@ -53,11 +53,13 @@ fn main() -> Result<()> {
     }
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     for round in 0..rounds {
-        {
+        let created = {
             let pool = open(&dir)?;
+            let c = Instant::now();
             pool.create_snap(snap, origin)?;
             pool.commit()?;
-        }
+            ms(c)
+        };
         let pool = open(&dir)?;
         benches::sys::drop_caches()?;
         eprintln!("--- round {round}: measuring");
@@ -72,7 +74,7 @@ fn main() -> Result<()> {
         let flushed = ms(f);
         eprintln!("--- round {round}: done");
         println!(
-            "round {round}: total {:.3} ms = open {opened:.3} + write {written:.3} + flush {flushed:.3}",
+            "round {round}: total {:.3} ms = open {opened:.3} + write {written:.3} + flush {flushed:.3} (create {created:.3})",
             ms(t)
         );
         drop(thin);

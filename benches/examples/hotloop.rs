@@ -13,7 +13,7 @@
 //! (the same pool's data file accessed directly, bypassing the engine), `thin-mem`
 //! (MemDevice metadata and data), `thin-null` (MemDevice metadata, NullDevice data) or
 //! `thin-filemeta-null` (metadata in a file, NullDevice data).
-//! Files go to `BENCH_DIR` or a tempdir in /var/tmp; `BENCH_SIZE` (default 1G) is the span.
+//! Files go to a tempdir in `BENCH_DIR` (or in /var/tmp); `BENCH_SIZE` (default 1G) is the span.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

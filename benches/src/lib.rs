@@ -37,7 +37,8 @@ pub mod sys;
 pub struct Config {
     /// `BENCH_SIZE`: bytes written and read by the throughput workloads (default 1G).
     pub size: u64,
-    /// `BENCH_DIR`: where the pool and plain files live (default: a tempdir in /var/tmp).
+    /// `BENCH_DIR`: where the scratch tempdir, holding the pool and plain files, goes
+    /// (default /var/tmp).
     pub dir: Option<PathBuf>,
     /// `BENCH_RUNS`: repetitions of every measurement (default 5).
     pub runs: usize,
@@ -91,22 +92,21 @@ impl Config {
         self.filter.as_deref().is_none_or(|f| name.contains(f))
     }
 
-    /// The scratch directory: `BENCH_DIR`, or a new tempdir under /var/tmp (disk, not
-    /// tmpfs). The returned guard deletes a tempdir when dropped.
-    pub fn scratch(&self) -> io::Result<(PathBuf, Option<tempfile::TempDir>)> {
-        match &self.dir {
-            Some(d) => {
-                std::fs::create_dir_all(d)?;
-                Ok((d.clone(), None))
-            }
-            None => {
-                let t = tempfile::Builder::new()
-                    .prefix("thinbox-bench-")
-                    .tempdir_in("/var/tmp")?;
-                Ok((t.path().to_path_buf(), Some(t)))
-            }
-        }
+    /// The scratch directory: a new tempdir in `BENCH_DIR`, or in /var/tmp (disk, not
+    /// tmpfs). Dropping the returned guard deletes it.
+    pub fn scratch(&self) -> io::Result<(PathBuf, tempfile::TempDir)> {
+        let t = scratch_dir(self.dir.as_deref(), "thinbox-bench-")?;
+        Ok((t.path().to_path_buf(), t))
     }
+}
+
+/// A new tempdir named `prefix…` in `base` (created if missing), or in /var/tmp: a run never
+/// meets the files of an earlier one, and leaves none behind, even when `BENCH_DIR` names a
+/// shared directory.
+pub fn scratch_dir(base: Option<&Path>, prefix: &str) -> io::Result<tempfile::TempDir> {
+    let base = base.unwrap_or(Path::new("/var/tmp"));
+    std::fs::create_dir_all(base)?;
+    tempfile::Builder::new().prefix(prefix).tempdir_in(base)
 }
 
 // ---- devices ----------------------------------------------------------------------------
