@@ -59,6 +59,8 @@ struct Opts {
     runs: usize,
     fio_seconds: u64,
     fio_size: u64,
+    /// Queue depths of the random fio jobs, ascending; the first is the latency one.
+    fio_depths: Vec<u32>,
     snap_sizes: Vec<u64>,
     depths: Vec<usize>,
     small_files: usize,
@@ -87,6 +89,15 @@ impl Opts {
                 .ok()
                 .and_then(|s| size(&s))
                 .unwrap_or(GIB),
+            fio_depths: {
+                let mut d = env_list("BENCH_FIO_DEPTHS", "1,4,32", |s| {
+                    s.parse().ok().filter(|&d: &u32| (1..=1024).contains(&d))
+                });
+                d.sort_unstable();
+                d.dedup();
+                assert!(!d.is_empty(), "BENCH_FIO_DEPTHS names no queue depth");
+                d
+            },
             snap_sizes: env_list("BENCH_SNAP_SIZES", "1G,8G,64G", size),
             depths: env_list("BENCH_CHAIN_DEPTHS", "1,10,25,50,100", |s| s.parse().ok()),
             small_files: env_num("BENCH_SMALL_FILES", 4000usize).max(10),
@@ -246,6 +257,8 @@ fn series(name: impl Into<String>, points: Vec<Point>) -> Series {
     .find(|(k, _)| name.contains(k))
     .map(|(_, c)| c.to_string());
     Series {
+        // The same system reached another way (NBD beside a file system): dashed.
+        dashed: name.contains("over NBD"),
         name,
         points,
         colour,
@@ -1015,57 +1028,36 @@ fn plan(kinds: &[Kind], size: u64, free: u64) -> (Vec<Vec<Kind>>, Vec<Kind>) {
 // ---- fio ------------------------------------------------------------------------------------
 
 struct FioJob {
-    name: &'static str,
+    name: String,
     write: bool,
     random: bool,
     bs: u64,
     depth: u32,
 }
 
-const FIO_JOBS: [FioJob; 6] = [
-    FioJob {
-        name: "randread 4k qd1",
-        write: false,
+/// 4 KiB random reads, then 4 KiB random writes, at each queue depth; then 1 MiB sequential
+/// writes and reads at qd1.
+fn fio_jobs(depths: &[u32]) -> Vec<FioJob> {
+    let random = |write: bool, depth: u32| FioJob {
+        name: format!("rand{} 4k qd{depth}", if write { "write" } else { "read" }),
+        write,
         random: true,
         bs: 4096,
-        depth: 1,
-    },
-    FioJob {
-        name: "randread 4k qd32",
-        write: false,
-        random: true,
-        bs: 4096,
-        depth: 32,
-    },
-    FioJob {
-        name: "randwrite 4k qd1",
-        write: true,
-        random: true,
-        bs: 4096,
-        depth: 1,
-    },
-    FioJob {
-        name: "randwrite 4k qd32",
-        write: true,
-        random: true,
-        bs: 4096,
-        depth: 32,
-    },
-    FioJob {
-        name: "seqwrite 1M qd1",
-        write: true,
+        depth,
+    };
+    let sequential = |write: bool| FioJob {
+        name: format!("seq{} 1M qd1", if write { "write" } else { "read" }),
+        write,
         random: false,
         bs: MIB,
         depth: 1,
-    },
-    FioJob {
-        name: "seqread 1M qd1",
-        write: false,
-        random: false,
-        bs: MIB,
-        depth: 1,
-    },
-];
+    };
+    let mut jobs: Vec<FioJob> = depths.iter().map(|&d| random(false, d)).collect();
+    jobs.extend(depths.iter().map(|&d| random(true, d)));
+    jobs.push(sequential(true));
+    jobs.push(sequential(false));
+    jobs
+}
 
 impl FioJob {
     fn unit(&self) -> &'static str {
@@ -1285,7 +1277,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
         };
         let mut fr = FioResults {
             rows: Vec::new(),
-            values: vec![Vec::new(); FIO_JOBS.len()],
+            values: vec![Vec::new(); fio_jobs(&o.fio_depths).len()],
             space: Vec::new(),
         };
         for (gi, group) in groups.iter().enumerate() {
@@ -1402,6 +1394,12 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
     Ok((firsts, fio_res))
 }
 
+/// The job after which the host bytes a container added are measured: random writes at the
+/// lowest queue depth.
+fn is_space_job(o: &Opts, job: &FioJob) -> bool {
+    job.write && job.random && job.depth == o.fio_depths[0]
+}
+
 fn fio_group(
     o: &Opts,
     systems: &mut [Box<dyn CowSystem>],
@@ -1429,9 +1427,10 @@ fn fio_group(
         .clone()
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("cow-nbd-{}.sock", std::process::id()));
+    let jobs = fio_jobs(&o.fio_depths);
     for round in 0..o.runs {
         sys::check_interrupted()?;
-        for (j, job) in FIO_JOBS.iter().enumerate() {
+        for (j, job) in jobs.iter().enumerate() {
             for k in 0..members.len() {
                 sys::check_interrupted()?;
                 let m = (round + k) % members.len();
@@ -1456,14 +1455,14 @@ fn fio_group(
                         v
                     }
                 };
-                if job.name == "randwrite 4k qd1" {
+                if is_space_job(o, job) {
                     let space = s.space()?;
                     fr.space[base + m].push(space as f64);
                 }
                 s.destroy()?;
                 eprintln!(
                     "  fio round {round} {:<18} {:<34} {v:.0} {}",
-                    job.name,
+                    &job.name,
                     row_name(s.kind(), transport),
                     job.unit()
                 );
@@ -1657,6 +1656,8 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
 }
 
 fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
+    let jobs = fio_jobs(&o.fio_depths);
+    let space_label = format!("host bytes after randwrite 4k qd{}", o.fio_depths[0]);
     out.section(
         &format!(
             "Random and sequential IO on the inherited {} file",
@@ -1665,49 +1666,56 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
         &format!(
             "Every job runs on a fresh container (the whole file still shared), {} s, fio \
              `--randrepeat=0 --refill_buffers --time_based`. The writes are therefore mostly \
-             first writes into shared data (copy-on-write), the reads read shared data. Two \
-             ways in, each with its own baseline: **through a file system**, fio \
-             `--direct=1` (psync at qd1, io_uring at qd32) on the file inside the container, \
-             ratios against the plain file; **over NBD** for the block systems without a \
-             kernel file system here, fio's nbd engine (libnbd, requests pipelined up to the \
-             queue depth) on the container's disk: the thinbox engine through its own NBD \
-             server in this process, qcow2 through `qemu-nbd`, ratios against the plain file \
-             exported by `qemu-nbd` (all with the host page cache in play: qemu-nbd's \
-             writeback cache, the engine's buffered data file). overlayfs copies the whole \
-             file up when fio opens it, before its clock starts: its rows show the upper file \
-             after the copy (the copy is in the first-write table). Host bytes are after the \
-             qd1 random-write job.",
-            o.fio_seconds
+             first writes into shared data (copy-on-write), the reads read shared data. \
+             Random 4 KiB jobs at queue depths {}. Two ways in, each with its own baseline: \
+             **through a file system**, fio `--direct=1` (psync at qd1, io_uring above) on \
+             the file inside the container, ratios against the plain file; **over NBD** for \
+             the block systems without a kernel file system here, fio's nbd engine (libnbd, \
+             requests pipelined up to the queue depth) on the container's disk: the thinbox \
+             engine through its own NBD server in this process, qcow2 through `qemu-nbd`, \
+             ratios against the plain file exported by `qemu-nbd` (all with the host page \
+             cache in play: qemu-nbd's writeback cache, the engine's buffered data file). \
+             overlayfs copies the whole file up when fio opens it, before its clock starts: \
+             its rows show the upper file after the copy (the copy is in the first-write \
+             table). Host bytes are after the random-write job at qd{}.",
+            o.fio_seconds,
+            o.fio_depths
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            o.fio_depths[0]
         ),
     );
     let mut headers = vec!["system".to_string()];
-    headers.extend(
-        FIO_JOBS
-            .iter()
-            .map(|j| format!("{} ({})", j.name, j.unit())),
-    );
-    headers.push("host bytes after randwrite qd1".into());
+    headers.extend(jobs.iter().map(|j| format!("{} ({})", j.name, j.unit())));
+    headers.push(space_label.clone());
     let mut rows = Vec::new();
     // Each transport's rows are compared with the plain file reached the same way.
     let plain = |t: Transport| fr.rows.iter().position(|r| *r == (Kind::Plain, t));
-    let mut chart = Chart {
-        title: "4 KiB random IO on a shared file in a fresh container".into(),
-        x_label: "fio job".into(),
+    // IOPS against queue depth, one chart per direction, a line per system.
+    let depth_chart = |what: &str| Chart {
+        title: format!("4 KiB random {what} of a shared file in a fresh container"),
+        x_label: "queue depth".into(),
         y_label: "IOPS (log)".into(),
+        x_log: o.fio_depths.len() > 1,
         y_log: true,
-        x_labels: Some(vec![
-            (0.0, "randread qd1".into()),
-            (1.0, "randread qd32".into()),
-            (2.0, "randwrite qd1".into()),
-            (3.0, "randwrite qd32".into()),
-        ]),
+        x_labels: Some(
+            o.fio_depths
+                .iter()
+                .map(|&d| (f64::from(d), d.to_string()))
+                .collect(),
+        ),
         ..Chart::default()
     };
+    let mut read_chart = depth_chart("reads");
+    let mut write_chart = depth_chart("writes");
     for (i, &(k, transport)) in fr.rows.iter().enumerate() {
         let name = row_name(k, transport);
         let mut row = vec![name.clone()];
-        let mut series = series(&name, Vec::new());
-        for (j, job) in FIO_JOBS.iter().enumerate() {
+        let mut reads = series(&name, Vec::new());
+        let mut writes = series(&name, Vec::new());
+        for (j, job) in jobs.iter().enumerate() {
             let v = &fr.values[j][i];
             let ratio = plain(transport)
                 .filter(|p| *p != i)
@@ -1722,27 +1730,24 @@ fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
             } else {
                 Unit::Iops
             };
-            out.record("fio", job.name, &name, unit, v);
-            if j < 4 {
-                if let Some(p) = point(j as f64, v) {
-                    series.points.push(p);
+            out.record("fio", &job.name, &name, unit, v);
+            if job.random {
+                let line = if job.write { &mut writes } else { &mut reads };
+                if let Some(p) = point(f64::from(job.depth), v) {
+                    line.points.push(p);
                 }
             }
         }
         row.push(st(&fr.space[i]).map_or("—".into(), |s| bytes(s.median)));
-        out.record(
-            "fio",
-            "host bytes after randwrite 4k qd1",
-            &name,
-            Unit::Bytes,
-            &fr.space[i],
-        );
+        out.record("fio", &space_label, &name, Unit::Bytes, &fr.space[i]);
         rows.push(row);
-        chart.series.push(series);
+        read_chart.series.push(reads);
+        write_chart.series.push(writes);
     }
     let h: Vec<&str> = headers.iter().map(|s| s.as_str()).collect();
     out.table(&h, &rows);
-    out.chart("fio.svg", chart);
+    out.chart("fio-randread.svg", read_chart);
+    out.chart("fio-randwrite.svg", write_chart);
 }
 
 // ---- group: snapshot / container creation against origin size ------------------------------

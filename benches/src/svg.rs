@@ -20,6 +20,8 @@ pub struct Series {
     pub points: Vec<Point>,
     /// An SVG colour; `None` takes the next one of the palette.
     pub colour: Option<String>,
+    /// A dashed line (and legend key): the same system reached another way.
+    pub dashed: bool,
 }
 
 /// A chart. `x_labels`, when given, replaces the numeric x ticks with names at those x
@@ -254,6 +256,11 @@ impl Chart {
                 .filter(|p| p.y.is_finite() && (!self.y_log || p.y > 0.0))
                 .collect();
             pts.sort_by(|a, b| a.x.total_cmp(&b.x));
+            let dash = if series.dashed {
+                r#" stroke-dasharray="6 4""#
+            } else {
+                ""
+            };
             if pts.len() > 1 {
                 let path: Vec<String> = pts
                     .iter()
@@ -261,7 +268,7 @@ impl Chart {
                     .collect();
                 let _ = writeln!(
                     s,
-                    r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                    r#"<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{}"/>"#,
                     path.join(" ")
                 );
             }
@@ -286,7 +293,7 @@ impl Chart {
             let lx = LEFT + pw + 14.0;
             let _ = writeln!(
                 s,
-                r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+                r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"#,
                 lx + 22.0,
                 lx + 28.0,
                 ly + 4.0,
@@ -325,11 +332,13 @@ mod tests {
                     name: "overlay".into(),
                     points: vec![p(64.0, 100.0), p(1024.0, 1800.0)],
                     colour: None,
+                    dashed: true,
                 },
                 Series {
                     name: "thin".into(),
                     points: vec![p(64.0, 0.5), p(1024.0, 0.6)],
                     colour: Some("#123456".into()),
+                    dashed: false,
                 },
             ],
         };
@@ -338,6 +347,8 @@ mod tests {
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<circle").count(), 4);
         assert_eq!(svg.matches("<polyline").count(), 2);
+        // The dashed series: its line and its legend key.
+        assert_eq!(svg.matches("stroke-dasharray").count(), 2);
         assert!(svg.contains("first write &lt;cold&gt;"));
         assert!(svg.contains("#123456"));
         // Log ticks span the decades of the data: 0.1 .. 10000.
