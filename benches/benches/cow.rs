@@ -1139,6 +1139,8 @@ struct FirstWrite {
     settled: Vec<f64>,
     /// The settle probe's quiet latency (ms), its yardstick.
     quiet_flush: f64,
+    /// The settle probe's quiet read latency (ms).
+    quiet_read: f64,
 }
 
 /// The first-write figures per image size, and the fio figures when that group ran.
@@ -1274,6 +1276,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
             settled_create: Vec::new(),
             settled: Vec::new(),
             quiet_flush: ms(settle.quiet()),
+            quiet_read: ms(settle.quiet_read()),
         };
         let mut fr = FioResults {
             rows: Vec::new(),
@@ -1500,11 +1503,14 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
          in the open, the others pay in the fsync. Before each cold write the bench waits \
          for the disk to settle: `sync` returns once the guest's writes are done, but the \
          virtual disk keeps absorbing them on its host, and for seconds after a system wrote \
-         gigabytes every flush waits behind them (and every journal commit behind the \
-         freeing of a deleted copy); a probe (4 KiB overwrite + `fsync` of a file of its \
-         own: a flush and a journal commit) repeats until two in a row are back to the quiet \
-         latency measured at the start (at most twice it, or 0.3 ms above it; 30 s at most). \
-         The same wait comes before each timed container creation, which follows the \
+         gigabytes every flush waits behind them; after a system deleted gigabytes, a \
+         scratch file system mounted with `discard` (see its options above) leaves the disk \
+         working through the discards for seconds, during which one read or flush in five or \
+         ten is several times slower. A probe (a 4 KiB overwrite + `fsync` of a file of its own, a flush and \
+         a journal commit; and a 64 KiB `O_DIRECT` read at a random place of another) \
+         repeats every 20 ms until both halves have stayed at their quiet latency, measured \
+         at the start (at most twice it, or 0.3 ms above it), for 0.5 s in a row (30 s at \
+         most). The same wait comes before each timed container creation, which follows the \
          previous system's teardown.",
     );
     let mut chart_cold = Chart {
@@ -1575,9 +1581,11 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
         if let (Some(c), Some(w)) = (st(&fw.settled_create), st(&fw.settled)) {
             let _ = writeln!(
                 out.md,
-                "Disk settle (quiet probe {} ms): before the creations waited {} ms median, \
-                 {} ms at most; before the cold writes {} ms median, {} ms at most.\n",
+                "Disk settle (quiet probe: flush {} ms, read {} ms): before the creations \
+                 waited {} ms median, {} ms at most; before the cold writes {} ms median, {} \
+                 ms at most.\n",
                 fmt_num(fw.quiet_flush),
+                fmt_num(fw.quiet_read),
                 fmt_num(c.median),
                 fmt_num(c.max),
                 fmt_num(w.median),

@@ -666,7 +666,8 @@ pub fn git_commit() -> String {
     s
 }
 
-/// The filesystem type and device holding `path` (longest mount-point prefix).
+/// The filesystem type, device, mount point and mount options holding `path` (longest
+/// mount-point prefix).
 pub fn filesystem_of(path: &Path) -> String {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return "unknown".into();
@@ -680,7 +681,12 @@ pub fn filesystem_of(path: &Path) -> String {
         }
         let mp = Path::new(f[1]);
         if path.starts_with(mp) && best.as_ref().is_none_or(|(l, _)| f[1].len() > *l) {
-            best = Some((f[1].len(), format!("{} on {} ({})", f[2], f[0], f[1])));
+            // With its options: `discard` and friends change what a deletion costs later.
+            let options = f.get(3).copied().unwrap_or("");
+            best = Some((
+                f[1].len(),
+                format!("{} on {} ({}, {options})", f[2], f[0], f[1]),
+            ));
         }
     }
     best.map_or("unknown".into(), |(_, s)| s)

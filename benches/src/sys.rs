@@ -84,70 +84,129 @@ pub fn drop_caches() -> Result<()> {
     fs::write("/proc/sys/vm/drop_caches", "3\n").context("failed to drop the page cache")
 }
 
-/// Waits out the disk's own writeback before a cold measurement. `sync` returns once the
-/// guest's writes are done, but a virtual disk keeps absorbing them on its host: for seconds
-/// after a system wrote gigabytes (a 4 GiB copy-up), every flush there waits behind them, and
-/// whichever system the rotation puts next would pay for its predecessor; and after a
-/// system deleted gigabytes, the host file system's journal is busy freeing them, which
-/// every write that allocates (a thin's new block in its sparse data file) waits for. A
-/// probe (4 KiB overwrite + `fsync` of a file of its own: the mtime makes it a journal
-/// commit as well as a flush) tells when both are back to their quiet latency.
+/// Waits out the disk's own background work before a cold measurement. `sync` returns once
+/// the guest's writes are done, but a virtual disk keeps absorbing them on its host: for
+/// seconds after a system wrote gigabytes (a 4 GiB copy-up), every flush there waits behind
+/// them, and whichever system the rotation puts next would pay for its predecessor. After a
+/// system deleted gigabytes, the host file system's journal is busy freeing them, and on a
+/// file system mounted with `discard` (this project's machine) the disk under it goes on
+/// working through the discards: for about 5 s after a 4 GiB file is deleted and synced,
+/// one read or flush in five or ten takes 1–8 ms instead of 0.3 (measured with this probe's
+/// two halves every 0.1 s; remounted without `discard`, nothing shows).
+///
+/// A probe is a 4 KiB overwrite + `fsync` of a file of its own (the mtime makes it a journal
+/// commit as well as a flush) and a 64 KiB `O_DIRECT` read at a random place of another (the
+/// cold first writes read). The disk is settled when the probes stay quiet for
+/// [`Self::QUIET_WINDOW`]: those slow operations come in bursts, so a couple of quiet probes in
+/// a row prove nothing.
 pub struct DiskSettle {
-    probe: fs::File,
-    quiet: Duration,
+    flush_probe: fs::File,
+    read_probe: fs::File,
+    read_buf: Vec<u8>,
+    rng: SmallRng,
+    quiet_flush: Duration,
+    quiet_read: Duration,
 }
 
+const READ_PROBE_SIZE: u64 = 64 << 20;
+const READ_PROBE_LEN: usize = 64 << 10;
+const DIRECT_ALIGN: usize = 4096;
+
 impl DiskSettle {
-    /// Measures the probe's quiet latency in `dir` (the median of 15 probes): call it on a
-    /// quiet disk, before the systems are built.
+    /// How long the probes must stay quiet.
+    pub const QUIET_WINDOW: Duration = Duration::from_millis(500);
+    /// The pause between probes inside the window.
+    const PROBE_GAP: Duration = Duration::from_millis(20);
+
+    /// Makes the probe files in `dir` and measures their quiet latencies (the median of 15
+    /// probes each): call it on a quiet disk, before the systems are built.
     pub fn new(dir: &Path) -> Result<DiskSettle> {
-        let path = dir.join("settle-probe");
-        let probe = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .with_context(|| format!("failed to create {}", path.display()))?;
-        // Unlinked at once: nothing to clean up, whatever happens.
-        let _ = fs::remove_file(&path);
-        let mut me = DiskSettle {
-            probe,
-            quiet: Duration::ZERO,
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = |name: &str, direct: bool| -> Result<fs::File> {
+            let path = dir.join(name);
+            let mut o = fs::OpenOptions::new();
+            o.read(true).write(true).create(true).truncate(!direct);
+            if direct {
+                o.custom_flags(nix::libc::O_DIRECT);
+            }
+            let f = o
+                .open(&path)
+                .with_context(|| format!("failed to open {}", path.display()))?;
+            // Unlinked at once: nothing to clean up, whatever happens.
+            let _ = fs::remove_file(&path);
+            Ok(f)
         };
-        let mut samples: Vec<Duration> = (0..15).map(|_| me.probe()).collect::<Result<_>>()?;
-        samples.sort_unstable();
-        me.quiet = samples[samples.len() / 2];
+        let read_path = dir.join("settle-read-probe");
+        fill_file(&read_path, READ_PROBE_SIZE, 0x5e771e)?;
+        let mut me = DiskSettle {
+            flush_probe: open("settle-probe", false)?,
+            read_probe: open("settle-read-probe", true)?,
+            read_buf: vec![0u8; READ_PROBE_LEN + DIRECT_ALIGN],
+            rng: SmallRng::seed_from_u64(0x5e771e),
+            quiet_flush: Duration::ZERO,
+            quiet_read: Duration::ZERO,
+        };
+        let mut flushes = Vec::new();
+        let mut reads = Vec::new();
+        for _ in 0..15 {
+            let (f, r) = me.probe()?;
+            flushes.push(f);
+            reads.push(r);
+        }
+        flushes.sort_unstable();
+        reads.sort_unstable();
+        me.quiet_flush = flushes[flushes.len() / 2];
+        me.quiet_read = reads[reads.len() / 2];
         Ok(me)
     }
 
-    fn probe(&mut self) -> Result<Duration> {
+    /// One probe: (flush latency, read latency).
+    fn probe(&mut self) -> Result<(Duration, Duration)> {
         let start = Instant::now();
-        self.probe.write_all_at(&[0x5a; 4096], 0)?;
-        self.probe.sync_all()?;
-        Ok(start.elapsed())
+        self.flush_probe.write_all_at(&[0x5a; 4096], 0)?;
+        self.flush_probe.sync_all()?;
+        let flushed = start.elapsed();
+        // O_DIRECT wants an aligned buffer: the aligned window of a slightly larger one.
+        let skip = self.read_buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let buf = &mut self.read_buf[skip..skip + READ_PROBE_LEN];
+        let blocks = READ_PROBE_SIZE / READ_PROBE_LEN as u64;
+        let offset = self.rng.next_u64() % blocks * READ_PROBE_LEN as u64;
+        let start = Instant::now();
+        self.read_probe.read_exact_at(buf, offset)?;
+        Ok((flushed, start.elapsed()))
     }
 
-    /// Probes until two probes in a row are quiet (at most twice the quiet latency, or
-    /// 0.3 ms above it), for at most `limit`; returns the time waited.
+    /// Whether a latency is back to its quiet one: at most twice it, or 0.3 ms above it.
+    fn is_quiet(took: Duration, quiet: Duration) -> bool {
+        took <= (quiet * 2).max(quiet + Duration::from_micros(300))
+    }
+
+    /// Probes until both halves of the probe have stayed quiet for [`Self::QUIET_WINDOW`]
+    /// (any slow probe starts the window again), for at most `limit`; returns the time waited.
     pub fn wait(&mut self, limit: Duration) -> Result<Duration> {
         let start = Instant::now();
-        let bound = (self.quiet * 2).max(self.quiet + Duration::from_micros(300));
-        let mut quiet_in_a_row = 0;
-        while quiet_in_a_row < 2 && start.elapsed() < limit {
-            if self.probe()? <= bound {
-                quiet_in_a_row += 1;
-            } else {
-                quiet_in_a_row = 0;
-                std::thread::sleep(Duration::from_millis(20));
+        let mut quiet_since = Instant::now();
+        while start.elapsed() < limit {
+            let (flushed, read) = self.probe()?;
+            if !(Self::is_quiet(flushed, self.quiet_flush) && Self::is_quiet(read, self.quiet_read))
+            {
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= Self::QUIET_WINDOW {
+                break;
             }
+            std::thread::sleep(Self::PROBE_GAP);
         }
         Ok(start.elapsed())
     }
 
-    /// The probe's quiet latency measured at the start.
+    /// The flush probe's quiet latency measured at the start.
     pub fn quiet(&self) -> Duration {
-        self.quiet
+        self.quiet_flush
+    }
+
+    /// The read probe's quiet latency measured at the start.
+    pub fn quiet_read(&self) -> Duration {
+        self.quiet_read
     }
 }
 
