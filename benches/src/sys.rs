@@ -182,11 +182,14 @@ impl DiskSettle {
     }
 
     /// Probes until both halves of the probe have stayed quiet for [`Self::QUIET_WINDOW`]
-    /// (any slow probe starts the window again), for at most `limit`; returns the time waited.
+    /// (any slow probe starts the window again), for at most `limit`; returns the time waited,
+    /// or an error once the run is interrupted.
     pub fn wait(&mut self, limit: Duration) -> Result<Duration> {
         let start = Instant::now();
         let mut quiet_since = Instant::now();
         while start.elapsed() < limit {
+            // A disk that never settles must not hold off a Ctrl-C for the whole limit.
+            check_interrupted()?;
             let (flushed, read) = self.probe()?;
             if !(Self::is_quiet(flushed, self.quiet_flush) && Self::is_quiet(read, self.quiet_read))
             {
