@@ -110,6 +110,11 @@ impl Opts {
         }
     }
 
+    /// The fio jobs of this run (see [`fio_jobs`]).
+    fn fio_jobs(&self) -> Vec<FioJob> {
+        fio_jobs(&self.fio_depths)
+    }
+
     fn wants(&self, group: &str) -> bool {
         self.filter.as_deref().is_none_or(|f| group.contains(f))
     }
@@ -1137,7 +1142,7 @@ struct FirstWrite {
     settled_create: Vec<f64>,
     /// Milliseconds waited for the disk to settle before each cold write.
     settled: Vec<f64>,
-    /// The settle probe's quiet latency (ms), its yardstick.
+    /// The settle probe's quiet flush latency (ms), its yardstick with `quiet_read`.
     quiet_flush: f64,
     /// The settle probe's quiet read latency (ms).
     quiet_read: f64,
@@ -1280,7 +1285,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
         };
         let mut fr = FioResults {
             rows: Vec::new(),
-            values: vec![Vec::new(); fio_jobs(&o.fio_depths).len()],
+            values: vec![Vec::new(); o.fio_jobs().len()],
             space: Vec::new(),
         };
         for (gi, group) in groups.iter().enumerate() {
@@ -1383,7 +1388,7 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
                 }
             }
             if measure_fio {
-                fio_group(o, &mut systems, size, group, first_group, &mut fr)?;
+                fio_group(o, &mut systems, &gdir, size, group, first_group, &mut fr)?;
             }
             drop(systems);
         }
@@ -1406,6 +1411,7 @@ fn is_space_job(o: &Opts, job: &FioJob) -> bool {
 fn fio_group(
     o: &Opts,
     systems: &mut [Box<dyn CowSystem>],
+    dir: &Path,
     size: u64,
     group: &[Kind],
     first_group: bool,
@@ -1425,12 +1431,9 @@ fn fio_group(
             v.push(Vec::new());
         }
     }
-    let socket = o
-        .dir
-        .clone()
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("cow-nbd-{}.sock", std::process::id()));
-    let jobs = fio_jobs(&o.fio_depths);
+    // In the run's scratch directory, which goes with the run whatever happens.
+    let socket = dir.join(format!("cow-nbd-{}.sock", std::process::id()));
+    let jobs = o.fio_jobs();
     for round in 0..o.runs {
         sys::check_interrupted()?;
         for (j, job) in jobs.iter().enumerate() {
@@ -1506,8 +1509,9 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
          gigabytes every flush waits behind them; after a system deleted gigabytes, a \
          scratch file system mounted with `discard` (see its options above) leaves the disk \
          working through the discards for seconds, during which one read or flush in five or \
-         ten is several times slower. A probe (a 4 KiB overwrite + `fsync` of a file of its own, a flush and \
-         a journal commit; and a 64 KiB `O_DIRECT` read at a random place of another) \
+         ten is several times slower. A probe (a 4 KiB overwrite + `fsync` of a file of its \
+         own, a flush and a journal commit; and a 64 KiB `O_DIRECT` read at a random place of \
+         another) \
          repeats every 20 ms until both halves have stayed at their quiet latency, measured \
          at the start (at most twice it, or 0.3 ms above it), for 0.5 s in a row (30 s at \
          most). The same wait comes before each timed container creation, which follows the \
@@ -1664,7 +1668,7 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
 }
 
 fn report_fio(o: &Opts, out: &mut Out, fr: &FioResults) {
-    let jobs = fio_jobs(&o.fio_depths);
+    let jobs = o.fio_jobs();
     let space_label = format!("host bytes after randwrite 4k qd{}", o.fio_depths[0]);
     out.section(
         &format!(
