@@ -470,6 +470,11 @@ impl Goal {
         }
     }
 
+    /// How many of `samples` meet the goal.
+    pub fn count_met(self, samples: &[f64]) -> usize {
+        samples.iter().filter(|&&v| self.met(v)).count()
+    }
+
     fn describe(self, unit: &str) -> String {
         match self {
             Goal::AtLeast(g) => format!("≥ {}{unit}", fmt_num(g)),
@@ -490,7 +495,11 @@ pub struct Check {
     pub cpu: Option<Stats>,
     pub unit: String,
     pub goal: Option<Goal>,
+    /// Whether the median meets the goal: what decides.
     pub met: Option<bool>,
+    /// How many of the `stats.n` samples meet the goal on their own: how close a verdict
+    /// is (a median that passes with 5 of 9 rounds is a coin toss, one with 9 of 9 is not).
+    pub samples_met: Option<usize>,
 }
 
 /// Everything one bench run measured, with the context needed to read it.
@@ -558,11 +567,13 @@ impl Report {
             unit: "×".into(),
             goal,
             met: goal.map(|g| g.met(stats.median)),
+            samples_met: goal.map(|g| g.count_met(ratios)),
         });
     }
 
-    /// Records an absolute figure against a goal.
-    pub fn absolute(&mut self, name: &str, stats: Stats, unit: &str, goal: Option<Goal>) {
+    /// Records an absolute figure (its samples, one per round) against a goal.
+    pub fn absolute(&mut self, name: &str, samples: &[f64], unit: &str, goal: Option<Goal>) {
+        let stats = Stats::of(samples);
         self.checks.push(Check {
             name: name.into(),
             baseline: None,
@@ -572,6 +583,7 @@ impl Report {
             unit: unit.into(),
             goal,
             met: goal.map(|g| g.met(stats.median)),
+            samples_met: goal.map(|g| g.count_met(samples)),
         });
     }
 
@@ -585,7 +597,8 @@ impl Report {
         let _ = writeln!(
             out,
             "Goals. Ratios are thin ÷ plain throughput, median [min–max] over n interleaved \
-             steps (wall time; the CPU column: the same from thread CPU time):"
+             steps (wall time; the CPU column: the same from thread CPU time); met: whether the \
+             median meets the goal, and how many of the n steps do on their own:"
         );
         let _ = writeln!(
             out,
@@ -607,10 +620,12 @@ impl Report {
                 c.stats.n,
                 c.cpu.as_ref().map_or("—".into(), fmt_stats),
                 c.goal.map_or("—".into(), |g| g.describe(&unit)),
-                match c.met {
-                    Some(true) => "yes",
-                    Some(false) => "**NO**",
-                    None => "—",
+                match (c.met, c.samples_met) {
+                    (Some(true), Some(k)) => format!("yes ({k} of {})", c.stats.n),
+                    (Some(false), Some(k)) => format!("**NO** ({k} of {})", c.stats.n),
+                    (Some(true), None) => "yes".into(),
+                    (Some(false), None) => "**NO**".into(),
+                    (None, _) => "—".into(),
                 }
             );
         }
