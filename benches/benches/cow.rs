@@ -132,8 +132,8 @@ struct Out {
     report: Report,
     md: String,
     charts: Vec<(String, Chart)>,
-    /// (target, measured, (met, rounds that met it)) lines for the summary at the top.
-    targets: Vec<(String, String, Option<(bool, String)>)>,
+    /// The lines of the summary at the top.
+    targets: Vec<TargetLine>,
 }
 
 impl Out {
@@ -221,9 +221,22 @@ impl Out {
             Goal::AtLeast(g) => format!("≥ {}{unit}", fmt_num(g)),
             Goal::AtMost(g) => format!("≤ {}{unit}", fmt_num(g)),
         };
-        self.targets
-            .push((format!("{what} (goal {goal})"), text, met));
+        self.targets.push(TargetLine {
+            what: format!("{what} (goal {goal})"),
+            measured: text,
+            verdict: met,
+        });
     }
+}
+
+/// A target as the summary shows it.
+struct TargetLine {
+    /// What is measured, with its goal.
+    what: String,
+    /// The figure: median [min–max], or why it is missing.
+    measured: String,
+    /// Whether the median meets the goal, and "k of n" rounds that do on their own.
+    verdict: Option<(bool, String)>,
 }
 
 fn st(samples: &[f64]) -> Option<Stats> {
@@ -1638,11 +1651,11 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
 
     // Targets at 1 GiB.
     let Some((_, fw)) = firsts.iter().find(|(s, _)| *s == GIB) else {
-        out.targets.push((
-            "first-write targets".into(),
-            "not measured (1G not in BENCH_COW_SIZES)".into(),
-            None,
-        ));
+        out.targets.push(TargetLine {
+            what: "first-write targets".into(),
+            measured: "not measured (1G not in BENCH_COW_SIZES)".into(),
+            verdict: None,
+        });
         return;
     };
     let get = |k: Kind| fw.kinds.iter().position(|x| *x == k).map(|i| &fw.cold[i]);
@@ -3037,13 +3050,18 @@ fn write_results(o: &Opts, out: &Out, started: Instant) -> Result<()> {
         md,
         "| target | measured | met | rounds that met it |\n| --- | --- | --- | --- |"
     );
-    for (t, v, met) in &out.targets {
-        let (m, rounds) = match met {
+    for TargetLine {
+        what,
+        measured,
+        verdict,
+    } in &out.targets
+    {
+        let (m, rounds) = match verdict {
             Some((true, r)) => ("yes", r.as_str()),
             Some((false, r)) => ("**no**", r.as_str()),
             None => ("—", "—"),
         };
-        let _ = writeln!(md, "| {t} | {v} | {m} | {rounds} |");
+        let _ = writeln!(md, "| {what} | {measured} | {m} | {rounds} |");
     }
     md.push_str(&out.md);
     fs::write(o.out.join("cow.md"), md)?;
