@@ -3,7 +3,7 @@
 # installs what it needs (scripts/setup.sh: fio, qemu-utils, btrfs-progs, xfsprogs), then
 # writes benches/results/cow.md, cow.json and the SVG plots. Sizes, rounds and groups come
 # from the environment (BENCH_COW_SIZES, BENCH_RUNS, BENCH_FILTER, ...: benches/README.md).
-# A full run takes 15-20 minutes and needs about 15 GiB free in /var/tmp (BENCH_DIR).
+# A full run takes 20-30 minutes and needs about 15 GiB free in /var/tmp (BENCH_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
