@@ -493,3 +493,60 @@ fn root_pool_on_loop_devices() {
     thin.read(&mut buf, 2 << 20).unwrap();
     assert!(buf.iter().all(|&b| b == 0x42));
 }
+
+/// `open_thin` and `delete` racing: a handle is only ever given for a thin that exists, and
+/// the thin stays until the handle is closed (`delete` refuses it meanwhile). Before the
+/// fix, `open_thin` looked for the thin before taking the lock `delete` holds, so a delete
+/// in between left a handle on a thin that was gone.
+#[test]
+fn a_thin_opened_while_another_thread_deletes_it_exists_until_closed() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let MemPool { pool, .. } = mem_pool(8 << 20, 64, DataBlockSize::DEFAULT, Default::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let deleted = Arc::new(AtomicU32::new(0));
+    let churn = {
+        let (pool, stop, deleted) = (pool.clone(), stop.clone(), deleted.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match pool.create_thin(id(1)) {
+                    Ok(()) | Err(Error::ThinExists(_)) => {}
+                    Err(e) => panic!("create_thin: {e}"),
+                }
+                match pool.delete(id(1)) {
+                    Ok(()) => {
+                        deleted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Error::ThinBusy(_)) => {}
+                    Err(e) => panic!("delete: {e}"),
+                }
+                // Freed metadata and data blocks come back only with a commit.
+                pool.commit().unwrap();
+            }
+        })
+    };
+    // Until both sides have run often enough for the race to be exercised, not avoided
+    // (with other tests running, either thread may get the CPUs late).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut opened = 0u32;
+    while opened < 5000 || deleted.load(Ordering::Relaxed) < 5000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "opened {opened}, deleted {} in 60 s",
+            deleted.load(Ordering::Relaxed)
+        );
+        match pool.open_thin(id(1)) {
+            Ok(thin) => {
+                opened += 1;
+                assert!(
+                    pool.thin_ids().contains(&id(1)),
+                    "open {opened}: a handle on a deleted thin"
+                );
+                thin.write(&[3u8; 512], 0).unwrap();
+            }
+            Err(Error::NoSuchThin(_)) => {}
+            Err(e) => panic!("open_thin: {e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+}

@@ -539,12 +539,16 @@ impl Pool {
     pub fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<()> {
         tracing::debug!(thin_id = %id, origin = %origin, "create_snap");
         loop {
-            if !self.md.lock().exists(origin) {
-                return Err(Error::NoSuchThin(origin));
-            }
             // No write of the origin is under way while the snapshot is made, through any
-            // handle, including one opened meanwhile: they all share this gate.
-            let gate = self.io_gate(origin);
+            // handle, including one opened meanwhile: they all share this gate. Taken under
+            // the metadata lock, where `delete` drops gates, so no gate outlives its thin.
+            let gate = {
+                let md = self.md.lock();
+                if !md.exists(origin) {
+                    return Err(Error::NoSuchThin(origin));
+                }
+                self.io_gate(origin)
+            };
             let _quiesced = gate.write();
             let made = self.with_metadata_space(|md| {
                 // Deleted (and perhaps made again, with another gate) since the look above:
@@ -573,6 +577,8 @@ impl Pool {
     /// thin is deleted, so a snapshot holds off the writes of every handle of its origin,
     /// those opened while it waits included (a gate that lived only as long as the open
     /// handles could be replaced by a new one, whose writers the snapshot would not see).
+    /// Callers have seen the thin exist under a lock `delete` takes (the metadata lock or
+    /// `open_thins`), so the gate is not made for a thin deleted meanwhile.
     fn io_gate(&self, id: ThinId) -> Arc<RwLock<()>> {
         self.io_gates.lock().entry(id).or_default().clone()
     }
@@ -842,10 +848,12 @@ impl Pool {
 
     /// Opens a thin for IO. While any handle is open the thin cannot be deleted.
     pub fn open_thin(self: &Arc<Self>, id: ThinId) -> Result<Thin> {
+        // `delete` holds this lock from its check for handles to the end: a thin that
+        // exists here stays until the handle is closed.
+        let mut open = self.open_thins.lock();
         if !self.md.lock().exists(id) {
             return Err(Error::NoSuchThin(id));
         }
-        let mut open = self.open_thins.lock();
         let entry = open.entry(id).or_insert_with(|| {
             (
                 Arc::new(ThinGate {
