@@ -1361,10 +1361,12 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
                         let s = &mut systems[i];
                         // The previous system's teardown (gigabytes deleted) must not
                         // land in this one's timed creation either.
-                        fw.settled_create.push(ms(settle.wait(SETTLE_LIMIT)?));
+                        let settled_create = ms(settle.wait(SETTLE_LIMIT)?);
+                        fw.settled_create.push(settled_create);
                         let c = s.create()?;
                         sys::drop_caches()?;
-                        fw.settled.push(ms(settle.wait(SETTLE_LIMIT)?));
+                        let settled = ms(settle.wait(SETTLE_LIMIT)?);
+                        fw.settled.push(settled);
                         sys::take_write_parts();
                         let cold = s.write(probe_a, 0xa0u8.wrapping_add(round as u8))?;
                         let parts = sys::take_write_parts();
@@ -1372,12 +1374,14 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
                         let space = s.space()?;
                         s.destroy()?;
                         eprintln!(
-                            "  round {round} {:<22} create {:>9.3} ms  cold {:>10.3} ms  warm {:>8.3} ms  space {}",
+                            "  round {round} {:<22} create {:>9.3} ms  cold {:>10.3} ms  warm {:>8.3} ms  space {}  (settle waits {:.0} + {:.0} ms)",
                             s.kind().name(),
                             ms(c),
                             ms(cold),
                             ms(warm),
-                            bytes(space as f64)
+                            bytes(space as f64),
+                            settled_create,
+                            settled
                         );
                         if i == 0 {
                             plain_cold.push(ms(cold));
