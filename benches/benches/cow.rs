@@ -217,12 +217,8 @@ impl Out {
             }
             None => ("not measured".to_string(), None),
         };
-        let goal = match goal {
-            Goal::AtLeast(g) => format!("≥ {}{unit}", fmt_num(g)),
-            Goal::AtMost(g) => format!("≤ {}{unit}", fmt_num(g)),
-        };
         self.targets.push(TargetLine {
-            what: format!("{what} (goal {goal})"),
+            what: format!("{what} (goal {})", goal.describe(unit)),
             measured: text,
             verdict: met,
         });

@@ -475,7 +475,8 @@ impl Goal {
         samples.iter().filter(|&&v| self.met(v)).count()
     }
 
-    fn describe(self, unit: &str) -> String {
+    /// "≥ 1,000×", "≤ 3.70 ms": the goal as tables show it (`unit` as it follows a number).
+    pub fn describe(self, unit: &str) -> String {
         match self {
             Goal::AtLeast(g) => format!("≥ {}{unit}", fmt_num(g)),
             Goal::AtMost(g) => format!("≤ {}{unit}", fmt_num(g)),
@@ -621,11 +622,14 @@ impl Report {
                 c.cpu.as_ref().map_or("—".into(), fmt_stats),
                 c.goal.map_or("—".into(), |g| g.describe(&unit)),
                 match (c.met, c.samples_met) {
-                    (Some(true), Some(k)) => format!("yes ({k} of {})", c.stats.n),
-                    (Some(false), Some(k)) => format!("**NO** ({k} of {})", c.stats.n),
-                    (Some(true), None) => "yes".into(),
-                    (Some(false), None) => "**NO**".into(),
                     (None, _) => "—".into(),
+                    (Some(met), k) => {
+                        let word = if met { "yes" } else { "**NO**" };
+                        match k {
+                            Some(k) => format!("{word} ({k} of {})", c.stats.n),
+                            None => word.into(),
+                        }
+                    }
                 }
             );
         }
