@@ -1607,17 +1607,24 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
             }
         }
         if let (Some(c), Some(w)) = (st(&fw.settled_create), st(&fw.settled)) {
+            // A wait that ran out returned on a disk that had not settled: say how often.
+            let limit = ms(SETTLE_LIMIT);
+            let waits = fw.settled_create.iter().chain(&fw.settled);
+            let ran_out = waits.clone().filter(|&&w| w >= limit).count();
             let _ = writeln!(
                 out.md,
                 "Disk settle (quiet probe: flush {} ms, read {} ms): before the creations \
                  waited {} ms median, {} ms at most; before the cold writes {} ms median, {} \
-                 ms at most.\n",
+                 ms at most. {ran_out} of {} waits ran out at the {} s limit (the measurement \
+                 after them began on a disk that had not settled).\n",
                 fmt_num(fw.quiet_flush),
                 fmt_num(fw.quiet_read),
                 fmt_num(c.median),
                 fmt_num(c.max),
                 fmt_num(w.median),
-                fmt_num(w.max)
+                fmt_num(w.max),
+                waits.count(),
+                SETTLE_LIMIT.as_secs()
             );
             out.record(
                 "first",
