@@ -1,7 +1,8 @@
 //! Block versus file copy-on-write, side by side on one machine in one run (issue 8).
 //!
-//! Systems: the thinbox engine through its API (userspace, no kernel in the path), ext4 on an
-//! activated thinbox thin (pool daemon: FUSE file + loop), overlayfs (the runtime's overlay
+//! Systems: the thinbox engine through its API (userspace, no kernel in the path), ext4 and
+//! xfs (the runtime's `dm.fs` choices) on an activated thinbox thin (pool daemon: FUSE file +
+//! loop; the `small` group uses ext4 only), overlayfs (the runtime's overlay
 //! driver's mount), a qcow2 overlay on the image (driven by an interactive `qemu-io`),
 //! reflink copies on btrfs and on xfs (each a loop-mounted filesystem in a sparse file), a
 //! full copy (Docker's vfs driver) and the plain file (the floor).
@@ -267,7 +268,9 @@ fn bytes(b: f64) -> String {
 /// A chart line with the colour its system has in every chart.
 fn series(name: impl Into<String>, points: Vec<Point>) -> Series {
     let name = name.into();
+    // The first entry the name contains wins: "xfs on thin" before "xfs".
     let colour = [
+        ("xfs on thin", "#332288"),
         ("plain", "#000000"),
         ("full copy", "#777777"),
         ("overlay", "#D55E00"),
@@ -312,10 +315,11 @@ enum Kind {
     Xfs,
     Engine,
     Thin,
+    ThinXfs,
 }
 
 impl Kind {
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 9] = [
         Kind::Plain,
         Kind::FullCopy,
         Kind::Overlay,
@@ -324,6 +328,7 @@ impl Kind {
         Kind::Xfs,
         Kind::Engine,
         Kind::Thin,
+        Kind::ThinXfs,
     ];
 
     fn name(self) -> &'static str {
@@ -336,6 +341,7 @@ impl Kind {
             Kind::Xfs => "xfs reflink",
             Kind::Engine => "thinbox engine API",
             Kind::Thin => "thinbox ext4 on thin",
+            Kind::ThinXfs => "thinbox xfs on thin",
         }
     }
 
@@ -346,7 +352,7 @@ impl Kind {
             Kind::FullCopy | Kind::Overlay | Kind::Qcow2 => 0,
             Kind::Engine if size <= GIB => size,
             Kind::Engine => 0,
-            Kind::Btrfs | Kind::Xfs | Kind::Thin => size + size / 16 + 64 * MIB,
+            Kind::Btrfs | Kind::Xfs | Kind::Thin | Kind::ThinXfs => size + size / 16 + 64 * MIB,
         }
     }
 }
@@ -846,9 +852,46 @@ impl CowSystem for EngineSys {
     }
 }
 
-/// A pool served by the pool daemon (in this process) with thin 1 formatted ext4; a
+/// The file system on a thinbox image, as the runtime's `dm.fs` chooses it, formatted and
+/// mounted as the runtime does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ThinFs {
+    /// thinbox's default; the image's journal log is trimmed, as the runtime does with each
+    /// layer it writes.
+    Ext4,
+    /// Docker's devicemapper default; mounted `nouuid` (every snapshot carries the image's
+    /// UUID).
+    Xfs,
+}
+
+impl ThinFs {
+    fn mkfs(self) -> Command {
+        match self {
+            ThinFs::Ext4 => {
+                let mut c = Command::new("mkfs.ext4");
+                c.args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]);
+                c
+            }
+            ThinFs::Xfs => {
+                let mut c = Command::new("mkfs.xfs");
+                c.args(["-q", "-f", "-K"]);
+                c
+            }
+        }
+    }
+
+    fn mount_options(self) -> Option<&'static str> {
+        match self {
+            ThinFs::Ext4 => None,
+            ThinFs::Xfs => Some("nouuid"),
+        }
+    }
+}
+
+/// A pool served by the pool daemon (in this process) with thin 1 formatted with `fs`; a
 /// container is a snapshot of thin 1, activated (FUSE file + loop) and mounted.
 struct ThinSys {
+    fs: ThinFs,
     daemon: Option<Arc<Daemon>>,
     client: Client,
     mnt: PathBuf,
@@ -875,6 +918,7 @@ fn deactivate(client: &mut Client, thin: ThinId) -> Result<()> {
 impl ThinSys {
     /// `populate` fills the image's file system (mounted at the path it is given).
     fn new(
+        fs: ThinFs,
         dir: &Path,
         tag: &str,
         device_size: u64,
@@ -913,6 +957,7 @@ impl ThinSys {
             }
         };
         let mut me = ThinSys {
+            fs,
             daemon: Some(daemon),
             client,
             mnt: pool_dir.join("mnt"),
@@ -924,25 +969,28 @@ impl ThinSys {
             _dir: guard,
         };
         let device = me.activate(id(ORIGIN))?;
-        sys::run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-                .arg(&device),
-        )?;
-        me.mount = Some(Mount::new(
-            None,
-            &device.to_string_lossy(),
-            &me.mnt,
-            None,
-            None,
-        )?);
+        sys::run(fs.mkfs().arg(&device))?;
+        me.mount_on(&device)?;
         populate(&me.mnt)?;
         me.mount = None;
         me.deactivate(id(ORIGIN))?;
-        // As the runtime does with every layer it writes.
-        let trim = engine::journal::trim_ext4_journal(&mut me.client, id(ORIGIN))?;
-        eprintln!("  {tag}: the image's journal log: {trim:?}");
+        if fs == ThinFs::Ext4 {
+            // As the runtime does with every layer it writes.
+            let trim = engine::journal::trim_ext4_journal(&mut me.client, id(ORIGIN))?;
+            eprintln!("  {tag}: the image's journal log: {trim:?}");
+        }
         Ok(me)
+    }
+
+    fn mount_on(&mut self, device: &Path) -> Result<()> {
+        self.mount = Some(Mount::new(
+            None,
+            &device.to_string_lossy(),
+            &self.mnt,
+            self.fs.mount_options(),
+            None,
+        )?);
+        Ok(())
     }
 
     fn activate(&mut self, thin: ThinId) -> Result<PathBuf> {
@@ -969,20 +1017,17 @@ impl ThinSys {
 
 impl CowSystem for ThinSys {
     fn kind(&self) -> Kind {
-        Kind::Thin
+        match self.fs {
+            ThinFs::Ext4 => Kind::Thin,
+            ThinFs::Xfs => Kind::ThinXfs,
+        }
     }
     fn create(&mut self) -> Result<Duration> {
         self.used0 = self.used()?;
         let start = Instant::now();
         self.client.create_snap(id(SNAP), id(ORIGIN), None)?;
         let device = self.activate(id(SNAP))?;
-        self.mount = Some(Mount::new(
-            None,
-            &device.to_string_lossy(),
-            &self.mnt,
-            None,
-            None,
-        )?);
+        self.mount_on(&device)?;
         Ok(start.elapsed())
     }
     fn write(&mut self, offset: u64, byte: u8) -> Result<Duration> {
@@ -1222,11 +1267,18 @@ fn build_systems(
                 12,
                 probes,
             )?),
-            Kind::Thin => {
+            Kind::Thin | Kind::ThinXfs => {
                 let dev = size + size / 16 + 256 * MIB;
+                // Each its own pool (the tag names its directory).
+                let (fs, tag) = if k == Kind::Thin {
+                    (ThinFs::Ext4, "fw")
+                } else {
+                    (ThinFs::Xfs, "fw-xfs")
+                };
                 Box::new(ThinSys::new(
+                    fs,
                     dir,
-                    "fw",
+                    tag,
                     dev,
                     DataBlockSize::DEFAULT,
                     "image",
@@ -1667,7 +1719,7 @@ fn report_first(o: &Opts, out: &mut Out, firsts: &[(u64, FirstWrite)]) {
     };
     let get = |k: Kind| fw.kinds.iter().position(|x| *x == k).map(|i| &fw.cold[i]);
     let _ = o;
-    for thin in [Kind::Thin, Kind::Engine] {
+    for thin in [Kind::Thin, Kind::ThinXfs, Kind::Engine] {
         let Some(t) = get(thin) else { continue };
         let vs = |k: Kind| get(k).map(|p| ratios(p, t));
         let tn = thin.name();
@@ -2720,6 +2772,7 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     systems.push(Box::new(SmallReflink::new(Kind::Xfs, &sdir, &tree)?));
     let tree_for_thin = tree.clone();
     systems.push(Box::new(SmallThin(ThinSys::new(
+        ThinFs::Ext4,
         &sdir,
         "small",
         4 * GIB,
