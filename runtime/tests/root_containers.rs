@@ -596,3 +596,93 @@ fn root_external_runtimes_run_the_bundle() {
     assert!(env.mounts().is_empty(), "{:?}", env.mounts());
     assert_eq!(env.active_thins(), 0);
 }
+
+/// `dm.fs=xfs` (Docker's devicemapper default): the base device, every layer and every
+/// container are xfs. Layers with whiteouts apply; two containers of one image run at once
+/// (each carries the image's xfs UUID, so each is mounted `nouuid`); a commit makes a layer
+/// that runs; removal gives the pool's space back and leaves no mount or activation.
+#[test]
+fn root_xfs_base_device_runs_commits_and_removes() {
+    let mut env = common::Env::new(RegistryAuth::None);
+    let x = env.add_root_with("xfs", &["dm.fs=xfs"]);
+    let host = env.host();
+    let r = &env.roots[x];
+    let base = format!("{host}/test/busybox:base");
+    let v2 = format!("{host}/test/busybox:v2");
+
+    r.ok(&["pull", "-q", &v2]);
+    let info = r.ok(&["info"]);
+    assert!(info.contains("Backing Filesystem: xfs"), "{info}");
+    assert_eq!(
+        r.ok(&[
+            "run",
+            "--rm",
+            &v2,
+            "sh",
+            "-c",
+            "cat /data/keep.txt; ls /data /data/opaque"
+        ]),
+        "changed\n/data:\nkeep.txt\nopaque\n\n/data/opaque:\nc\n",
+        "v2's whiteouts and opaque directory, applied on xfs"
+    );
+
+    r.ok(&["pull", "-q", &base]);
+    let used_before = r.used_data_blocks();
+    r.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "live",
+        &base,
+        "sh",
+        "-c",
+        "echo live > /data/live.txt; sleep 600",
+    ]);
+    assert_eq!(
+        r.ok(&[
+            "run",
+            "--rm",
+            &base,
+            "sh",
+            "-c",
+            "stat -f -c %T /; cat /data/keep.txt; test -e /data/live.txt && echo leaked || echo absent",
+        ]),
+        "xfs\noriginal\nabsent\n",
+        "a second container of the image, beside a running one"
+    );
+
+    r.ok(&[
+        "run",
+        "--name",
+        "builder",
+        &base,
+        "sh",
+        "-c",
+        "echo from xfs > /data/new.txt && rm /data/delete-me.txt",
+    ]);
+    let made = format!("{host}/test/xfs-made:v1");
+    r.ok(&[
+        "commit",
+        "-c",
+        r#"CMD ["cat", "/data/new.txt"]"#,
+        "builder",
+        &made,
+    ]);
+    assert_eq!(r.ok(&["run", "--rm", &made]), "from xfs\n");
+    assert_eq!(
+        r.ok(&["run", "--rm", &made, "ls", "/data"]),
+        "keep.txt\nnew.txt\nopaque\n"
+    );
+
+    r.ok(&["rm", "-f", "live"]);
+    r.ok(&["rm", "builder"]);
+    r.ok(&["rmi", &made]);
+    assert_eq!(r.ok(&["ps", "-a", "-q"]), "");
+    assert!(r.mounts().is_empty(), "{:?}", r.mounts());
+    assert_eq!(r.active_thins(), 0);
+    let used_after = r.used_data_blocks();
+    assert!(
+        used_after <= used_before + 1,
+        "{used_before} -> {used_after} blocks"
+    );
+}

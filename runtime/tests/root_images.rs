@@ -542,6 +542,7 @@ fn root_load_of_a_layer_that_fails_to_apply_keeps_nothing() {
         root: dir.path().join("root"),
         run_root: dir.path().join("run"),
         overlay: false,
+        storage_opts: Vec::new(),
     };
     struct Guard<'r>(&'r common::Root);
     impl Drop for Guard<'_> {

@@ -33,6 +33,8 @@ pub struct Root {
     pub run_root: PathBuf,
     /// `--storage-driver overlay` instead of devicemapper (with the small pool options).
     pub overlay: bool,
+    /// More `--storage-opt`s for devicemapper, after the small pool options.
+    pub storage_opts: Vec<String>,
 }
 
 impl Root {
@@ -43,6 +45,11 @@ impl Root {
             c.args(["--storage-driver", "overlay"]);
         } else {
             c.args(STORAGE_OPTS);
+            c.args(
+                self.storage_opts
+                    .iter()
+                    .map(|o| format!("--storage-opt={o}")),
+            );
         }
         c.args(args)
             .env("THINBOX_RUN_ROOT", &self.run_root)
@@ -364,6 +371,7 @@ impl Env {
                 root: env.dir.path().join(format!("root-{name}")),
                 run_root: env.dir.path().join(format!("run-{name}")),
                 overlay: false,
+                storage_opts: Vec::new(),
             });
         }
         env
@@ -375,6 +383,19 @@ impl Env {
             root: self.dir.path().join(format!("root-{name}")),
             run_root: self.dir.path().join(format!("run-{name}")),
             overlay: true,
+            storage_opts: Vec::new(),
+        });
+        self.roots.len() - 1
+    }
+
+    /// Adds a devicemapper root with more storage options (`dm.fs=xfs`); its index in
+    /// `roots`.
+    pub fn add_root_with(&mut self, name: &str, storage_opts: &[&str]) -> usize {
+        self.roots.push(Root {
+            root: self.dir.path().join(format!("root-{name}")),
+            run_root: self.dir.path().join(format!("run-{name}")),
+            overlay: false,
+            storage_opts: storage_opts.iter().map(|o| o.to_string()).collect(),
         });
         self.roots.len() - 1
     }
