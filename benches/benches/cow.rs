@@ -212,7 +212,12 @@ impl Out {
                 self.report.absolute(what, samples, unit, Some(goal));
                 let rounds = format!("{} of {}", goal.count_met(samples), s.n);
                 (
-                    format!("{}{unit}", fmt_stats(&s)),
+                    format!(
+                        "{} [{}–{}]{unit}",
+                        goal.show(s.median),
+                        fmt_num(s.min),
+                        fmt_num(s.max)
+                    ),
                     Some((goal.met(s.median), rounds)),
                 )
             }

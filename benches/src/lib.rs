@@ -475,6 +475,21 @@ impl Goal {
         samples.iter().filter(|&&v| self.met(v)).count()
     }
 
+    /// `v` as tables show it ([`fmt_num`]), with more digits where that rounding would seem
+    /// to meet a goal `v` misses, or the other way round: a median of 1.0017 against
+    /// "≤ 1.00" reads 1.002, not a 1.00 that fails its goal.
+    pub fn show(self, v: f64) -> String {
+        let shown = fmt_num(v);
+        let as_read: Option<f64> = shown.replace(',', "").parse().ok();
+        if as_read.is_none_or(|r| self.met(r) == self.met(v)) {
+            shown
+        } else if v.abs() >= 100.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.3}")
+        }
+    }
+
     /// "≥ 1,000×", "≤ 3.70 ms": the goal as tables show it (`unit` as it follows a number).
     pub fn describe(self, unit: &str) -> String {
         match self {
@@ -578,7 +593,7 @@ impl Report {
         self.checks.push(Check {
             name: name.into(),
             baseline: None,
-            value: fmt_num(stats.median),
+            value: goal.map_or_else(|| fmt_num(stats.median), |g| g.show(stats.median)),
             stats,
             cpu: None,
             unit: unit.into(),
@@ -738,4 +753,21 @@ pub fn kernel() -> String {
 
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_figure_rounded_onto_its_goal_shows_which_side_it_is_on() {
+        let at_most = Goal::AtMost(1.0);
+        assert_eq!(at_most.show(1.0017), "1.002");
+        assert_eq!(at_most.show(0.9981), "0.998");
+        assert_eq!(at_most.show(1.0), "1.00");
+        assert_eq!(at_most.show(1.62), "1.62");
+        let at_least = Goal::AtLeast(1000.0);
+        assert_eq!(at_least.show(999.7), "999.7");
+        assert_eq!(at_least.show(1518.0), "1,518");
+    }
 }
