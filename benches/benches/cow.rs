@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use benches::svg::{Chart, Point, Series};
 use benches::sys::{self, Mount, QemuIo, Remove};
-use benches::{env_num, fmt_num, fmt_stats, Goal, Report, Stats, Unit};
+use benches::{env_num, fmt_num, fmt_stats, fmt_stats_for, Goal, Report, Stats, Unit};
 use engine::activate::daemon::{Client, Daemon, DaemonConfig, RunDir};
 use engine::activate::PoolControl;
 use engine::io::{BlockDevice, FileDevice, OpenMode};
@@ -212,12 +212,7 @@ impl Out {
                 self.report.absolute(what, samples, unit, Some(goal));
                 let rounds = format!("{} of {}", goal.count_met(samples), s.n);
                 (
-                    format!(
-                        "{} [{}–{}]{unit}",
-                        goal.show(s.median),
-                        fmt_num(s.min),
-                        fmt_num(s.max)
-                    ),
+                    format!("{}{unit}", fmt_stats_for(&s, Some(goal))),
                     Some((goal.met(s.median), rounds)),
                 )
             }
@@ -857,8 +852,9 @@ impl CowSystem for EngineSys {
     }
 }
 
-/// The file system on a thinbox image, as the runtime's `dm.fs` chooses it, formatted and
-/// mounted as the runtime does.
+/// The file system on a thinbox image, as the runtime's `dm.fs` chooses it, formatted with
+/// the runtime's options (but for ext4's `nodiscard`: the thin is empty at mkfs, so its
+/// discard maps nothing) and mounted with them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ThinFs {
     /// thinbox's default; the image's journal log is trimmed, as the runtime does with each

@@ -428,6 +428,19 @@ pub fn fmt_num(x: f64) -> String {
     }
 }
 
+/// `median [min–max]`, the median shown against `goal` where there is one ([`Goal::show`]).
+pub fn fmt_stats_for(s: &Stats, goal: Option<Goal>) -> String {
+    match goal {
+        Some(g) => format!(
+            "{} [{}–{}]",
+            g.show(s.median),
+            fmt_num(s.min),
+            fmt_num(s.max)
+        ),
+        None => fmt_stats(s),
+    }
+}
+
 /// `median [min–max]`.
 pub fn fmt_stats(s: &Stats) -> String {
     format!(
@@ -479,15 +492,19 @@ impl Goal {
     /// to meet a goal `v` misses, or the other way round: a median of 1.0017 against
     /// "≤ 1.00" reads 1.002, not a 1.00 that fails its goal.
     pub fn show(self, v: f64) -> String {
+        let same_side = |shown: &str| {
+            let read: Option<f64> = shown.replace(',', "").parse().ok();
+            read.is_none_or(|r| self.met(r) == self.met(v))
+        };
         let shown = fmt_num(v);
-        let as_read: Option<f64> = shown.replace(',', "").parse().ok();
-        if as_read.is_none_or(|r| self.met(r) == self.met(v)) {
-            shown
-        } else if v.abs() >= 100.0 {
-            format!("{v:.1}")
-        } else {
-            format!("{v:.3}")
+        if same_side(&shown) {
+            return shown;
         }
+        // One more decimal at a time, until the figure as read falls where `v` does.
+        (1..=9)
+            .map(|decimals| format!("{v:.decimals$}"))
+            .find(|s| same_side(s))
+            .unwrap_or_else(|| v.to_string())
     }
 
     /// "≥ 1,000×", "≤ 3.70 ms": the goal as tables show it (`unit` as it follows a number).
@@ -631,7 +648,7 @@ impl Report {
                 out,
                 "| {} | {}{} | {} | {} | {} | {} |",
                 c.name,
-                fmt_stats(&c.stats),
+                fmt_stats_for(&c.stats, c.goal),
                 unit,
                 c.stats.n,
                 c.cpu.as_ref().map_or("—".into(), fmt_stats),
@@ -763,11 +780,17 @@ mod tests {
     fn a_figure_rounded_onto_its_goal_shows_which_side_it_is_on() {
         let at_most = Goal::AtMost(1.0);
         assert_eq!(at_most.show(1.0017), "1.002");
-        assert_eq!(at_most.show(0.9981), "0.998");
+        assert_eq!(at_most.show(1.0004), "1.0004");
+        assert_eq!(
+            at_most.show(0.9981),
+            "0.998",
+            "rounding keeps it on its side"
+        );
         assert_eq!(at_most.show(1.0), "1.00");
         assert_eq!(at_most.show(1.62), "1.62");
         let at_least = Goal::AtLeast(1000.0);
         assert_eq!(at_least.show(999.7), "999.7");
+        assert_eq!(at_least.show(999.96), "999.96");
         assert_eq!(at_least.show(1518.0), "1,518");
     }
 }

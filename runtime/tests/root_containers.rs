@@ -638,6 +638,16 @@ fn root_xfs_base_device_runs_commits_and_removes() {
         "-c",
         "echo live > /data/live.txt; sleep 600",
     ]);
+    // Only once `live` has written does the second container's "absent" say something.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r
+        .status_and_output(&["exec", "live", "cat", "/data/live.txt"])
+        .1
+        != "live\n"
+    {
+        assert!(Instant::now() < deadline, "live never wrote its file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         r.ok(&[
             "run",
@@ -669,6 +679,18 @@ fn root_xfs_base_device_runs_commits_and_removes() {
         &made,
     ]);
     assert_eq!(r.ok(&["run", "--rm", &made]), "from xfs\n");
+    let made_thin: u64 = r.inspect(&made)["GraphDriver"]["Data"]["DeviceId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    r.with_thin(made_thin, |mnt| {
+        assert_eq!(
+            fs::read_to_string(mnt.join("data/new.txt")).unwrap(),
+            "from xfs\n"
+        );
+        assert!(!mnt.join("data/delete-me.txt").exists());
+    });
     assert_eq!(
         r.ok(&["run", "--rm", &made, "ls", "/data"]),
         "keep.txt\nnew.txt\nopaque\n"
