@@ -44,11 +44,7 @@ impl Env {
 
     /// The thin of the image's top layer.
     fn image_thin(&self) -> u64 {
-        self.inspect(&self.image)["GraphDriver"]["Data"]["DeviceId"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
+        self.layer_thin(&self.image)
     }
 }
 
@@ -679,12 +675,7 @@ fn root_xfs_base_device_runs_commits_and_removes() {
         &made,
     ]);
     assert_eq!(r.ok(&["run", "--rm", &made]), "from xfs\n");
-    let made_thin: u64 = r.inspect(&made)["GraphDriver"]["Data"]["DeviceId"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    r.with_thin(made_thin, |mnt| {
+    r.with_thin(r.layer_thin(&made), |mnt| {
         assert_eq!(
             fs::read_to_string(mnt.join("data/new.txt")).unwrap(),
             "from xfs\n"

@@ -119,6 +119,15 @@ impl Root {
         v[0].clone()
     }
 
+    /// The thin of image `name`'s top layer (`GraphDriver.Data.DeviceId`).
+    pub fn layer_thin(&self, name: &str) -> u64 {
+        self.inspect(name)["GraphDriver"]["Data"]["DeviceId"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     pub fn id(&self, name: &str) -> String {
         self.inspect(name)["Id"].as_str().unwrap().to_string()
     }
