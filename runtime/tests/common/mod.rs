@@ -394,22 +394,20 @@ impl Env {
 
     /// Adds a root with the overlay driver; its index in `roots`.
     pub fn add_overlay_root(&mut self, name: &str) -> usize {
-        self.roots.push(Root {
-            root: self.dir.path().join(format!("root-{name}")),
-            run_root: self.dir.path().join(format!("run-{name}")),
-            overlay: true,
-            storage_opts: Vec::new(),
-        });
-        self.roots.len() - 1
+        self.add_root(name, true, &[])
     }
 
     /// Adds a devicemapper root with more storage options (`dm.fs=xfs`); its index in
     /// `roots`.
     pub fn add_root_with(&mut self, name: &str, storage_opts: &[&str]) -> usize {
+        self.add_root(name, false, storage_opts)
+    }
+
+    fn add_root(&mut self, name: &str, overlay: bool, storage_opts: &[&str]) -> usize {
         self.roots.push(Root {
             root: self.dir.path().join(format!("root-{name}")),
             run_root: self.dir.path().join(format!("run-{name}")),
-            overlay: false,
+            overlay,
             storage_opts: storage_opts.iter().map(|o| o.to_string()).collect(),
         });
         self.roots.len() - 1
