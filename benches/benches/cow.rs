@@ -2,10 +2,10 @@
 //!
 //! Systems: the thinbox engine through its API (userspace, no kernel in the path), ext4 and
 //! xfs (the runtime's `dm.fs` choices) on an activated thinbox thin (pool daemon: FUSE file +
-//! loop; the `small` group uses ext4 only), overlayfs (the runtime's overlay
-//! driver's mount), a qcow2 overlay on the image (driven by an interactive `qemu-io`),
-//! reflink copies on btrfs and on xfs (each a loop-mounted filesystem in a sparse file), a
-//! full copy (Docker's vfs driver) and the plain file (the floor).
+//! loop), overlayfs (the runtime's overlay driver's mount), a qcow2 overlay on the image
+//! (driven by an interactive `qemu-io`), reflink copies on btrfs and on xfs (each a
+//! loop-mounted filesystem in a sparse file), a full copy (Docker's vfs driver) and the plain
+//! file (the floor).
 //!
 //! Groups (`BENCH_FILTER` picks by substring): `first` (4 KiB write + fsync into a large
 //! shared file, cold and warm, space), `fio` (random and sequential IO on the inherited file),
@@ -2622,7 +2622,7 @@ impl SmallSys for SmallOverlay {
 struct SmallThin(ThinSys);
 impl SmallSys for SmallThin {
     fn name(&self) -> &'static str {
-        "thinbox ext4 on thin"
+        self.0.kind().name()
     }
     fn create(&mut self) -> Result<Duration> {
         self.0.create()
@@ -2771,24 +2771,26 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
         systems.push(Box::new(SmallReflink::new(Kind::Btrfs, &sdir, &tree)?));
     }
     systems.push(Box::new(SmallReflink::new(Kind::Xfs, &sdir, &tree)?));
-    let tree_for_thin = tree.clone();
-    systems.push(Box::new(SmallThin(ThinSys::new(
-        ThinFs::Ext4,
-        &sdir,
-        "small",
-        4 * GIB,
-        DataBlockSize::DEFAULT,
-        "tree",
-        move |root| {
-            sys::run(
-                Command::new("cp")
-                    .arg("-a")
-                    .arg(&tree_for_thin)
-                    .arg(root.join("tree")),
-            )?;
-            Ok(())
-        },
-    )?)));
+    for (fs, tag) in [(ThinFs::Ext4, "small"), (ThinFs::Xfs, "small-xfs")] {
+        let tree = tree.clone();
+        systems.push(Box::new(SmallThin(ThinSys::new(
+            fs,
+            &sdir,
+            tag,
+            4 * GIB,
+            DataBlockSize::DEFAULT,
+            "tree",
+            move |root| {
+                sys::run(
+                    Command::new("cp")
+                        .arg("-a")
+                        .arg(&tree)
+                        .arg(root.join("tree")),
+                )?;
+                Ok(())
+            },
+        )?)));
+    }
     let ops = [
         "create container",
         "untar the tree + syncfs",
