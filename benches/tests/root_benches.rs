@@ -25,34 +25,77 @@ fn cargo() -> Command {
     c
 }
 
-/// Mount points, loop backing files and process command lines that name `dir`.
-fn leftovers(dir: &Path) -> Vec<String> {
+/// What a bench left behind that names `dir`.
+#[derive(Debug)]
+enum Leftover {
+    /// A mount point under it (or a mount of something under it).
+    Mount(String),
+    /// A loop device (`/dev/loopN`) backed by a file under it.
+    Loop(String),
+    /// A process (pid) with it on its command line.
+    Process(String),
+}
+
+fn leftovers(dir: &Path) -> Vec<Leftover> {
     let dir = dir.to_string_lossy().into_owned();
     let mut found = Vec::new();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    found.extend(
-        mounts
-            .lines()
-            .filter(|l| l.contains(&dir))
-            .map(|l| format!("mount: {l}")),
-    );
+    for line in mounts.lines().filter(|l| l.contains(&dir)) {
+        if let Some(target) = line.split(' ').nth(1) {
+            found.push(Leftover::Mount(target.to_string()));
+        }
+    }
     for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
         let backing = e.path().join("loop/backing_file");
         if let Ok(b) = std::fs::read_to_string(&backing) {
             if b.contains(&dir) {
-                found.push(format!("loop device {:?}: {}", e.file_name(), b.trim()));
+                let name = e.file_name().to_string_lossy().into_owned();
+                found.push(Leftover::Loop(format!("/dev/{name}")));
             }
         }
     }
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&dir) {
-                found.push(format!("process {:?}: {cmd}", e.file_name()));
+            if String::from_utf8_lossy(&cmd).contains(&dir) {
+                found.push(Leftover::Process(
+                    e.file_name().to_string_lossy().into_owned(),
+                ));
             }
         }
     }
     found
+}
+
+/// Undoes what a failed bench left (processes first, then the deepest mounts, then loop
+/// devices), so that a failing test does not leak either; best effort, the test fails anyway.
+fn sweep(left: &[Leftover]) {
+    let quiet = |c: &mut Command| {
+        let _ = c
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    };
+    for l in left {
+        if let Leftover::Process(pid) = l {
+            quiet(Command::new("kill").arg(pid));
+        }
+    }
+    let mut mounts: Vec<&String> = left
+        .iter()
+        .filter_map(|l| match l {
+            Leftover::Mount(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        quiet(Command::new("umount").arg("-l").arg(m));
+    }
+    for l in left {
+        if let Leftover::Loop(dev) = l {
+            quiet(Command::new("losetup").arg("-d").arg(dev));
+        }
+    }
 }
 
 /// A bench run in a scratch directory of its own under `/var/tmp`.
@@ -68,9 +111,9 @@ impl Run {
     }
 }
 
-/// Runs `cargo bench --bench BENCH` (the dev profile the suite already built) with `env`,
-/// `BENCH_DIR`, `BENCH_OUT` and `BENCH_JSON` in a fresh scratch directory; fails the test if the bench
-/// fails or leaves anything naming that directory behind.
+/// Runs `cargo bench --bench BENCH` (the dev profile the suite already built) with `env`, and
+/// `BENCH_DIR`, `BENCH_OUT` and `BENCH_JSON` in a fresh scratch directory. Fails the test if
+/// the bench fails or leaves anything naming that directory behind (after sweeping it away).
 fn run_bench(bench: &str, env: &[(&str, &str)]) -> Run {
     let scratch = tempfile::Builder::new()
         .prefix(&format!("{bench}-bench-smoke."))
@@ -106,6 +149,7 @@ fn run_bench(bench: &str, env: &[(&str, &str)]) -> Run {
         scratch,
     };
     let left = leftovers(run.scratch.path());
+    sweep(&left);
     assert!(
         left.is_empty(),
         "the {bench} bench left behind: {left:#?}\nits stderr:\n{}",
@@ -310,4 +354,41 @@ fn root_activation_bench_runs_every_job_on_every_system_and_leaves_nothing() {
             );
         }
     }
+}
+
+#[test]
+fn root_leftovers_finds_and_sweeps_a_mount_a_loop_device_and_a_process() {
+    let scratch = tempfile::Builder::new()
+        .prefix("leftovers-smoke.")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let dir = scratch.path();
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let log = dir.join("log");
+    std::fs::write(&log, b"").unwrap();
+    // Made first, checked after the sweep: a failed step must not leak the others.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "smoke"])
+        .arg(&mnt)
+        .status();
+    let attached = Command::new("losetup").arg("-f").arg(&image).status();
+    let mut tail = Command::new("tail")
+        .arg("-f")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let left = leftovers(dir);
+    sweep(&left);
+    let _ = tail.wait();
+    let after = leftovers(dir);
+    assert!(mounted.unwrap().success() && attached.unwrap().success());
+    assert_eq!(left.len(), 3, "found {left:?}");
+    assert!(after.is_empty(), "still there after the sweep: {after:?}");
 }
