@@ -12,7 +12,9 @@
 //! `snap` (snapshot / container creation against mapped origin size), `runtime` (`thinbox
 //! create` as a process, devicemapper and overlay drivers), `chain` (creation and
 //! reads against layer depth), `small` (untar, find, stat and edits of many small files),
-//! `blocksize` (the thin pool's CoW cost and space against its block size).
+//! `workload` (the user's own shell command in a container on each system, when
+//! `BENCH_WORKLOAD` is set), `blocksize` (the thin pool's CoW cost and space against its
+//! block size).
 //!
 //! Every group runs in rounds; inside a round every system runs once, in an order that
 //! rotates between rounds, and ratios are taken per round (perf-anchors.md's method).
@@ -69,6 +71,11 @@ struct Opts {
     snap_sizes: Vec<u64>,
     depths: Vec<usize>,
     small_files: usize,
+    /// `BENCH_WORKLOAD`: the user's own workload, a shell command.
+    workload: Option<String>,
+    /// `BENCH_WORKLOAD_IMAGE`: the directory the workload's image holds (default: the
+    /// generated source tree of the `small` group).
+    workload_image: Option<PathBuf>,
     block_sizes: Vec<u64>,
     out: PathBuf,
     filter: Option<String>,
@@ -107,6 +114,10 @@ impl Opts {
             snap_sizes: env_list("BENCH_SNAP_SIZES", "1G,8G,64G", size),
             depths: env_list("BENCH_CHAIN_DEPTHS", "1,10,25,50,100", |s| s.parse().ok()),
             small_files: env_num("BENCH_SMALL_FILES", 4000usize).max(10),
+            workload: std::env::var("BENCH_WORKLOAD")
+                .ok()
+                .filter(|w| !w.trim().is_empty()),
+            workload_image: std::env::var_os("BENCH_WORKLOAD_IMAGE").map(PathBuf::from),
             block_sizes: env_list("BENCH_BLOCK_SIZES", "64K,128K,256K,512K,1M", size),
             out: std::env::var_os("BENCH_OUT")
                 .map(PathBuf::from)
@@ -2570,7 +2581,7 @@ fn make_tree(root: &Path, n: usize) -> Result<u64> {
 }
 
 /// A container with the image's tree at `tree`, and a place to untar into (`scratch`).
-trait SmallSys {
+trait TreeSys {
     fn name(&self) -> &'static str;
     fn create(&mut self) -> Result<Duration>;
     fn root(&self) -> PathBuf;
@@ -2578,14 +2589,26 @@ trait SmallSys {
     fn destroy(&mut self) -> Result<()>;
 }
 
-struct SmallPlain {
+/// The baseline: a plain directory holding a fresh copy of the image's tree each round (the
+/// copy is its setup, not a creation: the table shows none), so that what one round writes
+/// never reaches the next round's input, nor the image the overlay mounts as its lower dir.
+struct TreePlain {
+    image: PathBuf,
     root: PathBuf,
 }
-impl SmallSys for SmallPlain {
+impl TreeSys for TreePlain {
     fn name(&self) -> &'static str {
         "plain directory"
     }
     fn create(&mut self) -> Result<Duration> {
+        fs::create_dir_all(&self.root)?;
+        sys::run(
+            Command::new("cp")
+                .arg("-a")
+                .arg(self.image.join("tree"))
+                .arg(self.root.join("tree")),
+        )?;
+        sys::syncfs(&self.root);
         Ok(Duration::ZERO)
     }
     fn root(&self) -> PathBuf {
@@ -2595,13 +2618,13 @@ impl SmallSys for SmallPlain {
         Ok(0)
     }
     fn destroy(&mut self) -> Result<()> {
-        let _ = fs::remove_dir_all(self.root.join("new"));
+        fs::remove_dir_all(&self.root)?;
         Ok(())
     }
 }
 
-struct SmallOverlay(OverlaySys);
-impl SmallSys for SmallOverlay {
+struct TreeOverlay(OverlaySys);
+impl TreeSys for TreeOverlay {
     fn name(&self) -> &'static str {
         "overlayfs"
     }
@@ -2619,8 +2642,8 @@ impl SmallSys for SmallOverlay {
     }
 }
 
-struct SmallThin(ThinSys);
-impl SmallSys for SmallThin {
+struct TreeThin(ThinSys);
+impl TreeSys for TreeThin {
     fn name(&self) -> &'static str {
         self.0.kind().name()
     }
@@ -2640,19 +2663,19 @@ impl SmallSys for SmallThin {
 
 /// btrfs: the image is a subvolume, a container its snapshot (Docker's btrfs driver).
 /// xfs: a container is `cp -a --reflink=always` of the image directory.
-struct SmallReflink {
+struct TreeReflink {
     kind: Kind,
     fs: sys::LoopFs,
     used0: u64,
 }
-impl SmallReflink {
-    fn new(kind: Kind, dir: &Path, tree: &Path) -> Result<SmallReflink> {
+impl TreeReflink {
+    fn new(kind: Kind, dir: &Path, tree: &Path, fs_size: u64) -> Result<TreeReflink> {
         let (tag, mkfs) = reflink_mkfs(kind);
         let fs = sys::LoopFs::create(
-            &dir.join(format!("small-{tag}.img")),
-            4 * GIB,
+            &dir.join(format!("tree-{tag}.img")),
+            fs_size,
             mkfs,
-            &dir.join(format!("small-mnt-{tag}")),
+            &dir.join(format!("tree-mnt-{tag}")),
             None,
         )?;
         let image = fs.path().join("image");
@@ -2672,13 +2695,13 @@ impl SmallReflink {
                 .arg(image.join("tree")),
         )?;
         sys::syncfs(fs.path());
-        Ok(SmallReflink { kind, fs, used0: 0 })
+        Ok(TreeReflink { kind, fs, used0: 0 })
     }
     fn container(&self) -> PathBuf {
         self.fs.path().join("c")
     }
 }
-impl SmallSys for SmallReflink {
+impl TreeSys for TreeReflink {
     fn name(&self) -> &'static str {
         self.kind.name()
     }
@@ -2739,6 +2762,53 @@ fn walk(dir: &Path, f: &mut impl FnMut(&Path, &fs::Metadata)) -> Result<()> {
     Ok(())
 }
 
+/// The systems of the groups that work on a tree of files (`small`, `workload`): a plain
+/// directory and a container on overlayfs, btrfs (when `mkfs.btrfs` is there), xfs reflink,
+/// and ext4 and xfs on a thin, each with the tree of `SDIR/image/tree` at `<root>/tree`.
+/// `bytes` is the tree's size; file systems and thins get room for it twice over.
+fn tree_systems(sdir: &Path, bytes: u64) -> Result<Vec<Box<dyn TreeSys>>> {
+    let image = sdir.join("image");
+    let tree = image.join("tree");
+    let room = (4 * GIB).max(2 * bytes + GIB);
+    let mut systems: Vec<Box<dyn TreeSys>> = vec![
+        Box::new(TreePlain {
+            image: image.clone(),
+            root: sdir.join("plain"),
+        }),
+        Box::new(TreeOverlay(OverlaySys {
+            lower: image,
+            run: sdir.join("ovl"),
+            file: String::new(),
+            mount: None,
+        })),
+    ];
+    if sys::have("mkfs.btrfs") {
+        systems.push(Box::new(TreeReflink::new(Kind::Btrfs, sdir, &tree, room)?));
+    }
+    systems.push(Box::new(TreeReflink::new(Kind::Xfs, sdir, &tree, room)?));
+    for (fs, tag) in [(ThinFs::Ext4, "tree"), (ThinFs::Xfs, "tree-xfs")] {
+        let tree = tree.clone();
+        systems.push(Box::new(TreeThin(ThinSys::new(
+            fs,
+            sdir,
+            tag,
+            room,
+            DataBlockSize::DEFAULT,
+            "tree",
+            move |root| {
+                sys::run(
+                    Command::new("cp")
+                        .arg("-a")
+                        .arg(&tree)
+                        .arg(root.join("tree")),
+                )?;
+                Ok(())
+            },
+        )?)));
+    }
+    Ok(systems)
+}
+
 fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let sdir = dir.join("small");
     fs::create_dir_all(&sdir)?;
@@ -2756,41 +2826,7 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             .arg("."),
     )?;
     eprintln!("small: {} files, {}", o.small_files, bytes(total as f64));
-    let mut systems: Vec<Box<dyn SmallSys>> = vec![
-        Box::new(SmallPlain {
-            root: sdir.join("image"),
-        }),
-        Box::new(SmallOverlay(OverlaySys {
-            lower: sdir.join("image"),
-            run: sdir.join("ovl"),
-            file: String::new(),
-            mount: None,
-        })),
-    ];
-    if sys::have("mkfs.btrfs") {
-        systems.push(Box::new(SmallReflink::new(Kind::Btrfs, &sdir, &tree)?));
-    }
-    systems.push(Box::new(SmallReflink::new(Kind::Xfs, &sdir, &tree)?));
-    for (fs, tag) in [(ThinFs::Ext4, "small"), (ThinFs::Xfs, "small-xfs")] {
-        let tree = tree.clone();
-        systems.push(Box::new(SmallThin(ThinSys::new(
-            fs,
-            &sdir,
-            tag,
-            4 * GIB,
-            DataBlockSize::DEFAULT,
-            "tree",
-            move |root| {
-                sys::run(
-                    Command::new("cp")
-                        .arg("-a")
-                        .arg(&tree)
-                        .arg(root.join("tree")),
-                )?;
-                Ok(())
-            },
-        )?)));
-    }
+    let mut systems = tree_systems(&sdir, total)?;
     let ops = [
         "create container",
         "untar the tree + syncfs",
@@ -2852,9 +2888,6 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             let edit = start.elapsed();
             let sp = s.space()?;
             s.destroy()?;
-            if s.name() == "plain directory" {
-                let _ = fs::remove_dir_all(&new);
-            }
             eprintln!(
                 "  small round {round} {:<22} create {:.1} untar {:.0} find {:.0} stat {:.1} edit {:.1} ms, {}",
                 s.name(),
@@ -2912,6 +2945,145 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     }
     let h: Vec<&str> = headers.iter().map(|s| s.as_str()).collect();
     out.table(&h, &rows);
+    Ok(())
+}
+
+// ---- group: the user's own workload ---------------------------------------------------------
+
+fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
+    let command = o.workload.as_deref().context("BENCH_WORKLOAD is not set")?;
+    let wdir = dir.join("workload");
+    fs::create_dir_all(&wdir)?;
+    let _g = Remove(wdir.clone());
+    let tree = wdir.join("image").join("tree");
+    let (what, total) = match &o.workload_image {
+        Some(src) => {
+            if !src.is_dir() {
+                bail!("BENCH_WORKLOAD_IMAGE={} is not a directory", src.display());
+            }
+            fs::create_dir_all(tree.parent().unwrap_or(&wdir))?;
+            // The directory's content, not the directory: `src/.` into `tree`.
+            sys::run(Command::new("cp").arg("-a").arg(src.join(".")).arg(&tree))?;
+            let mut total = 0;
+            walk(&tree, &mut |_, md| total += md.len())?;
+            (format!("a copy of `{}`", src.display()), total)
+        }
+        None => {
+            fs::create_dir_all(&tree)?;
+            let total = make_tree(&tree, o.small_files)?;
+            (
+                format!(
+                    "the `small` group's generated tree of {} files",
+                    o.small_files
+                ),
+                total,
+            )
+        }
+    };
+    eprintln!("workload: `{command}` on {what}, {}", bytes(total as f64));
+    let mut systems = tree_systems(&wdir, total)?;
+    let n = systems.len();
+    // [system] samples: creation ms, workload ms, host bytes added
+    let mut create = vec![Vec::new(); n];
+    let mut work = vec![Vec::new(); n];
+    let mut space = vec![Vec::new(); n];
+    for round in 0..o.runs {
+        sys::check_interrupted()?;
+        for k in 0..n {
+            let i = (round + k) % n;
+            let s = &mut systems[i];
+            let c = s.create()?;
+            let root = s.root();
+            sys::drop_caches()?;
+            let start = Instant::now();
+            let run = Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .current_dir(root.join("tree"))
+                .env("BENCH_SYSTEM", s.name())
+                .output()
+                .context("cannot start sh")?;
+            sys::syncfs(&root);
+            let w = start.elapsed();
+            if !run.status.success() {
+                let _ = s.destroy();
+                bail!(
+                    "the workload failed on {} ({}): {}",
+                    s.name(),
+                    run.status,
+                    String::from_utf8_lossy(&run.stderr).trim()
+                );
+            }
+            let sp = s.space()?;
+            s.destroy()?;
+            eprintln!(
+                "  workload round {round} {:<22} create {:.1} ms, workload {:.1} ms, {}",
+                s.name(),
+                ms(c),
+                ms(w),
+                bytes(sp as f64)
+            );
+            create[i].push(ms(c));
+            work[i].push(ms(w));
+            space[i].push(sp as f64);
+        }
+    }
+    out.section(
+        "Your workload",
+        &format!(
+            "`{command}` (`BENCH_WORKLOAD`), run by `sh -c` in the container's copy of the \
+             image, {what} ({} in all). Per round and system: create a container, drop \
+             caches, run the command and sync the container's file system (both timed: \
+             deferred writes count), then the host bytes the container added. The plain \
+             directory is a fresh copy of the image each round. `BENCH_SYSTEM` tells the \
+             command where it runs. Ratios are against the plain directory in the same round.",
+            bytes(total as f64)
+        ),
+    );
+    let mut rows = Vec::new();
+    for (i, s) in systems.iter().enumerate() {
+        let ratio = if i == 0 {
+            String::new()
+        } else {
+            st(&ratios(&work[i], &work[0]))
+                .map_or(String::new(), |r| format!(" ({}×)", fmt_num(r.median)))
+        };
+        rows.push(vec![
+            s.name().to_string(),
+            if i == 0 {
+                "—".into()
+            } else {
+                cell(&create[i], " ms")
+            },
+            format!("{}{ratio}", cell(&work[i], " ms")),
+            st(&space[i]).map_or("—".into(), |s| bytes(s.median)),
+        ]);
+        out.report.row(
+            "workload",
+            "create container",
+            s.name(),
+            Unit::Millis,
+            &create[i],
+            "",
+        );
+        out.report.row(
+            "workload",
+            "workload + syncfs",
+            s.name(),
+            Unit::Millis,
+            &work[i],
+            command,
+        );
+    }
+    out.table(
+        &[
+            "system",
+            "create container",
+            "workload + syncfs",
+            "host bytes added",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -3082,6 +3254,13 @@ fn context(o: &Opts, out: &mut Out, dir: &Path) {
             o.block_sizes.iter().map(|s| engine::units::format_size(*s)).collect::<Vec<_>>(),
         ),
     );
+    if let Some(w) = &o.workload {
+        let image = o.workload_image.as_ref().map_or_else(
+            || "the generated tree".to_string(),
+            |p| p.display().to_string(),
+        );
+        r.context("workload", format!("`{w}` on {image}"));
+    }
     r.context("load before", benches::loadavg());
     r.context("cpu pressure before", benches::cpu_pressure());
 }
@@ -3156,7 +3335,10 @@ fn main() -> Result<()> {
         targets: Vec::new(),
     };
     context(&o, &mut out, &dir);
-    let step = |name: &str, out: &mut Out, f: &mut dyn FnMut(&mut Out) -> Result<()>| {
+    // A group that fails is reported in its place and the others still run; the exit status
+    // says so at the end, for scripts.
+    let mut failed = Vec::new();
+    let mut step = |name: &str, out: &mut Out, f: &mut dyn FnMut(&mut Out) -> Result<()>| {
         if !o.wants(name) || sys::interrupted() {
             return;
         }
@@ -3164,12 +3346,14 @@ fn main() -> Result<()> {
         if let Err(e) = f(out) {
             eprintln!("cow bench: group {name} failed: {e:#}");
             out.section(&format!("{name}: failed"), &format!("`{e:#}`"));
+            failed.push(name.to_string());
         }
         out.report.context(
             &format!("time {name}"),
             format!("{:.0} s", t.elapsed().as_secs_f64()),
         );
     };
+    let mut first_failed = false;
     if o.wants("first") || o.wants("fio") {
         let t = Instant::now();
         match first_and_fio(&o, &mut out, &dir) {
@@ -3184,6 +3368,7 @@ fn main() -> Result<()> {
             Err(e) => {
                 eprintln!("cow bench: first/fio failed: {e:#}");
                 out.section("first write / fio: failed", &format!("`{e:#}`"));
+                first_failed = true;
             }
         }
         out.report.context(
@@ -3195,6 +3380,15 @@ fn main() -> Result<()> {
     step("runtime", &mut out, &mut |out| runtime_group(&o, out, &dir));
     step("chain", &mut out, &mut |out| chain_group(&o, out, &dir));
     step("small", &mut out, &mut |out| small_group(&o, out, &dir));
+    if o.workload.is_some() {
+        step("workload", &mut out, &mut |out| {
+            workload_group(&o, out, &dir)
+        });
+    } else if o.filter.as_deref() == Some("workload") {
+        eprintln!(
+            "cow bench: the workload group runs the command in BENCH_WORKLOAD; it is not set"
+        );
+    }
     step("blocksize", &mut out, &mut |out| {
         blocksize_group(&o, out, &dir)
     });
@@ -3205,5 +3399,15 @@ fn main() -> Result<()> {
         .context("cpu pressure after", benches::cpu_pressure());
     write_results(&o, &out, started)?;
     print!("{}", fs::read_to_string(o.out.join("cow.md"))?);
+    if first_failed {
+        failed.insert(0, "first/fio".to_string());
+    }
+    if !failed.is_empty() {
+        bail!(
+            "groups that failed (their errors are in {}): {}",
+            o.out.join("cow.md").display(),
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
