@@ -2940,7 +2940,12 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             out.report
                 .row("small", op, s.name(), Unit::Millis, &t[i][j], "");
         }
-        row.push(st(&space[i]).map_or("—".into(), |s| bytes(s.median)));
+        // The plain directory is the baseline, not a container: it adds no copy to measure.
+        row.push(if i == 0 {
+            "—".into()
+        } else {
+            st(&space[i]).map_or("—".into(), |s| bytes(s.median))
+        });
         rows.push(row);
     }
     let h: Vec<&str> = headers.iter().map(|s| s.as_str()).collect();
@@ -3056,7 +3061,11 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
                 cell(&create[i], " ms")
             },
             format!("{}{ratio}", cell(&work[i], " ms")),
-            st(&space[i]).map_or("—".into(), |s| bytes(s.median)),
+            if i == 0 {
+                "—".into()
+            } else {
+                st(&space[i]).map_or("—".into(), |s| bytes(s.median))
+            },
         ]);
         out.report.row(
             "workload",
