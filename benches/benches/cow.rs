@@ -2966,11 +2966,25 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             if !src.is_dir() {
                 bail!("BENCH_WORKLOAD_IMAGE={} is not a directory", src.display());
             }
-            fs::create_dir_all(tree.parent().unwrap_or(&wdir))?;
+            let mut total = 0;
+            walk(src, &mut |_, md| total += md.len())?;
+            // The image, the plain copy, and one copy in each of btrfs, xfs and the two
+            // thins, before the workload writes anything.
+            let need = 6 * total + GIB;
+            let free = sys::fs_free(&wdir)?;
+            if free < need {
+                bail!(
+                    "the workload's image ({}) needs about {} free in {} (six copies and room \
+                     to write); there are {}",
+                    bytes(total as f64),
+                    bytes(need as f64),
+                    wdir.display(),
+                    bytes(free as f64)
+                );
+            }
+            fs::create_dir_all(&tree)?;
             // The directory's content, not the directory: `src/.` into `tree`.
             sys::run(Command::new("cp").arg("-a").arg(src.join(".")).arg(&tree))?;
-            let mut total = 0;
-            walk(&tree, &mut |_, md| total += md.len())?;
             (format!("a copy of `{}`", src.display()), total)
         }
         None => {
