@@ -2765,11 +2765,13 @@ fn walk(dir: &Path, f: &mut impl FnMut(&Path, &fs::Metadata)) -> Result<()> {
 /// The systems of the groups that work on a tree of files (`small`, `workload`): a plain
 /// directory and a container on overlayfs, btrfs (when `mkfs.btrfs` is there), xfs reflink,
 /// and ext4 and xfs on a thin, each with the tree of `SDIR/image/tree` at `<root>/tree`.
-/// `bytes` is the tree's size; file systems and thins get room for it twice over.
-fn tree_systems(sdir: &Path, bytes: u64) -> Result<Vec<Box<dyn TreeSys>>> {
+/// `bytes` is the space the tree takes (allocated, not apparent) and `entries` its number of
+/// files and directories: file systems and thins get room for the tree twice over, and ext4
+/// (one inode per 16 KiB) inodes enough for it twice over.
+fn tree_systems(sdir: &Path, bytes: u64, entries: u64) -> Result<Vec<Box<dyn TreeSys>>> {
     let image = sdir.join("image");
     let tree = image.join("tree");
-    let room = (4 * GIB).max(2 * bytes + GIB);
+    let room = (4 * GIB).max(2 * bytes + GIB).max(entries * 32 * 1024);
     let mut systems: Vec<Box<dyn TreeSys>> = vec![
         Box::new(TreePlain {
             image: image.clone(),
@@ -2826,7 +2828,7 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             .arg("."),
     )?;
     eprintln!("small: {} files, {}", o.small_files, bytes(total as f64));
-    let mut systems = tree_systems(&sdir, total)?;
+    let mut systems = tree_systems(&sdir, sys::allocated(&tree), o.small_files as u64 * 2)?;
     let ops = [
         "create container",
         "untar the tree + syncfs",
@@ -2963,11 +2965,17 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let tree = wdir.join("image").join("tree");
     let (what, total) = match &o.workload_image {
         Some(src) => {
+            // `cargo bench` runs the bench in `benches/`, not where the user typed the command.
+            if !src.is_absolute() {
+                bail!(
+                    "BENCH_WORKLOAD_IMAGE={} must be an absolute path",
+                    src.display()
+                );
+            }
             if !src.is_dir() {
                 bail!("BENCH_WORKLOAD_IMAGE={} is not a directory", src.display());
             }
-            let mut total = 0;
-            walk(src, &mut |_, md| total += md.len())?;
+            let total = sys::allocated(src);
             // The image, the plain copy, and one copy in each of btrfs, xfs and the two
             // thins, before the workload writes anything.
             let need = 6 * total + GIB;
@@ -3000,7 +3008,12 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
         }
     };
     eprintln!("workload: `{command}` on {what}, {}", bytes(total as f64));
-    let mut systems = tree_systems(&wdir, total)?;
+    let mut entries = 0;
+    walk(&tree, &mut |_, _| entries += 1)?;
+    let mut systems = tree_systems(&wdir, sys::allocated(&tree), entries)?;
+    // The plain baseline copies and deletes a whole image around the timed runs: let the
+    // disk settle before each one, as the first-write group does.
+    let mut settle = sys::DiskSettle::new(&wdir)?;
     let n = systems.len();
     // [system] samples: creation ms, workload ms, host bytes added
     let mut create = vec![Vec::new(); n];
@@ -3011,18 +3024,24 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
         for k in 0..n {
             let i = (round + k) % n;
             let s = &mut systems[i];
+            settle.wait(SETTLE_LIMIT)?;
             let c = s.create()?;
             let root = s.root();
             sys::drop_caches()?;
+            settle.wait(SETTLE_LIMIT)?;
             let start = Instant::now();
-            let run = Command::new("sh")
-                .arg("-c")
+            // In a PID namespace of its own: whatever the command leaves running in the
+            // background dies with it, and cannot keep the container busy.
+            let run = Command::new("unshare")
+                .args(["--pid", "--fork", "--kill-child", "sh", "-c"])
                 .arg(command)
                 .current_dir(root.join("tree"))
                 .env("BENCH_SYSTEM", s.name())
                 .output()
-                .context("cannot start sh")?;
-            sys::syncfs(&root);
+                .context("cannot start unshare")?;
+            // All file systems, for every system alike: what the command wrote outside the
+            // container (tool caches, temporary files) is paid by each of them.
+            nix::unistd::sync();
             let w = start.elapsed();
             if !run.status.success() {
                 let _ = s.destroy();
@@ -3052,7 +3071,7 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
         &format!(
             "`{command}` (`BENCH_WORKLOAD`), run by `sh -c` in the container's copy of the \
              image, {what} ({} in all). Per round and system: create a container, drop \
-             caches, run the command and sync the container's file system (both timed: \
+             caches, run the command (in a PID namespace of its own) and `sync` (both timed: \
              deferred writes count), then the host bytes the container added. The plain \
              directory is a fresh copy of the image each round. `BENCH_SYSTEM` tells the \
              command where it runs. Ratios are against the plain directory in the same round.",
@@ -3081,17 +3100,27 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
                 st(&space[i]).map_or("—".into(), |s| bytes(s.median))
             },
         ]);
+        if i > 0 {
+            out.report.row(
+                "workload",
+                "create container",
+                s.name(),
+                Unit::Millis,
+                &create[i],
+                "",
+            );
+            out.report.row(
+                "workload",
+                "host bytes added",
+                s.name(),
+                Unit::Bytes,
+                &space[i],
+                "",
+            );
+        }
         out.report.row(
             "workload",
-            "create container",
-            s.name(),
-            Unit::Millis,
-            &create[i],
-            "",
-        );
-        out.report.row(
-            "workload",
-            "workload + syncfs",
+            "workload + sync",
             s.name(),
             Unit::Millis,
             &work[i],
@@ -3102,7 +3131,7 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
         &[
             "system",
             "create container",
-            "workload + syncfs",
+            "workload + sync",
             "host bytes added",
         ],
         &rows,

@@ -2,7 +2,8 @@
 //! btrfs, xfs and thin file systems, attaches loop devices and serves FUSE and NBD; the others
 //! drop caches and activate thins). They check what a run writes, never a timing: every group
 //! and every system has its rows, every sample is a number, the cow bench's plots are SVG, and
-//! nothing a bench made (mounts, loop devices, daemons, NBD servers) outlives it. Full runs
+//! no mount, loop device or process (daemons, NBD servers) naming the run's scratch directory
+//! outlives it. Full runs
 //! take minutes to half an hour; these about three minutes together, so a change that breaks a
 //! system's setup or teardown shows in CI, not at the next published run.
 
@@ -32,7 +33,7 @@ enum Leftover {
     Mount(String),
     /// A loop device (`/dev/loopN`) backed by a file under it.
     Loop(String),
-    /// A process (pid) with it on its command line.
+    /// A process (pid) with it on its command line or as its working directory.
     Process(String),
 }
 
@@ -55,12 +56,12 @@ fn leftovers(dir: &Path) -> Vec<Leftover> {
         }
     }
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmd).contains(&dir) {
-                found.push(Leftover::Process(
-                    e.file_name().to_string_lossy().into_owned(),
-                ));
-            }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&dir) || cwd.to_string_lossy().contains(&dir) {
+            found.push(Leftover::Process(
+                e.file_name().to_string_lossy().into_owned(),
+            ));
         }
     }
     found
@@ -111,10 +112,23 @@ impl Run {
     }
 }
 
-/// Runs `cargo bench --bench BENCH` (the dev profile the suite already built) with `env`, and
-/// `BENCH_DIR`, `BENCH_OUT` and `BENCH_JSON` in a fresh scratch directory. Fails the test if
-/// the bench fails or leaves anything naming that directory behind (after sweeping it away).
+/// Runs `cargo bench --bench BENCH` in the dev profile (which `scripts/test.sh`'s `cargo build`
+/// has built; `cargo test` alone builds the test profile, so it compiles once more) with only
+/// `env`, and `BENCH_DIR`, `BENCH_OUT` and `BENCH_JSON` in a fresh scratch directory, of the
+/// `BENCH_*` variables. Fails the test if the bench fails or leaves anything naming that
+/// directory behind (after sweeping it away).
 fn run_bench(bench: &str, env: &[(&str, &str)]) -> Run {
+    let (run, status) = run_bench_status(bench, env);
+    assert!(
+        status.success(),
+        "the {bench} bench failed:\n{}",
+        run.stderr
+    );
+    run
+}
+
+/// [`run_bench`] without the verdict on its exit status, which it returns.
+fn run_bench_status(bench: &str, env: &[(&str, &str)]) -> (Run, std::process::ExitStatus) {
     let scratch = tempfile::Builder::new()
         .prefix(&format!("{bench}-bench-smoke."))
         .tempdir_in("/var/tmp")
@@ -139,6 +153,13 @@ fn run_bench(bench: &str, env: &[(&str, &str)]) -> Run {
     // The engine bench writes its JSON only where asked; the others ignore it.
     .env("BENCH_JSON", out.join(format!("{bench}.json")))
     .env_remove("BENCH_FILTER");
+    // Whatever the caller exported (a README example tried earlier) stays out.
+    for (k, _) in std::env::vars_os() {
+        let set_here = ["BENCH_OUT", "BENCH_DIR", "BENCH_JSON"];
+        if k.to_string_lossy().starts_with("BENCH_") && !set_here.iter().any(|s| k == *s) {
+            cmd.env_remove(&k);
+        }
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -155,12 +176,7 @@ fn run_bench(bench: &str, env: &[(&str, &str)]) -> Run {
         "the {bench} bench left behind: {left:#?}\nits stderr:\n{}",
         run.stderr
     );
-    assert!(
-        output.status.success(),
-        "the {bench} bench failed:\n{}",
-        run.stderr
-    );
-    run
+    (run, output.status)
 }
 
 /// The devices of each group in a bench's JSON, after checking that every sample is a
@@ -230,11 +246,13 @@ fn root_cow_bench_runs_every_group_and_system_and_leaves_nothing() {
             ("BENCH_CHAIN_DEPTHS", "1,3"),
             ("BENCH_SMALL_FILES", "200"),
             ("BENCH_BLOCK_SIZES", "64K,128K"),
-            // Reads the inherited tree, edits it and adds a file, as a user's workload might.
+            // Reads the inherited tree, edits it and adds a file, as a user's workload might;
+            // fails if an earlier system's edit reached its input (the plain baseline once
+            // wrote into the image the overlay mounts).
             (
                 "BENCH_WORKLOAD",
-                "cat d000/* >/dev/null && echo edited >>d001/f00100.c && \
-                 dd if=/dev/zero of=new bs=64k count=16 status=none",
+                "cat d000/* >/dev/null && ! grep -q edited d001/f00100.c && \
+                 echo edited >>d001/f00100.c && dd if=/dev/zero of=new bs=64k count=16 status=none",
             ),
         ],
     );
@@ -397,4 +415,83 @@ fn root_leftovers_finds_and_sweeps_a_mount_a_loop_device_and_a_process() {
     assert!(mounted.unwrap().success() && attached.unwrap().success());
     assert_eq!(left.len(), 3, "found {left:?}");
     assert!(after.is_empty(), "still there after the sweep: {after:?}");
+}
+
+#[test]
+fn root_cow_bench_workload_runs_on_a_given_image_and_fails_clearly() {
+    let image = tempfile::Builder::new()
+        .prefix("workload-image.")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::create_dir(image.path().join("src")).unwrap();
+    std::fs::write(
+        image.path().join("src/main.c"),
+        "int main(void) { return 0; }\n",
+    )
+    .unwrap();
+    let image_path = image.path().to_str().unwrap();
+    let tree_systems = [
+        "plain directory",
+        "overlayfs",
+        "btrfs reflink",
+        "xfs reflink",
+        "thinbox ext4 on thin",
+        "thinbox xfs on thin",
+    ];
+    // The image's content is the container's working directory, fresh for every system, and
+    // a process the workload leaves behind does not outlive it.
+    let run = run_bench(
+        "cow",
+        &[
+            ("BENCH_FILTER", "workload"),
+            ("BENCH_RUNS", "1"),
+            ("BENCH_WORKLOAD_IMAGE", image_path),
+            (
+                "BENCH_WORKLOAD",
+                "test -f src/main.c && ! test -e seen && touch seen && \
+                 (sleep 600 >/dev/null 2>&1 </dev/null &)",
+            ),
+        ],
+    );
+    let devices = devices_by_group(&read_json(&run.out().join("cow.json")));
+    expect_rows(&devices, "workload", &tree_systems);
+
+    // A failing command fails the group, with its status, and the bench's exit status.
+    let (run, status) = run_bench_status(
+        "cow",
+        &[
+            ("BENCH_FILTER", "workload"),
+            ("BENCH_RUNS", "1"),
+            ("BENCH_WORKLOAD_IMAGE", image_path),
+            ("BENCH_WORKLOAD", "echo broken >&2; exit 7"),
+        ],
+    );
+    assert!(
+        !status.success(),
+        "a failed group exited 0:\n{}",
+        run.stderr
+    );
+    let md = std::fs::read_to_string(run.out().join("cow.md")).unwrap();
+    assert!(
+        md.contains("## workload: failed")
+            && md.contains("exit status: 7")
+            && md.contains("broken"),
+        "{md}"
+    );
+
+    // A relative image path would be read from `benches/`: refused.
+    let (run, status) = run_bench_status(
+        "cow",
+        &[
+            ("BENCH_FILTER", "workload"),
+            ("BENCH_WORKLOAD_IMAGE", "src"),
+            ("BENCH_WORKLOAD", "true"),
+        ],
+    );
+    assert!(!status.success());
+    assert!(
+        run.stderr.contains("must be an absolute path"),
+        "{}",
+        run.stderr
+    );
 }
