@@ -13,6 +13,16 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// The systems of the cow bench's groups that work on a tree of files (`small`, `workload`).
+const TREE_SYSTEMS: [&str; 6] = [
+    "plain directory",
+    "overlayfs",
+    "btrfs reflink",
+    "xfs reflink",
+    "thinbox ext4 on thin",
+    "thinbox xfs on thin",
+];
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -278,15 +288,7 @@ fn root_cow_bench_runs_every_group_and_system_and_leaves_nothing() {
             "thinbox engine over NBD (its server)",
         ],
     );
-    let tree_systems = [
-        "plain directory",
-        "overlayfs",
-        "btrfs reflink",
-        "xfs reflink",
-        "thinbox ext4 on thin",
-        "thinbox xfs on thin",
-    ];
-    expect("small", &tree_systems);
+    expect("small", &TREE_SYSTEMS);
     expect(
         "snap",
         &[
@@ -301,7 +303,7 @@ fn root_cow_bench_runs_every_group_and_system_and_leaves_nothing() {
         "chain",
         &["thinbox create_snap + commit (engine)", "overlayfs mount"],
     );
-    expect("workload", &tree_systems);
+    expect("workload", &TREE_SYSTEMS);
     expect("blocksize", &["64KiB", "128KiB"]);
     let md = std::fs::read_to_string(out.join("cow.md")).unwrap();
     for section in [
@@ -430,14 +432,6 @@ fn root_cow_bench_workload_runs_on_a_given_image_and_fails_clearly() {
     )
     .unwrap();
     let image_path = image.path().to_str().unwrap();
-    let tree_systems = [
-        "plain directory",
-        "overlayfs",
-        "btrfs reflink",
-        "xfs reflink",
-        "thinbox ext4 on thin",
-        "thinbox xfs on thin",
-    ];
     // The image's content is the container's working directory, fresh for every system, and
     // a process the workload leaves behind does not outlive it.
     let run = run_bench(
@@ -454,7 +448,7 @@ fn root_cow_bench_workload_runs_on_a_given_image_and_fails_clearly() {
         ],
     );
     let devices = devices_by_group(&read_json(&run.out().join("cow.json")));
-    expect_rows(&devices, "workload", &tree_systems);
+    expect_rows(&devices, "workload", &TREE_SYSTEMS);
 
     // A failing command fails the group, with its status, and the bench's exit status.
     let (run, status) = run_bench_status(
