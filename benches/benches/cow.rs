@@ -1415,9 +1415,8 @@ fn first_and_fio(o: &Opts, out: &mut Out, dir: &Path) -> Result<Measured> {
             if measure_first {
                 for round in 0..o.first_runs {
                     sys::check_interrupted()?;
-                    for k in 0..n {
+                    for i in rotation(round, n) {
                         sys::check_interrupted()?;
-                        let i = (round + k) % n;
                         let s = &mut systems[i];
                         // The previous system's teardown (gigabytes deleted) must not
                         // land in this one's timed creation either.
@@ -2750,6 +2749,12 @@ impl TreeSys for TreeReflink {
     }
 }
 
+/// The order systems run in during `round`: each round starts one system later, so that no
+/// system always follows the same one (the method of perf-anchors.md).
+fn rotation(round: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (round + k) % n)
+}
+
 fn walk(dir: &Path, f: &mut impl FnMut(&Path, &fs::Metadata)) -> Result<()> {
     for e in fs::read_dir(dir)? {
         let e = e?;
@@ -2760,6 +2765,16 @@ fn walk(dir: &Path, f: &mut impl FnMut(&Path, &fs::Metadata)) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes a tree takes on disk (allocated blocks, not lengths) and its number of entries.
+fn tree_size(tree: &Path) -> Result<(u64, u64)> {
+    let (mut bytes, mut entries) = (0, 0);
+    walk(tree, &mut |_, md| {
+        bytes += std::os::unix::fs::MetadataExt::blocks(md) * 512;
+        entries += 1;
+    })?;
+    Ok((bytes, entries))
 }
 
 /// The systems of the groups that work on a tree of files (`small`, `workload`): a plain
@@ -2828,7 +2843,8 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             .arg("."),
     )?;
     eprintln!("small: {} files, {}", o.small_files, bytes(total as f64));
-    let mut systems = tree_systems(&sdir, sys::allocated(&tree), o.small_files as u64 * 2)?;
+    let (tree_bytes, entries) = tree_size(&tree)?;
+    let mut systems = tree_systems(&sdir, tree_bytes, entries)?;
     let ops = [
         "create container",
         "untar the tree + syncfs",
@@ -2842,8 +2858,7 @@ fn small_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let mut space = vec![Vec::new(); n];
     for round in 0..o.runs {
         sys::check_interrupted()?;
-        for k in 0..n {
-            let i = (round + k) % n;
+        for i in rotation(round, n) {
             let s = &mut systems[i];
             let c = s.create()?;
             let root = s.root();
@@ -2963,7 +2978,7 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     fs::create_dir_all(&wdir)?;
     let _g = Remove(wdir.clone());
     let tree = wdir.join("image").join("tree");
-    let (what, total) = match &o.workload_image {
+    let (what, total, entries) = match &o.workload_image {
         Some(src) => {
             // `cargo bench` runs the bench in `benches/`, not where the user typed the command.
             if !src.is_absolute() {
@@ -2975,7 +2990,7 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             if !src.is_dir() {
                 bail!("BENCH_WORKLOAD_IMAGE={} is not a directory", src.display());
             }
-            let total = sys::allocated(src);
+            let (total, entries) = tree_size(src)?;
             // The image, the plain copy, and one copy in each of btrfs, xfs and the two
             // thins, before the workload writes anything.
             let need = 6 * total + GIB;
@@ -2993,24 +3008,24 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
             fs::create_dir_all(&tree)?;
             // The directory's content, not the directory: `src/.` into `tree`.
             sys::run(Command::new("cp").arg("-a").arg(src.join(".")).arg(&tree))?;
-            (format!("a copy of `{}`", src.display()), total)
+            (format!("a copy of `{}`", src.display()), total, entries)
         }
         None => {
             fs::create_dir_all(&tree)?;
-            let total = make_tree(&tree, o.small_files)?;
+            make_tree(&tree, o.small_files)?;
+            let (total, entries) = tree_size(&tree)?;
             (
                 format!(
                     "the `small` group's generated tree of {} files",
                     o.small_files
                 ),
                 total,
+                entries,
             )
         }
     };
     eprintln!("workload: `{command}` on {what}, {}", bytes(total as f64));
-    let mut entries = 0;
-    walk(&tree, &mut |_, _| entries += 1)?;
-    let mut systems = tree_systems(&wdir, sys::allocated(&tree), entries)?;
+    let mut systems = tree_systems(&wdir, total, entries)?;
     // The plain baseline copies and deletes a whole image around the timed runs: let the
     // disk settle before each one, as the first-write group does.
     let mut settle = sys::DiskSettle::new(&wdir)?;
@@ -3021,8 +3036,7 @@ fn workload_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
     let mut space = vec![Vec::new(); n];
     for round in 0..o.runs {
         sys::check_interrupted()?;
-        for k in 0..n {
-            let i = (round + k) % n;
+        for i in rotation(round, n) {
             let s = &mut systems[i];
             settle.wait(SETTLE_LIMIT)?;
             let c = s.create()?;
@@ -3169,8 +3183,7 @@ fn blocksize_group(o: &Opts, out: &mut Out, dir: &Path) -> Result<()> {
         let offs: Vec<u64> = (0..writes)
             .map(|_| rng.gen_range(0..image / 4096) * 4096)
             .collect();
-        for k in 0..n {
-            let i = (round + k) % n;
+        for i in rotation(round, n) {
             let p = &mut pools[i];
             p.create()?;
             sys::drop_caches()?;
