@@ -1,10 +1,10 @@
-//! The three benches end to end with tiny parameters (root_: the cow bench mounts overlayfs,
+//! The four benches end to end with tiny parameters (root_: the cow bench mounts overlayfs,
 //! btrfs, xfs and thin file systems, attaches loop devices and serves FUSE and NBD; the others
-//! drop caches and activate thins). They check what a run writes, never a timing: every group
+//! drop caches and activate thins, and the kernel bench boots a qemu guest). They check what a run writes, never a timing: every group
 //! and every system has its rows, every sample is a number, the cow bench's plots are SVG, and
 //! no mount, loop device or process (daemons, NBD servers) naming the run's scratch directory
 //! outlives it. Full runs
-//! take minutes to half an hour; these about three minutes together, so a change that breaks a
+//! take minutes to half an hour; these about four minutes together, so a change that breaks a
 //! system's setup or teardown shows in CI, not at the next published run.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -487,5 +487,60 @@ fn root_cow_bench_workload_runs_on_a_given_image_and_fails_clearly() {
         run.stderr.contains("must be an absolute path"),
         "{}",
         run.stderr
+    );
+}
+
+#[test]
+fn root_kernel_bench_runs_every_system_in_the_guest_and_leaves_nothing() {
+    if let Err(why) = fixtures::kernel::available() {
+        eprintln!("skipped: the kernel harness is unavailable: {why}");
+        return;
+    }
+    let run = run_bench(
+        "kernel",
+        &[
+            ("BENCH_KERNEL_SIZE", "64M"),
+            ("BENCH_KERNEL_ROUNDS", "1"),
+            ("BENCH_KERNEL_WARMUP", "0"),
+        ],
+    );
+    let json = read_json(&run.out().join("kernel.json"));
+    let devices = devices_by_group(&json);
+    let thins = ["kernel dm-thin ext4", "kernel dm-thin xfs"];
+    expect_rows(
+        &devices,
+        "kernel",
+        &[thins[0], thins[1], "xfs reflink", "overlayfs", "plain"],
+    );
+    let rows = json["rows"].as_array().unwrap();
+    let row = |name: &str, device: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name && r["device"] == device)
+            .unwrap_or_else(|| panic!("no {name:?} row for {device}"))
+    };
+    for system in [
+        "kernel dm-thin ext4",
+        "kernel dm-thin xfs",
+        "xfs reflink",
+        "overlayfs",
+    ] {
+        row("container creation", system);
+    }
+    // The kernel really copied on write into our pool: whole 64 KiB blocks, at least the one
+    // the write landed in, and nothing like the 64 MiB file.
+    for system in thins {
+        let added = row("pool space the write added", system)["samples"][0]
+            .as_f64()
+            .unwrap();
+        assert!(
+            added >= 65536.0 && added % 65536.0 == 0.0 && added <= 4.0 * 65536.0,
+            "{system}: the write added {added} bytes to the pool"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(run.out().join("kernel.md"))
+            .unwrap()
+            .contains("| ratio | median [min–max] | goal | met |"),
+        "kernel.md has no ratio table"
     );
 }
