@@ -3,8 +3,9 @@
 //!
 //! The host makes the images with thinbox's engine, as the runtime would: a pool whose thin 1
 //! holds ext4 (the runtime's mkfs options, its journal log trimmed) and thin 2 xfs, each with
-//! one file of `BENCH_KERNEL_SIZE` random bytes; an xfs file system (reflink on) with the same file; an ext4
-//! file system with the file as an overlay lower layer and as a plain file. Then one qemu guest
+//! one file of `BENCH_KERNEL_SIZE` random bytes; an xfs file system (reflink on) with the same
+//! file; an ext4 file system with the file as an overlay lower layer and as a plain file. Then
+//! one qemu guest
 //! (`fixtures::kernel`, Debian's kernel under software emulation) gets them as disks opened with
 //! O_DIRECT (`cache=none`, so a read after the guest drops its caches reaches the host disk),
 //! loads the pool into dm-thin with the table `dmtool pool start --backend kernel` would load,
@@ -22,11 +23,12 @@
 //! than the host's and the disks do not: compare the systems with each other (the ratios),
 //! not with the cow bench's figures. Results go to `BENCH_OUT` (default `benches/results/`):
 //! `kernel.md`, `kernel.json`. Parameters: `BENCH_KERNEL_SIZE` (default 1G),
-//! `BENCH_KERNEL_ROUNDS` (default 5), `BENCH_KERNEL_WARMUP` (rounds run first and not
-//! counted, default 1: the emulator translates each kernel code path the first time it runs,
-//! which made first rounds up to twice as slow), `BENCH_DIR` (scratch, default /var/tmp). Needs root
-//! (loop devices, FUSE and mounts while making the images) and the kernel harness; every mount,
-//! loop device and daemon it makes is undone on the way out. It never asserts a timing.
+//! `BENCH_KERNEL_ROUNDS` (default 9, as the cow bench's first writes), `BENCH_KERNEL_WARMUP`
+//! (rounds run first and not counted, default 1: the emulator translates each kernel code path
+//! the first time it runs: in a 64 MiB run without one, the first round's writes took 2–2.7×
+//! the second's on every copy-on-write system), `BENCH_DIR` (scratch, default /var/tmp). Needs root (loop devices, FUSE and mounts while making the images) and
+//! the kernel harness; every mount, loop device and daemon it makes is undone on the way out.
+//! It never asserts a timing.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -83,7 +85,7 @@ impl Opts {
         );
         Ok(Opts {
             size,
-            rounds: benches::env_num("BENCH_KERNEL_ROUNDS", 5usize).max(1),
+            rounds: benches::env_num("BENCH_KERNEL_ROUNDS", 9usize).max(1),
             warmup: benches::env_num("BENCH_KERNEL_WARMUP", 1usize),
             out: std::env::var_os("BENCH_OUT")
                 .map(PathBuf::from)
