@@ -6,15 +6,20 @@
 //! one file of `BENCH_KERNEL_SIZE` random bytes; an xfs file system (reflink on) with the same
 //! file; an ext4 file system with the file as an overlay lower layer and as a plain file. Then
 //! one qemu guest
-//! (`fixtures::kernel`, Debian's kernel under software emulation) gets them as disks opened with
-//! O_DIRECT (`cache=none`, so a read after the guest drops its caches reaches the host disk),
-//! loads the pool into dm-thin with the table `dmtool pool start --backend kernel` would load,
+//! (`fixtures::kernel`, Debian's kernel under software emulation) gets them, and a copy of the
+//! pool, as disks opened with O_DIRECT (`cache=none`, so a read after the guest drops its caches
+//! reaches the host disk), loads the pool into dm-thin with the table `dmtool pool start
+//! --backend kernel` would load, starts the pool daemon on the copy,
 //! and runs interleaved rounds; in each, every system makes a fresh container and takes the
 //! cow bench's probe (open, 4 KiB `pwrite`, `fsync`, close), cold:
 //!
 //! - `kernel dm-thin ext4`: `create_snap` of thin 1, a `thin` table loaded, ext4 mounted;
 //! - `kernel dm-thin xfs`: the same on thin 2, which holds xfs (the runtime's `dm.fs=xfs`),
 //!   so the block layer can be told apart from the file system on top;
+//! - `thinbox daemon ext4`, `thinbox daemon xfs`: the same containers on a copy of the pool
+//!   that `dmtool pool start --backend userspace` serves in the guest (FUSE file + loop, the
+//!   path the cow bench's mounted systems take on this machine), made with `dmtool thin snap`
+//!   and `dmtool thin activate`: the userspace path against the kernel's, in one machine;
 //! - `xfs reflink`: a `FICLONE` of the file;
 //! - `overlayfs`: an overlay mount on the lower layer (the open copies the whole file up);
 //! - `plain`: the plain file, written in place (the floor).
@@ -26,9 +31,11 @@
 //! `BENCH_KERNEL_ROUNDS` (default 9, as the cow bench's first writes), `BENCH_KERNEL_WARMUP`
 //! (rounds run first and not counted, default 1: the emulator translates each kernel code path
 //! the first time it runs: in a 64 MiB run without one, the first round's writes took 2–2.7×
-//! the second's on every copy-on-write system), `BENCH_DIR` (scratch, default /var/tmp). Needs root (loop devices, FUSE and mounts while making the images) and
-//! the kernel harness; every mount, loop device and daemon it makes is undone on the way out.
-//! It never asserts a timing.
+//! the second's on every copy-on-write system), `BENCH_DIR` (scratch, default /var/tmp),
+//! `BENCH_DMTOOL` (the dmtool binary the guest runs; default: the one beside this bench in the
+//! target directory, which `cargo build -p dmtool` of the same profile makes). Needs root (loop
+//! devices, FUSE and mounts while making the images) and the kernel harness; every mount, loop
+//! device and daemon it makes is undone on the way out. It never asserts a timing.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -55,15 +62,19 @@ const ORIGIN_XFS: u64 = 2;
 const FILE: &str = "big";
 
 /// The systems, in the order of the tables.
-const SYSTEMS: [&str; 5] = [
+const SYSTEMS: [&str; 7] = [
     "kernel dm-thin ext4",
     "kernel dm-thin xfs",
+    "thinbox daemon ext4",
+    "thinbox daemon xfs",
     "xfs reflink",
     "overlayfs",
     "plain",
 ];
 /// The guest script's names for them, in the same order.
-const TAGS: [&str; 5] = ["thin", "thinxfs", "xfs", "overlay", "plain"];
+const TAGS: [&str; 7] = [
+    "thin", "thinxfs", "dthin", "dthinxfs", "xfs", "overlay", "plain",
+];
 
 struct Opts {
     size: u64,
@@ -95,12 +106,17 @@ impl Opts {
     }
 }
 
-/// The disks handed to the guest, in order: /dev/vda, /dev/vdb, /dev/vdc, /dev/vdd.
+/// The disks handed to the guest, in order: /dev/vda ... /dev/vdf.
 struct Disks {
     metadata: PathBuf,
     data: PathBuf,
     xfs: PathBuf,
     ext4: PathBuf,
+    /// The pool's copy for the daemon.
+    daemon_metadata: PathBuf,
+    daemon_data: PathBuf,
+    /// The pool's volume store (the thins' sizes), which the guest's dmtool needs.
+    volumes: String,
     data_sectors: u64,
     thin_sectors: u64,
     block_sectors: u64,
@@ -133,7 +149,7 @@ fn mkfs_ext4(target: &Path) -> Result<()> {
 /// The pool: thin 1 with ext4 and the file, thin 2 with xfs and the file, made through the
 /// pool daemon (FUSE file + loop); ext4's journal log trimmed as the runtime trims each layer
 /// it writes.
-fn make_pool(dir: &Path, size: u64) -> Result<(PathBuf, PathBuf, u64, u64)> {
+fn make_pool(dir: &Path, size: u64) -> Result<(PoolPaths, PathBuf, u64, u64)> {
     let pool_dir = dir.join("pool");
     fs::create_dir_all(&pool_dir)?;
     let paths = PoolPaths::in_dir(&pool_dir);
@@ -191,8 +207,8 @@ fn make_pool(dir: &Path, size: u64) -> Result<(PathBuf, PathBuf, u64, u64)> {
     drop(client);
     drop(daemon);
     Ok((
-        paths.metadata,
-        paths.data,
+        paths,
+        engine::VolumeStore::path_in(&pool_dir),
         data_bytes / block.bytes() * block.bytes() / SECTOR,
         thin_bytes / SECTOR,
     ))
@@ -227,7 +243,18 @@ fn make_disks(dir: &Path, size: u64) -> Result<Disks> {
         "kernel bench: making the images ({} file)",
         format_size(size)
     );
-    let (metadata, data, data_sectors, thin_sectors) = make_pool(dir, size)?;
+    let (paths, store, data_sectors, thin_sectors) = make_pool(dir, size)?;
+    let copy = dir.join("pool-copy");
+    fs::create_dir_all(&copy)?;
+    let copy_paths = PoolPaths::in_dir(&copy);
+    for (from, to) in [
+        (&paths.metadata, &copy_paths.metadata),
+        (&paths.data, &copy_paths.data),
+    ] {
+        sys::run(Command::new("cp").arg("--sparse=always").arg(from).arg(to))?;
+    }
+    let volumes = fs::read_to_string(&store)
+        .with_context(|| format!("read the volume store {}", store.display()))?;
     let xfs = dir.join("xfs.img");
     make_fs_image(
         &xfs,
@@ -255,30 +282,29 @@ fn make_disks(dir: &Path, size: u64) -> Result<Disks> {
         },
     )?;
     Ok(Disks {
-        metadata,
-        data,
+        metadata: paths.metadata,
+        data: paths.data,
         xfs,
         ext4,
+        daemon_metadata: copy_paths.metadata,
+        daemon_data: copy_paths.data,
+        volumes,
         data_sectors,
         thin_sectors,
         block_sectors: DataBlockSize::DEFAULT.bytes() / SECTOR,
     })
 }
 
-/// The `thin-pool` table's feature arguments for `options`, as the kernel backend loads them.
-fn pool_features(options: &PoolOptions) -> String {
-    let mut features = Vec::new();
-    if !options.zero_new_blocks {
-        features.push("skip_block_zeroing");
+/// The `thin-pool` table's low water mark and feature arguments, as the kernel backend loads
+/// them for `options`.
+fn pool_table_tail(options: &PoolOptions) -> String {
+    let features = engine::activate::kernel::table_features(options);
+    let mut tail = format!("{} {}", options.low_water_blocks, features.len());
+    for f in features {
+        tail.push(' ');
+        tail.push_str(f);
     }
-    if !options.discard_passdown {
-        features.push("no_discard_passdown");
-    }
-    if features.is_empty() {
-        String::new()
-    } else {
-        format!(" {} {}", features.len(), features.join(" "))
-    }
+    tail
 }
 
 /// Where round `round` writes: a different 64 KiB block of the file each round, 4 KiB in.
@@ -295,8 +321,15 @@ fn guest_script(o: &Opts, d: &Disks) -> String {
     let _ = writeln!(
         s,
         r#"P=guest-probe
-dmsetup create pool --table "0 {data} thin-pool /dev/vda /dev/vdb {block} 1024{features}"
+dmsetup create pool --table "0 {data} thin-pool /dev/vda /dev/vdb {block} {tail}"
 dmsetup mknodes
+# The copy of the pool, served by the pool daemon.
+U="--metadata /dev/vde --data /dev/vdf --state-dir /tmp/daemon"
+mkdir -p /tmp/daemon
+cat > /tmp/daemon/volumes.json <<'VOLUMES_EOF'
+{volumes}
+VOLUMES_EOF
+dmtool pool start --backend userspace $U
 mkdir -p /mnt/c /mnt/x /mnt/e /mnt/o
 mount -t xfs /dev/vdc /mnt/x
 mount -t ext4 /dev/vdd /mnt/e
@@ -324,6 +357,28 @@ container() {{
 thin() {{ container thin $1 $2 {ext4} ext4; }}
 # Every snapshot carries the image's UUID, as in the runtime.
 thinxfs() {{ container thinxfs $1 $2 {xfs} xfs nouuid; }}
+# daemon_container TAG ROUND OFFSET ORIGIN FSTYPE [MOUNT OPTIONS]: the same through dmtool and
+# the pool daemon. `guest-probe time` prints the command's own output before its figure.
+dused() {{ dmtool pool status $U | awk 'NR == 1 {{ split($6, a, "/"); print a[1] }}'; }}
+daemon_container() {{
+  id=$((100 + $2))
+  settle
+  s=$($P time dmtool thin snap $U $id $4)
+  out=$($P time dmtool thin activate $U $id)
+  dev=$(echo "$out" | head -n 1)
+  a=$(echo "$out" | tail -n 1)
+  mount -t $5 ${{6:+-o $6}} $dev /mnt/c
+  cold
+  u0=$(dused)
+  w=$($P write /mnt/c/{file} $3)
+  u1=$(dused)
+  echo "$K $1 $2 write $w snap $s table $a blocks $((u1 - u0))"
+  umount /mnt/c
+  dmtool thin deactivate $U $id
+  dmtool thin delete $U $id
+}}
+dthin() {{ daemon_container dthin $1 $2 {ext4} ext4; }}
+dthinxfs() {{ daemon_container dthinxfs $1 $2 {xfs} xfs nouuid; }}
 xfs() {{
   settle
   c=$($P clone /mnt/x/{file} /mnt/x/clone)
@@ -352,7 +407,8 @@ plain() {{
 }}"#,
         data = d.data_sectors,
         block = d.block_sectors,
-        features = pool_features(&PoolOptions::default()),
+        tail = pool_table_tail(&PoolOptions::default()),
+        volumes = d.volumes.trim_end(),
         ext4 = ORIGIN_EXT4,
         xfs = ORIGIN_XFS,
         thin = d.thin_sectors,
@@ -372,7 +428,7 @@ plain() {{
     }
     let _ = writeln!(
         s,
-        "umount /mnt/x /mnt/e\ndmsetup remove pool\necho \"KV kernel $(uname -r)\""
+        "umount /mnt/x /mnt/e\ndmsetup remove pool\ndmtool pool stop $U\necho \"KV kernel $(uname -r)\""
     );
     s
 }
@@ -427,6 +483,27 @@ fn parse(output: &str, rounds: usize) -> Result<Vec<Samples>> {
         );
     }
     Ok(all)
+}
+
+/// The dmtool binary for the guest: `BENCH_DMTOOL`, or the one beside this bench in the target
+/// directory.
+fn dmtool_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BENCH_DMTOOL") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("dmtool"))
+        .context("the bench's own path has no target directory")?;
+    ensure!(
+        beside.exists(),
+        "no dmtool at {} (build it with the bench's profile: cargo build --release -p dmtool, \
+         or set BENCH_DMTOOL)",
+        beside.display()
+    );
+    Ok(beside)
 }
 
 /// Per-round ratios a ÷ b.
@@ -497,6 +574,7 @@ fn main() -> Result<()> {
     sys::stop_on_signals()?;
     let o = Opts::from_env()?;
     let probe = PathBuf::from(env!("CARGO_BIN_EXE_guest-probe"));
+    let dmtool = dmtool_bin()?;
     let scratch = benches::scratch_dir(o.dir.as_deref(), "thinbox-kernel-bench.")?;
     let disks = make_disks(scratch.path(), o.size)?;
     sys::check_interrupted()?;
@@ -508,8 +586,15 @@ fn main() -> Result<()> {
     );
     let run = kernel::run_guest_with(
         &script,
-        &[&disks.metadata, &disks.data, &disks.xfs, &disks.ext4],
-        &[&probe],
+        &[
+            &disks.metadata,
+            &disks.data,
+            &disks.xfs,
+            &disks.ext4,
+            &disks.daemon_metadata,
+            &disks.daemon_data,
+        ],
+        &[&probe, &dmtool],
         &GuestOptions {
             filesystems: true,
             disk_cache: Some("none".into()),
@@ -531,7 +616,7 @@ fn main() -> Result<()> {
     let mut r = Report::new();
     r.context(
         "bench",
-        "kernel: first write into a shared file, kernel dm-thin against xfs reflink and overlayfs, in a qemu guest",
+        "kernel: first write into a shared file, the kernel's dm-thin and the pool daemon against xfs reflink and overlayfs, in a qemu guest",
     );
     r.context("commit", benches::git_commit());
     r.context(
@@ -570,6 +655,9 @@ fn main() -> Result<()> {
                 "kernel dm-thin ext4" | "kernel dm-thin xfs" => {
                     "create_snap + thin table load (two dmsetup runs)"
                 }
+                "thinbox daemon ext4" | "thinbox daemon xfs" => {
+                    "dmtool thin snap + dmtool thin activate (two dmtool runs)"
+                }
                 "xfs reflink" => "FICLONE + fsync",
                 _ => "mount",
             };
@@ -583,14 +671,9 @@ fn main() -> Result<()> {
             );
         }
     }
-    let [thin, thin_xfs, xfs, overlay, plain] = &samples[..] else {
-        unreachable!("one entry per system");
-    };
     let block_bytes = (disks.block_sectors * SECTOR) as f64;
-    for (name, s) in [
-        ("kernel dm-thin ext4", thin),
-        ("kernel dm-thin xfs", thin_xfs),
-    ] {
+    let thins = &SYSTEMS[..4];
+    for (name, s) in thins.iter().zip(&samples) {
         let added: Vec<f64> = s.blocks.iter().map(|b| b * block_bytes).collect();
         r.row(
             group,
@@ -601,55 +684,52 @@ fn main() -> Result<()> {
             "whole pool blocks, from the pool's status",
         );
     }
-    r.ratio(
-        "overlayfs copy-up ÷ kernel dm-thin (times faster)",
-        "overlayfs",
-        &ratios(&overlay.write, &thin.write),
-        None,
-        Some(Goal::AtLeast(1000.0)),
-    );
-    r.ratio(
-        "overlayfs copy-up ÷ kernel dm-thin xfs (times faster)",
-        "overlayfs",
-        &ratios(&overlay.write, &thin_xfs.write),
-        None,
-        Some(Goal::AtLeast(1000.0)),
-    );
-    r.ratio(
-        "kernel dm-thin ÷ xfs reflink",
-        "xfs reflink",
-        &ratios(&thin.write, &xfs.write),
-        None,
-        Some(Goal::AtMost(1.0)),
-    );
-    r.ratio(
-        "kernel dm-thin xfs ÷ xfs reflink",
-        "xfs reflink",
-        &ratios(&thin_xfs.write, &xfs.write),
-        None,
-        Some(Goal::AtMost(1.0)),
-    );
-    r.ratio(
-        "kernel dm-thin ÷ plain",
-        "plain",
-        &ratios(&thin.write, &plain.write),
-        None,
-        None,
-    );
-    r.ratio(
-        "kernel dm-thin xfs ÷ plain",
-        "plain",
-        &ratios(&thin_xfs.write, &plain.write),
-        None,
-        None,
-    );
-    r.ratio(
-        "xfs reflink ÷ plain",
-        "plain",
-        &ratios(&xfs.write, &plain.write),
-        None,
-        None,
-    );
+    let [kernel_ext4, kernel_xfs, daemon_ext4, daemon_xfs, xfs, overlay, plain] = &samples[..]
+    else {
+        unreachable!("one entry per system");
+    };
+    for (name, s) in thins.iter().zip(&samples) {
+        r.ratio(
+            &format!("overlayfs copy-up ÷ {name} (times faster)"),
+            "overlayfs",
+            &ratios(&overlay.write, &s.write),
+            None,
+            Some(Goal::AtLeast(1000.0)),
+        );
+    }
+    for (name, s) in thins.iter().zip(&samples) {
+        r.ratio(
+            &format!("{name} ÷ xfs reflink"),
+            "xfs reflink",
+            &ratios(&s.write, &xfs.write),
+            None,
+            Some(Goal::AtMost(1.0)),
+        );
+    }
+    // What the userspace path costs over the kernel's, in the same machine.
+    for (name, daemon, kernel) in [
+        ("ext4", daemon_ext4, kernel_ext4),
+        ("xfs", daemon_xfs, kernel_xfs),
+    ] {
+        r.ratio(
+            &format!("thinbox daemon {name} ÷ kernel dm-thin {name}"),
+            &format!("kernel dm-thin {name}"),
+            &ratios(&daemon.write, &kernel.write),
+            None,
+            None,
+        );
+    }
+    for (name, s) in SYSTEMS.iter().zip(&samples) {
+        if *name != "plain" && *name != "overlayfs" {
+            r.ratio(
+                &format!("{name} ÷ plain"),
+                "plain",
+                &ratios(&s.write, &plain.write),
+                None,
+                None,
+            );
+        }
+    }
 
     fs::create_dir_all(&o.out)?;
     let mut md = String::new();
@@ -665,13 +745,11 @@ fn main() -> Result<()> {
     fs::write(o.out.join("kernel.md"), &md)?;
     r.write_json(&o.out.join("kernel.json"))?;
     print!("{md}");
-    eprintln!(
-        "kernel bench: kernel dm-thin ext4 {} ms, xfs {} ms, xfs reflink {} ms, overlayfs {} ms, plain {} ms",
-        fmt_stats(&Stats::of(&thin.write)),
-        fmt_stats(&Stats::of(&thin_xfs.write)),
-        fmt_stats(&Stats::of(&xfs.write)),
-        fmt_stats(&Stats::of(&overlay.write)),
-        fmt_stats(&Stats::of(&plain.write)),
-    );
+    for (name, s) in SYSTEMS.iter().zip(&samples) {
+        eprintln!(
+            "kernel bench: {name}: {} ms",
+            fmt_stats(&Stats::of(&s.write))
+        );
+    }
     Ok(())
 }

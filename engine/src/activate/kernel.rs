@@ -24,6 +24,26 @@ use crate::units::{ThinId, SECTOR_SIZE};
 const POOL_TARGET: &str = "thin-pool";
 const THIN_TARGET: &str = "thin";
 
+/// The `thin-pool` table's feature arguments for `options`, in the order the kernel backend
+/// loads them: `skip_block_zeroing` when `!zero_new_blocks`, `no_discard_passdown` when
+/// `!discard_passdown`, `read_only`, and `error_if_no_space` for [`NoSpacePolicy::Error`].
+pub fn table_features(options: &PoolOptions) -> Vec<&'static str> {
+    let mut features = Vec::new();
+    if !options.zero_new_blocks {
+        features.push("skip_block_zeroing");
+    }
+    if !options.discard_passdown {
+        features.push("no_discard_passdown");
+    }
+    if options.read_only {
+        features.push("read_only");
+    }
+    if options.no_space == NoSpacePolicy::Error {
+        features.push("error_if_no_space");
+    }
+    features
+}
+
 /// A pool whose kernel `thin-pool` device exists.
 #[derive(Debug)]
 pub struct KernelPool {
@@ -564,19 +584,7 @@ impl KernelPool {
             )));
         }
 
-        let mut features = Vec::new();
-        if !options.zero_new_blocks {
-            features.push("skip_block_zeroing");
-        }
-        if !options.discard_passdown {
-            features.push("no_discard_passdown");
-        }
-        if options.read_only {
-            features.push("read_only");
-        }
-        if options.no_space == NoSpacePolicy::Error {
-            features.push("error_if_no_space");
-        }
+        let features = table_features(options);
         let mut params = format!(
             "{meta_dev} {data_dev} {block_sectors} {low_water_blocks} {}",
             features.len()
