@@ -27,7 +27,7 @@
 //! Every figure is measured inside the emulated machine, where the CPU runs many times slower
 //! than the host's and the disks do not: compare the systems with each other (the ratios),
 //! not with the cow bench's figures. Results go to `BENCH_OUT` (default `benches/results/`):
-//! `kernel.md`, `kernel.json`. Parameters: `BENCH_KERNEL_SIZE` (default 1G),
+//! `kernel.md`, `kernel.json`, `kernel.svg`. Parameters: `BENCH_KERNEL_SIZE` (default 1G),
 //! `BENCH_KERNEL_ROUNDS` (default 9, as the cow bench's first writes), `BENCH_KERNEL_WARMUP`
 //! (rounds run first and not counted, default 1: the emulator translates each kernel code path
 //! the first time it runs: in a 64 MiB run without one, the first round's writes took 2–2.7×
@@ -44,6 +44,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
+use benches::svg::{Chart, Point, Series};
 use benches::sys::{self, Mount};
 use benches::{fmt_stats, fmt_stats_for, Goal, Report, Stats, Unit};
 use engine::activate::daemon::{Client, Daemon, DaemonConfig, RunDir};
@@ -67,6 +68,16 @@ const SYSTEMS: [&str; 7] = [
     "kernel dm-thin xfs",
     "thinbox daemon ext4",
     "thinbox daemon xfs",
+    "xfs reflink",
+    "overlayfs",
+    "plain",
+];
+/// Their names on the chart's axis, in the same order.
+const SHORT: [&str; 7] = [
+    "kernel ext4",
+    "kernel xfs",
+    "daemon ext4",
+    "daemon xfs",
     "xfs reflink",
     "overlayfs",
     "plain",
@@ -506,6 +517,49 @@ fn dmtool_bin() -> Result<PathBuf> {
     Ok(beside)
 }
 
+/// The first writes as a chart: a column per system, the median with [min–max] whiskers, on a
+/// log scale (overlayfs's copy-up is three orders of magnitude above the rest). The cow
+/// bench's colours: blue for ext4 on a thin, indigo for xfs on a thin (dashed: the daemon's).
+fn chart(samples: &[Samples]) -> Chart {
+    let colours = [
+        "#0072B2", "#332288", "#0072B2", "#332288", "#56B4E9", "#D55E00", "#000000",
+    ];
+    let series = SYSTEMS
+        .iter()
+        .zip(samples)
+        .enumerate()
+        .map(|(i, (name, s))| {
+            let stats = Stats::of(&s.write);
+            Series {
+                name: name.to_string(),
+                points: vec![Point {
+                    x: (i + 1) as f64,
+                    y: stats.median,
+                    lo: stats.min,
+                    hi: stats.max,
+                }],
+                colour: Some(colours[i].to_string()),
+                dashed: name.starts_with("thinbox daemon"),
+            }
+        })
+        .collect();
+    Chart {
+        title: "Cold 4 KiB write + fsync into a shared file, in a qemu guest (emulated)".into(),
+        x_label: "system".into(),
+        y_label: "ms (log)".into(),
+        x_log: false,
+        y_log: true,
+        x_labels: Some(
+            SHORT
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ((i + 1) as f64, s.to_string()))
+                .collect(),
+        ),
+        series,
+    }
+}
+
 /// Per-round ratios a ÷ b.
 fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
     a.iter().zip(b).map(|(x, y)| x / y).collect()
@@ -743,6 +797,7 @@ fn main() -> Result<()> {
     );
     md.push_str(&render(&r));
     fs::write(o.out.join("kernel.md"), &md)?;
+    fs::write(o.out.join("kernel.svg"), chart(&samples).render())?;
     r.write_json(&o.out.join("kernel.json"))?;
     print!("{md}");
     for (name, s) in SYSTEMS.iter().zip(&samples) {

@@ -544,4 +544,11 @@ fn root_kernel_bench_runs_every_system_in_the_guest_and_leaves_nothing() {
             .contains("| ratio | median [min–max] | goal | met |"),
         "kernel.md has no ratio table"
     );
+    // The chart: an SVG document with a marker for each of the seven systems.
+    let svg = std::fs::read_to_string(run.out().join("kernel.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.trim_end().ends_with("</svg>"),
+        "kernel.svg is not an SVG document"
+    );
+    assert_eq!(svg.matches("<circle").count(), 7, "kernel.svg: {svg}");
 }
