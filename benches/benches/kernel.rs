@@ -594,23 +594,8 @@ fn render(r: &Report) -> String {
             c.goal.map_or("—".into(), |g| g.describe("")),
         );
     }
-    let _ = writeln!(
-        out,
-        "\n| figure | system | median [min–max] | unit | n | note |"
-    );
-    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
-    for row in &r.rows {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} |",
-            row.name,
-            row.device,
-            fmt_stats(&row.stats),
-            row.unit.label(),
-            row.stats.n,
-            row.note
-        );
-    }
+    let _ = writeln!(out);
+    out.push_str(&r.rows_table());
     out
 }
 

@@ -667,9 +667,16 @@ impl Report {
         }
         let _ = writeln!(out);
         let _ = writeln!(out, "Figures (median [min–max] over n runs):");
-        let _ = writeln!(
-            out,
-            "| group | workload | device | median [min–max] | unit | n | note |\n| --- | --- | --- | --- | --- | --- | --- |"
+        out.push_str(&self.rows_table());
+        out
+    }
+
+    /// Every figure as a markdown table: group, workload, device, median [min–max], unit, n,
+    /// note.
+    pub fn rows_table(&self) -> String {
+        let mut out = String::from(
+            "| group | workload | device | median [min–max] | unit | n | note |\n\
+             | --- | --- | --- | --- | --- | --- | --- |\n",
         );
         for r in &self.rows {
             let _ = writeln!(
