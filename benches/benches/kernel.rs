@@ -62,30 +62,76 @@ const ORIGIN_XFS: u64 = 2;
 /// The shared file's name in every image.
 const FILE: &str = "big";
 
-/// The systems, in the order of the tables.
-const SYSTEMS: [&str; 7] = [
-    "kernel dm-thin ext4",
-    "kernel dm-thin xfs",
-    "thinbox daemon ext4",
-    "thinbox daemon xfs",
-    "xfs reflink",
-    "overlayfs",
-    "plain",
+/// One system of the comparison.
+struct System {
+    /// In the tables and the JSON.
+    name: &'static str,
+    /// On the chart's axis.
+    short: &'static str,
+    /// The guest script's function that runs it, and its name in the script's output.
+    tag: &'static str,
+    /// The cow bench's colour for it: blue for ext4 on a thin, indigo for xfs on a thin.
+    colour: &'static str,
+    /// What its creation figure times, when it has one.
+    creation: Option<&'static str>,
+}
+
+const KERNEL_CREATION: &str = "create_snap + thin table load (two dmsetup runs)";
+const DAEMON_CREATION: &str = "dmtool thin snap + dmtool thin activate (two dmtool runs)";
+
+/// The systems, in the order of the tables; the first four are the thins.
+const SYSTEMS: [System; 7] = [
+    System {
+        name: "kernel dm-thin ext4",
+        short: "kernel ext4",
+        tag: "thin",
+        colour: "#0072B2",
+        creation: Some(KERNEL_CREATION),
+    },
+    System {
+        name: "kernel dm-thin xfs",
+        short: "kernel xfs",
+        tag: "thinxfs",
+        colour: "#332288",
+        creation: Some(KERNEL_CREATION),
+    },
+    System {
+        name: "thinbox daemon ext4",
+        short: "daemon ext4",
+        tag: "dthin",
+        colour: "#0072B2",
+        creation: Some(DAEMON_CREATION),
+    },
+    System {
+        name: "thinbox daemon xfs",
+        short: "daemon xfs",
+        tag: "dthinxfs",
+        colour: "#332288",
+        creation: Some(DAEMON_CREATION),
+    },
+    System {
+        name: "xfs reflink",
+        short: "xfs reflink",
+        tag: "xfs",
+        colour: "#56B4E9",
+        creation: Some("FICLONE + fsync"),
+    },
+    System {
+        name: "overlayfs",
+        short: "overlayfs",
+        tag: "overlay",
+        colour: "#D55E00",
+        creation: Some("mount"),
+    },
+    System {
+        name: "plain",
+        short: "plain",
+        tag: "plain",
+        colour: "#000000",
+        creation: None,
+    },
 ];
-/// Their names on the chart's axis, in the same order.
-const SHORT: [&str; 7] = [
-    "kernel ext4",
-    "kernel xfs",
-    "daemon ext4",
-    "daemon xfs",
-    "xfs reflink",
-    "overlayfs",
-    "plain",
-];
-/// The guest script's names for them, in the same order.
-const TAGS: [&str; 7] = [
-    "thin", "thinxfs", "dthin", "dthinxfs", "xfs", "overlay", "plain",
-];
+const THINS: usize = 4;
 
 struct Opts {
     size: u64,
@@ -433,8 +479,12 @@ plain() {{
     for (kind, round) in rounds {
         let _ = writeln!(s, "K={kind}");
         let off = offset(round, o.size);
-        for k in 0..TAGS.len() {
-            let _ = writeln!(s, "{} {round} {off}", TAGS[(round + k) % TAGS.len()]);
+        for k in 0..SYSTEMS.len() {
+            let _ = writeln!(
+                s,
+                "{} {round} {off}",
+                SYSTEMS[(round + k) % SYSTEMS.len()].tag
+            );
         }
     }
     let _ = writeln!(
@@ -457,9 +507,9 @@ fn parse(output: &str, rounds: usize) -> Result<Vec<Samples>> {
     let mut all: Vec<Samples> = (0..SYSTEMS.len()).map(|_| Samples::default()).collect();
     for line in output.lines().filter(|l| l.starts_with("R ")) {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let index = TAGS
+        let index = SYSTEMS
             .iter()
-            .position(|s| Some(s) == words.get(1))
+            .position(|s| Some(&s.tag) == words.get(1))
             .with_context(|| format!("unknown system in {line:?}"))?;
         let value = |key: &str| -> Result<Option<f64>> {
             match words.iter().position(|w| *w == key) {
@@ -486,12 +536,22 @@ fn parse(output: &str, rounds: usize) -> Result<Vec<Samples>> {
             s.blocks.push(b);
         }
     }
-    for (name, s) in SYSTEMS.iter().zip(&all) {
-        ensure!(
-            s.write.len() == rounds,
-            "{name}: {} of {rounds} rounds reported",
-            s.write.len()
-        );
+    for (i, (system, s)) in SYSTEMS.iter().zip(&all).enumerate() {
+        let reported = |what: &str, n: usize| {
+            ensure!(
+                n == rounds,
+                "{}: {n} of {rounds} rounds reported a {what}",
+                system.name
+            );
+            Ok(())
+        };
+        reported("write", s.write.len())?;
+        if system.creation.is_some() {
+            reported("creation", s.create.len())?;
+        }
+        if i < THINS {
+            reported("pool space", s.blocks.len())?;
+        }
     }
     Ok(all)
 }
@@ -518,28 +578,25 @@ fn dmtool_bin() -> Result<PathBuf> {
 }
 
 /// The first writes as a chart: a column per system, the median with [min–max] whiskers, on a
-/// log scale (overlayfs's copy-up is three orders of magnitude above the rest). The cow
-/// bench's colours: blue for ext4 on a thin, indigo for xfs on a thin (dashed: the daemon's).
+/// log scale (overlayfs's copy-up is three orders of magnitude above the rest); the daemon's
+/// thins dashed.
 fn chart(samples: &[Samples]) -> Chart {
-    let colours = [
-        "#0072B2", "#332288", "#0072B2", "#332288", "#56B4E9", "#D55E00", "#000000",
-    ];
     let series = SYSTEMS
         .iter()
         .zip(samples)
         .enumerate()
-        .map(|(i, (name, s))| {
+        .map(|(i, (system, s))| {
             let stats = Stats::of(&s.write);
             Series {
-                name: name.to_string(),
+                name: system.name.to_string(),
                 points: vec![Point {
                     x: (i + 1) as f64,
                     y: stats.median,
                     lo: stats.min,
                     hi: stats.max,
                 }],
-                colour: Some(colours[i].to_string()),
-                dashed: name.starts_with("thinbox daemon"),
+                colour: Some(system.colour.to_string()),
+                dashed: system.name.starts_with("thinbox daemon"),
             }
         })
         .collect();
@@ -550,10 +607,10 @@ fn chart(samples: &[Samples]) -> Chart {
         x_log: false,
         y_log: true,
         x_labels: Some(
-            SHORT
+            SYSTEMS
                 .iter()
                 .enumerate()
-                .map(|(i, s)| ((i + 1) as f64, s.to_string()))
+                .map(|(i, s)| ((i + 1) as f64, s.short.to_string()))
                 .collect(),
         ),
         series,
@@ -680,30 +737,20 @@ fn main() -> Result<()> {
     );
     r.context("load after", benches::loadavg());
     let group = "kernel";
-    for (name, s) in SYSTEMS.iter().zip(&samples) {
+    for (system, s) in SYSTEMS.iter().zip(&samples) {
         r.row(
             group,
             "4 KiB write + fsync, cold",
-            name,
+            system.name,
             Unit::Millis,
             &s.write,
             "",
         );
-        if !s.create.is_empty() {
-            let note = match *name {
-                "kernel dm-thin ext4" | "kernel dm-thin xfs" => {
-                    "create_snap + thin table load (two dmsetup runs)"
-                }
-                "thinbox daemon ext4" | "thinbox daemon xfs" => {
-                    "dmtool thin snap + dmtool thin activate (two dmtool runs)"
-                }
-                "xfs reflink" => "FICLONE + fsync",
-                _ => "mount",
-            };
+        if let Some(note) = system.creation {
             r.row(
                 group,
                 "container creation",
-                name,
+                system.name,
                 Unit::Millis,
                 &s.create,
                 note,
@@ -711,13 +758,13 @@ fn main() -> Result<()> {
         }
     }
     let block_bytes = (disks.block_sectors * SECTOR) as f64;
-    let thins = &SYSTEMS[..4];
-    for (name, s) in thins.iter().zip(&samples) {
+    let thins = &SYSTEMS[..THINS];
+    for (system, s) in thins.iter().zip(&samples) {
         let added: Vec<f64> = s.blocks.iter().map(|b| b * block_bytes).collect();
         r.row(
             group,
             "pool space the write added",
-            name,
+            system.name,
             Unit::Bytes,
             &added,
             "whole pool blocks, from the pool's status",
@@ -727,18 +774,18 @@ fn main() -> Result<()> {
     else {
         unreachable!("one entry per system");
     };
-    for (name, s) in thins.iter().zip(&samples) {
+    for (system, s) in thins.iter().zip(&samples) {
         r.ratio(
-            &format!("overlayfs copy-up ÷ {name} (times faster)"),
+            &format!("overlayfs copy-up ÷ {} (times faster)", system.name),
             "overlayfs",
             &ratios(&overlay.write, &s.write),
             None,
             Some(Goal::AtLeast(1000.0)),
         );
     }
-    for (name, s) in thins.iter().zip(&samples) {
+    for (system, s) in thins.iter().zip(&samples) {
         r.ratio(
-            &format!("{name} ÷ xfs reflink"),
+            &format!("{} ÷ xfs reflink", system.name),
             "xfs reflink",
             &ratios(&s.write, &xfs.write),
             None,
@@ -746,22 +793,24 @@ fn main() -> Result<()> {
         );
     }
     // What the userspace path costs over the kernel's, in the same machine.
-    for (name, daemon, kernel) in [
+    for (fs, daemon, kernel) in [
         ("ext4", daemon_ext4, kernel_ext4),
         ("xfs", daemon_xfs, kernel_xfs),
     ] {
         r.ratio(
-            &format!("thinbox daemon {name} ÷ kernel dm-thin {name}"),
-            &format!("kernel dm-thin {name}"),
+            &format!("thinbox daemon {fs} ÷ kernel dm-thin {fs}"),
+            &format!("kernel dm-thin {fs}"),
             &ratios(&daemon.write, &kernel.write),
             None,
             None,
         );
     }
-    for (name, s) in SYSTEMS.iter().zip(&samples) {
-        if *name != "plain" && *name != "overlayfs" {
+    // Every copy-on-write system but overlayfs (whose copy-up has its own ratio) against the
+    // floor.
+    for (system, s) in SYSTEMS.iter().zip(&samples) {
+        if !matches!(system.name, "plain" | "overlayfs") {
             r.ratio(
-                &format!("{name} ÷ plain"),
+                &format!("{} ÷ plain", system.name),
                 "plain",
                 &ratios(&s.write, &plain.write),
                 None,
@@ -785,9 +834,10 @@ fn main() -> Result<()> {
     fs::write(o.out.join("kernel.svg"), chart(&samples).render())?;
     r.write_json(&o.out.join("kernel.json"))?;
     print!("{md}");
-    for (name, s) in SYSTEMS.iter().zip(&samples) {
+    for (system, s) in SYSTEMS.iter().zip(&samples) {
         eprintln!(
-            "kernel bench: {name}: {} ms",
+            "kernel bench: {}: {} ms",
+            system.name,
             fmt_stats(&Stats::of(&s.write))
         );
     }
