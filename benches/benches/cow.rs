@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use benches::svg::{Chart, Point, Series};
-use benches::sys::{self, Mount, QemuIo, Remove};
+use benches::sys::{self, Mount, QemuIo, Remove, ThinFs};
 use benches::{env_num, fmt_num, fmt_stats, fmt_stats_for, Goal, Report, Stats, Unit};
 use engine::activate::daemon::{Client, Daemon, DaemonConfig, RunDir};
 use engine::activate::PoolControl;
@@ -614,7 +614,7 @@ impl CowSystem for Qcow2Sys {
 fn reflink_mkfs(kind: Kind) -> (&'static str, &'static [&'static str]) {
     match kind {
         Kind::Btrfs => ("btrfs", &["mkfs.btrfs", "-f", "-q"]),
-        _ => ("xfs", &["mkfs.xfs", "-f", "-q", "-m", "reflink=1"]),
+        _ => ("xfs", sys::XFS_REFLINK_MKFS),
     }
 }
 
@@ -860,43 +860,6 @@ impl CowSystem for EngineSys {
         }
         pool.commit()?;
         Ok(())
-    }
-}
-
-/// The file system on a thinbox image, as the runtime's `dm.fs` chooses it, formatted with
-/// the runtime's options (but for ext4's `nodiscard`: the thin is empty at mkfs, so its
-/// discard maps nothing) and mounted with them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ThinFs {
-    /// thinbox's default; the image's journal log is trimmed, as the runtime does with each
-    /// layer it writes.
-    Ext4,
-    /// Docker's devicemapper default; mounted `nouuid` (every snapshot carries the image's
-    /// UUID).
-    Xfs,
-}
-
-impl ThinFs {
-    fn mkfs(self) -> Command {
-        match self {
-            ThinFs::Ext4 => {
-                let mut c = Command::new("mkfs.ext4");
-                c.args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]);
-                c
-            }
-            ThinFs::Xfs => {
-                let mut c = Command::new("mkfs.xfs");
-                c.args(["-q", "-f", "-K"]);
-                c
-            }
-        }
-    }
-
-    fn mount_options(self) -> Option<&'static str> {
-        match self {
-            ThinFs::Ext4 => None,
-            ThinFs::Xfs => Some("nouuid"),
-        }
     }
 }
 

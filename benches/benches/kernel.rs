@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use benches::svg::{Chart, Point, Series};
-use benches::sys::{self, Mount};
+use benches::sys::{self, Mount, ThinFs};
 use benches::{fmt_stats, fmt_stats_for, Goal, Report, Stats, Unit};
 use engine::activate::daemon::{Client, Daemon, DaemonConfig, RunDir};
 use engine::activate::PoolControl;
@@ -192,17 +192,6 @@ impl Drop for DaemonGuard {
     }
 }
 
-/// mkfs.ext4 as the runtime formats a base device: no lazy init, which would otherwise go on
-/// writing in the guest while it measures.
-fn mkfs_ext4(target: &Path) -> Result<()> {
-    sys::run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-            .arg(target),
-    )?;
-    Ok(())
-}
-
 /// The pool: thin 1 with ext4 and the file, thin 2 with xfs and the file, made through the
 /// pool daemon (FUSE file + loop); ext4's journal log trimmed as the runtime trims each layer
 /// it writes.
@@ -237,22 +226,19 @@ fn make_pool(dir: &Path, size: u64) -> Result<(PoolPaths, PathBuf, u64, u64)> {
     })?));
     let mut client = Client::connect(&run_dir.socket())?
         .context("the pool daemon does not answer on its socket")?;
-    for (origin, fstype) in [(ORIGIN_EXT4, "ext4"), (ORIGIN_XFS, "xfs")] {
+    for (origin, fs) in [(ORIGIN_EXT4, ThinFs::Ext4), (ORIGIN_XFS, ThinFs::Xfs)] {
         let origin = ThinId::new(origin).context("id")?;
         let device = client.activate(origin, false)?.device;
         let filled = (|| -> Result<()> {
-            if fstype == "ext4" {
-                mkfs_ext4(&device)?;
-            } else {
-                // As the cow bench's xfs on thin: -K, the thin is empty.
-                sys::run(
-                    Command::new("mkfs.xfs")
-                        .args(["-q", "-f", "-K"])
-                        .arg(&device),
-                )?;
-            }
+            sys::run(fs.mkfs().arg(&device))?;
             let mnt = pool_dir.join("mnt");
-            let _mount = Mount::new(Some(fstype), &device.to_string_lossy(), &mnt, None, None)?;
+            let _mount = Mount::new(
+                Some(fs.name()),
+                &device.to_string_lossy(),
+                &mnt,
+                fs.mount_options(),
+                None,
+            )?;
             sys::fill_file(&mnt.join(FILE), size, 1)
         })();
         client.deactivate(origin, false)?;
@@ -271,28 +257,17 @@ fn make_pool(dir: &Path, size: u64) -> Result<(PoolPaths, PathBuf, u64, u64)> {
     ))
 }
 
-/// A file system in a sparse file, filled through a loop mount by `fill`.
+/// A file system in a sparse file, formatted with `mkfs` and filled by `fill` through a loop
+/// mount; returns the image.
 fn make_fs_image(
     path: &Path,
     bytes: u64,
-    mkfs: &mut Command,
-    fstype: &str,
+    mkfs: &[&str],
     fill: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
-    fs::File::create(path)?.set_len(bytes)?;
-    sys::run(mkfs.arg(path))?;
-    let mnt = path.with_extension("mnt");
-    let mount = Mount::new(
-        Some(fstype),
-        &path.to_string_lossy(),
-        &mnt,
-        Some("loop"),
-        None,
-    )?;
-    let filled = fill(&mnt);
-    drop(mount);
-    let _ = fs::remove_dir(&mnt);
-    filled
+) -> Result<PathBuf> {
+    let fs = sys::LoopFs::create(path, bytes, mkfs, &path.with_extension("mnt"), None)?;
+    fill(fs.path())?;
+    Ok(fs.into_image())
 }
 
 fn make_disks(dir: &Path, size: u64) -> Result<Disks> {
@@ -312,26 +287,17 @@ fn make_disks(dir: &Path, size: u64) -> Result<Disks> {
     }
     let volumes = fs::read_to_string(&store)
         .with_context(|| format!("read the volume store {}", store.display()))?;
-    let xfs = dir.join("xfs.img");
-    make_fs_image(
-        &xfs,
+    let xfs = make_fs_image(
+        &dir.join("xfs.img"),
         size + size / 4 + 512 * MIB,
-        Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]),
-        "xfs",
+        sys::XFS_REFLINK_MKFS,
         |mnt| sys::fill_file(&mnt.join(FILE), size, 1),
     )?;
-    let ext4 = dir.join("ext4.img");
     // The lower layer, the plain file and room for one copy-up.
-    make_fs_image(
-        &ext4,
+    let ext4 = make_fs_image(
+        &dir.join("ext4.img"),
         3 * size + 512 * MIB,
-        Command::new("mkfs.ext4").args([
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0",
-        ]),
-        "ext4",
+        ThinFs::Ext4.mkfs_args(),
         |mnt| {
             fs::create_dir_all(mnt.join("lower"))?;
             sys::fill_file(&mnt.join("lower").join(FILE), size, 1)?;

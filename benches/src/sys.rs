@@ -389,6 +389,62 @@ impl Drop for Loop {
     }
 }
 
+/// `mkfs.xfs` with reflinks on, as the benches' xfs reflink systems format their image.
+pub const XFS_REFLINK_MKFS: &[&str] = &["mkfs.xfs", "-f", "-q", "-m", "reflink=1"];
+
+/// The file system on a thinbox image, as the runtime's `dm.fs` chooses it, formatted with
+/// the runtime's options (but for ext4's `nodiscard`: the thin is empty at mkfs, so its
+/// discard maps nothing) and mounted with them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThinFs {
+    /// thinbox's default; the image's journal log is trimmed, as the runtime does with each
+    /// layer it writes.
+    Ext4,
+    /// Docker's devicemapper default; mounted `nouuid` (every snapshot carries the image's
+    /// UUID).
+    Xfs,
+}
+
+impl ThinFs {
+    /// The formatter's command line without the device. ext4 initialises its inode tables and
+    /// journal at once: lazy init would go on writing while a bench measures.
+    pub fn mkfs_args(self) -> &'static [&'static str] {
+        match self {
+            ThinFs::Ext4 => &[
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+            ],
+            ThinFs::Xfs => &["mkfs.xfs", "-q", "-f", "-K"],
+        }
+    }
+
+    /// [`Self::mkfs_args`] as a command; add the device.
+    pub fn mkfs(self) -> Command {
+        let args = self.mkfs_args();
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..]);
+        c
+    }
+
+    pub fn mount_options(self) -> Option<&'static str> {
+        match self {
+            ThinFs::Ext4 => None,
+            ThinFs::Xfs => Some("nouuid"),
+        }
+    }
+
+    /// The type `mount -t` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThinFs::Ext4 => "ext4",
+            ThinFs::Xfs => "xfs",
+        }
+    }
+}
+
 /// A filesystem of its own: a sparse image file on a loop device, formatted and mounted.
 /// Field order is teardown order: unmount, then detach, then delete the image.
 pub struct LoopFs {
@@ -422,13 +478,37 @@ impl LoopFs {
     pub fn path(&self) -> &Path {
         self.mount.path()
     }
+
+    /// Unmounts and detaches the file system but keeps its image file, whose path it returns
+    /// (for a bench that hands the image on, as a qemu guest's disk).
+    pub fn into_image(self) -> PathBuf {
+        let LoopFs {
+            mount,
+            _loop,
+            _image,
+        } = self;
+        drop(mount);
+        drop(_loop);
+        _image.keep()
+    }
 }
 
 /// Deletes a file or directory tree when dropped.
 pub struct Remove(pub PathBuf);
 
+impl Remove {
+    /// Keeps the file after all: returns its path and deletes nothing.
+    pub fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.0)
+    }
+}
+
 impl Drop for Remove {
     fn drop(&mut self) {
+        // Emptied by `keep`.
+        if self.0.as_os_str().is_empty() {
+            return;
+        }
         let r = if self.0.is_dir() {
             fs::remove_dir_all(&self.0)
         } else {
