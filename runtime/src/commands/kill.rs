@@ -8,7 +8,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::cli::Global;
-use crate::container::{find, parse_signal, pause, Container};
+use crate::container::{parse_signal, pause, Container};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -41,19 +41,9 @@ pub fn signal(root: &Path, c: &Container, signal: Signal) -> anyhow::Result<()> 
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let sig = parse_signal(&args.signal)?;
-    let mut failed = false;
-    for name in &args.containers {
-        match find(&global.root, name).and_then(|c| signal(&global.root, &c, sig)) {
-            Ok(()) => println!("{name}"),
-            Err(e) => {
-                eprintln!("Error response from daemon: {e:#}");
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(super::for_each_container(
+        &global.root,
+        &args.containers,
+        |c| signal(&global.root, &c, sig),
+    ))
 }

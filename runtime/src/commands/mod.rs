@@ -28,9 +28,11 @@ pub mod save;
 pub mod system_df;
 pub mod tag;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
+use crate::container::{find, Container};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
@@ -61,5 +63,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ContainerShim(args) => start::shim(args, &global),
         Command::Diff(args) => diff::run(args, &global),
         Command::Commit(args) => commit::run(args, &global),
+    }
+}
+
+/// Docker's way with a list of containers (`start`, `stop`, `kill`, `rm`): each name in turn,
+/// its own name printed when `act` succeeds, its error printed when it fails, and a failure
+/// exit status when any failed, without stopping at the first.
+fn for_each_container(
+    root: &Path,
+    names: &[String],
+    mut act: impl FnMut(Container) -> anyhow::Result<()>,
+) -> ExitCode {
+    let mut failed = false;
+    for name in names {
+        match find(root, name).and_then(&mut act) {
+            Ok(()) => println!("{name}"),
+            Err(e) => {
+                eprintln!("Error response from daemon: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }

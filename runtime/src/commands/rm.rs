@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use super::kill::signal;
 use crate::cli::Global;
 use crate::container::supervise::remove;
-use crate::container::{find, Container};
+use crate::container::Container;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -51,19 +51,9 @@ fn remove_one(global: &Global, c: &Container, force: bool) -> anyhow::Result<()>
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let mut failed = false;
-    for name in &args.containers {
-        match find(&global.root, name).and_then(|c| remove_one(global, &c, args.force)) {
-            Ok(()) => println!("{name}"),
-            Err(e) => {
-                eprintln!("Error response from daemon: {e:#}");
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(super::for_each_container(
+        &global.root,
+        &args.containers,
+        |c| remove_one(global, &c, args.force),
+    ))
 }

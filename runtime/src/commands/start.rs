@@ -37,27 +37,16 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         let c = find(&global.root, name)?;
         return started_or_exit(supervise(global, &c.id, Attach::Foreground, |_| {}));
     }
-    let mut failed = false;
-    for name in &args.containers {
-        let result = find(&global.root, name).and_then(|c| {
+    Ok(super::for_each_container(
+        &global.root,
+        &args.containers,
+        |c| {
             if c.is_running() {
                 return Ok(());
             }
             spawn_detached(global, &c.id)
-        });
-        match result {
-            Ok(()) => println!("{name}"),
-            Err(e) => {
-                eprintln!("Error response from daemon: {e:#}");
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+        },
+    ))
 }
 
 pub fn shim(args: ShimArgs, global: &Global) -> anyhow::Result<ExitCode> {

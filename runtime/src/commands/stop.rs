@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 
 use super::kill::signal;
 use crate::cli::Global;
-use crate::container::{find, Container};
+use crate::container::Container;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -40,21 +40,10 @@ pub fn stop(global: &Global, c: &Container, grace: Duration) -> anyhow::Result<(
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let mut failed = false;
-    for name in &args.containers {
-        match find(&global.root, name)
-            .and_then(|c| stop(global, &c, Duration::from_secs(args.time)))
-        {
-            Ok(()) => println!("{name}"),
-            Err(e) => {
-                eprintln!("Error response from daemon: {e:#}");
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    let grace = Duration::from_secs(args.time);
+    Ok(super::for_each_container(
+        &global.root,
+        &args.containers,
+        |c| stop(global, &c, grace),
+    ))
 }
