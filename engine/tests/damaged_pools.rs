@@ -103,3 +103,135 @@ fn an_absurd_data_space_map_size_is_an_error_not_an_allocation() {
         .expect("refused");
     assert!(matches!(err, engine::Error::Corrupt { .. }), "{err}");
 }
+
+/// Found by review: a data space map claiming 2^64 blocks, whose index names the last of the
+/// bitmaps such a map would have; the checker's block numbers (bitmap × entries + entry)
+/// passed 2^64.
+#[test]
+fn check_reports_a_bitmap_numbered_past_40_bit_blocks_without_overflowing() {
+    use engine::pdata::btree::node::{Node, NodeMut};
+    use engine::pdata::space_map::ENTRIES_PER_BITMAP;
+    use engine::tools::check::{check, CheckOptions};
+
+    let mut image = fixtures::thin::metadata_image("two-devs");
+    let index_root = {
+        let sb: &mut [u8; 4096] = (&mut image[..4096]).try_into().unwrap();
+        sb[64..72].copy_from_slice(&u64::MAX.to_le_bytes());
+        block::seal(sb, 0, BlockKind::Superblock);
+        u64::from_le_bytes(sb[80..88].try_into().unwrap()) as usize
+    };
+    let leaf: &mut [u8; 4096] = (&mut image[index_root * 4096..(index_root + 1) * 4096])
+        .try_into()
+        .unwrap();
+    assert!(Node::new(leaf).is_leaf() && Node::new(leaf).nr_entries() == 1);
+    NodeMut::new(leaf).set_key(0, u64::MAX.div_ceil(ENTRIES_PER_BITMAP) - 1);
+    block::seal(leaf, index_root as u64, BlockKind::Node);
+
+    let report = check(&MemDevice::from_bytes(&image), &CheckOptions::default());
+    assert!(!report.is_clean());
+    let errors: Vec<String> = report.errors().map(|f| format!("{f:?}")).collect();
+    assert!(
+        errors.iter().any(|e| e.contains("40-bit")),
+        "the superblock's size is named: {errors:?}"
+    );
+}
+
+/// Found by review: repair rebuilt a pool whose damaged superblock claimed 2^40 - 1 data
+/// blocks, and formatting its space map asked for about 275 GB.
+#[test]
+fn repair_refuses_a_data_size_the_metadata_device_cannot_map() {
+    use engine::tools::repair::{repair, RepairError, RepairOptions};
+
+    let mut image = fixtures::thin::metadata_image("two-devs");
+    let sb: &mut [u8; 4096] = (&mut image[..4096]).try_into().unwrap();
+    sb[64..72].copy_from_slice(&((1u64 << 40) - 1).to_le_bytes());
+    block::seal(sb, 0, BlockKind::Superblock);
+    let input = MemDevice::from_bytes(&image);
+    let output: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(image.len() as u64));
+    let Err(err) = repair(&input, output, &RepairOptions::default(), &mut |_, _| {}) else {
+        panic!("repaired a pool whose space map cannot fit");
+    };
+    assert!(matches!(err, RepairError::Write(_)), "{err}");
+    let chain = error_chain(&err);
+    assert!(chain.contains("space map blocks"), "{chain}");
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s += &format!(": {c}");
+        cause = c.source();
+    }
+    s
+}
+
+/// Found by review: a mapping tree of 11 internal levels, each node listing one child in all
+/// of its 252 entries (every node valid on its own). A 1 MiB read went down every path to
+/// the bottom, 16^11 of them; now the walk stops after as many nodes as the device has
+/// blocks, with an error.
+#[test]
+fn a_mapping_tree_that_lists_one_child_many_times_is_an_error_not_a_hang() {
+    use engine::pdata::btree::node::{max_entries, NodeMut, INTERNAL_NODE, LEAF_NODE};
+    use fixtures::pools::{id, mem_pool};
+
+    let mp = mem_pool(
+        4 << 20,
+        64,
+        engine::DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
+    mp.pool.create_thin(id(1)).unwrap();
+    let thin = mp.pool.open_thin(id(1)).unwrap();
+    thin.write(&[7u8; 65536], 0).unwrap();
+    mp.pool.commit().unwrap();
+    drop(thin);
+    drop(mp.pool);
+
+    let meta = &mp.meta;
+    let read = |at: u64| {
+        let mut b = block::zeroed();
+        meta.read_at(&mut b[..], at * 4096).unwrap();
+        b
+    };
+    let top = u64::from_le_bytes(read(0)[320..328].try_into().unwrap());
+    // The chain goes at the end of the device, far from the few blocks the pool uses.
+    let last = meta.size() / 4096 - 1;
+    let levels = 11;
+    let mut child = last;
+    let mut b = block::zeroed();
+    NodeMut::new(&mut b).init(LEAF_NODE, 8);
+    block::seal(&mut b, child, BlockKind::Node);
+    meta.write_at(&b[..], child * 4096).unwrap();
+    for level in 1..=levels {
+        let at = last - level;
+        let mut b = block::zeroed();
+        let mut n = NodeMut::new(&mut b);
+        n.init(INTERNAL_NODE, 8);
+        let entries = max_entries(8) as usize;
+        for i in 0..entries {
+            n.set_key(i, i as u64);
+            n.set_value_u64(i, child);
+        }
+        n.set_nr_entries(entries);
+        block::seal(&mut b, at, BlockKind::Node);
+        meta.write_at(&b[..], at * 4096).unwrap();
+        child = at;
+    }
+    // Thin 1's root in the top-level tree (a single leaf) becomes the chain's top.
+    let mut t = read(top);
+    NodeMut::new(&mut t).set_value_u64(0, child);
+    block::seal(&mut t, top, BlockKind::Node);
+    meta.write_at(&t[..], top * 4096).unwrap();
+
+    let m: Arc<dyn BlockDevice> = mp.meta.clone();
+    let d: Arc<dyn BlockDevice> = mp.data.clone();
+    let pool = Pool::open(m, d, PoolOptions::default()).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let err = thin.read(&mut buf, 0).expect_err("refused");
+    assert!(matches!(err, engine::Error::Corrupt { .. }), "{err}");
+    // A hang guard, not a speed goal: the budget is the device's 1,024 blocks.
+    assert!(started.elapsed() < Duration::from_secs(30));
+}

@@ -175,6 +175,13 @@ impl TransactionManager {
                     "reference count of free block {b} dropped below zero"
                 )),
             ),
+            CountError::Overflow(b) => Error::corrupt(
+                b,
+                Damage::SpaceMap(format!(
+                    "reference count of block {b} would pass {}",
+                    u32::MAX
+                )),
+            ),
         }
     }
 
@@ -430,6 +437,13 @@ fn data_sm_error(e: CountError) -> Error {
             0,
             Damage::SpaceMap(format!(
                 "reference count of free data block {b} dropped below zero"
+            )),
+        ),
+        CountError::Overflow(b) => Error::corrupt(
+            0,
+            Damage::SpaceMap(format!(
+                "reference count of data block {b} would pass {}",
+                u32::MAX
             )),
         ),
     }

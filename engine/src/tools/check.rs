@@ -1059,7 +1059,9 @@ impl Checker<'_> {
             snap: false,
         };
         let index = self.visit_root(0, root.bitmap_root, tree);
-        let n = root.nr_blocks.div_ceil(ENTRIES_PER_BITMAP);
+        // From the clamped end: a superblock claiming more than 40-bit block numbers was
+        // reported already, and bitmaps numbered past them would overflow block numbers.
+        let n = self.data_end.div_ceil(ENTRIES_PER_BITMAP);
         let beyond: Vec<(u64, u64)> = self
             .data_sm
             .bitmaps

@@ -451,46 +451,61 @@ pub fn range_u64(
 ) -> Result<Vec<(u64, u64)>> {
     debug_assert_eq!(tt.value_size, 8);
     let expected = end.saturating_sub(begin).min(limit as u64).min(1024) as usize;
-    let mut out = Vec::with_capacity(expected);
-    range_at(tm, root, begin, end, limit, tt, 0, &mut out)?;
-    Ok(out)
+    let mut range = Range {
+        begin,
+        end,
+        limit,
+        tt,
+        // As in `for_each`: a damaged tree whose internal nodes list one child many times
+        // would otherwise be walked once per path to it, exponentially in its depth.
+        budget: tm.meta_sm.nr_blocks(),
+        out: Vec::with_capacity(expected),
+    };
+    range.walk(tm, root, 0)?;
+    Ok(range.out)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn range_at(
-    tm: &mut TransactionManager,
-    location: u64,
+/// One `range_u64` walk: what it looks for, what it may still read, what it found.
+struct Range {
     begin: u64,
     end: u64,
     limit: usize,
     tt: TreeType,
-    depth: usize,
-    out: &mut Vec<(u64, u64)>,
-) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(Error::corrupt(location, Damage::TooDeep));
-    }
-    let b = tm.read_node(location)?;
-    let n = Node::new(&b);
-    if n.is_leaf() {
-        check_leaf_value_size(location, &n, tt)?;
-        let start = match n.search(begin) {
-            Ok(i) | Err(i) => i,
-        };
-        for i in start..n.nr_entries() {
-            if n.key(i) >= end || out.len() >= limit {
+    budget: u64,
+    out: Vec<(u64, u64)>,
+}
+
+impl Range {
+    fn walk(&mut self, tm: &mut TransactionManager, location: u64, depth: usize) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(Error::corrupt(location, Damage::TooDeep));
+        }
+        if self.budget == 0 {
+            return Err(Error::corrupt(location, Damage::UnexpectedSharing));
+        }
+        self.budget -= 1;
+        let b = tm.read_node(location)?;
+        let n = Node::new(&b);
+        if n.is_leaf() {
+            check_leaf_value_size(location, &n, self.tt)?;
+            let start = match n.search(self.begin) {
+                Ok(i) | Err(i) => i,
+            };
+            for i in start..n.nr_entries() {
+                if n.key(i) >= self.end || self.out.len() >= self.limit {
+                    break;
+                }
+                self.out.push((n.key(i), n.value_u64(i)));
+            }
+            return Ok(());
+        }
+        let first = n.lower_bound(self.begin).unwrap_or(0);
+        for i in first..n.nr_entries() {
+            if n.key(i) >= self.end || self.out.len() >= self.limit {
                 break;
             }
-            out.push((n.key(i), n.value_u64(i)));
+            self.walk(tm, n.value_u64(i), depth + 1)?;
         }
-        return Ok(());
+        Ok(())
     }
-    let first = n.lower_bound(begin).unwrap_or(0);
-    for i in first..n.nr_entries() {
-        if n.key(i) >= end || out.len() >= limit {
-            break;
-        }
-        range_at(tm, n.value_u64(i), begin, end, limit, tt, depth + 1, out)?;
-    }
-    Ok(())
 }

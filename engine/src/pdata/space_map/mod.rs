@@ -86,13 +86,16 @@ fn nonzero_mask(w: u64) -> u64 {
     (w | (w >> 1)) & EVEN_BITS
 }
 
-/// Errors of reference counting: both mean the metadata is inconsistent.
+/// Errors of reference counting: each means the metadata is inconsistent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CountError {
     /// A block past the end of the map.
     OutOfRange(u64),
     /// A decrement of a block that is already free.
     Underflow(u64),
+    /// An increment of a block whose count is already `u32::MAX`: no pool holds that many
+    /// references to one block, so the count on disk is damaged.
+    Overflow(u64),
 }
 
 impl std::fmt::Display for CountError {
@@ -100,6 +103,9 @@ impl std::fmt::Display for CountError {
         match self {
             CountError::OutOfRange(b) => write!(f, "block {b} is past the end of the space map"),
             CountError::Underflow(b) => write!(f, "reference count of free block {b} decremented"),
+            CountError::Overflow(b) => {
+                write!(f, "reference count of block {b} is already the largest")
+            }
         }
     }
 }
@@ -212,7 +218,8 @@ impl SpaceMap {
 
     /// Adds one reference; returns the new count.
     pub fn inc(&mut self, block: u64) -> Result<u32, CountError> {
-        let c = self.count(block)? + 1;
+        let c = self.count(block)?;
+        let c = c.checked_add(1).ok_or(CountError::Overflow(block))?;
         self.set(block, c)?;
         Ok(c)
     }

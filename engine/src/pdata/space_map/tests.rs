@@ -36,6 +36,16 @@ fn counts_overflow_past_two() {
 }
 
 #[test]
+fn a_count_at_its_largest_is_an_error_not_a_wrap_to_free() {
+    // A damaged reference-count tree can say u32::MAX; one more reference must not wrap the
+    // block to 0 (free, then handed out again while still in use).
+    let mut sm = SpaceMap::new(100);
+    sm.set(7, u32::MAX).unwrap();
+    assert_eq!(sm.inc(7), Err(CountError::Overflow(7)));
+    assert_eq!(sm.count(7).unwrap(), u32::MAX);
+}
+
+#[test]
 fn blocks_freed_in_a_transaction_are_not_reused_before_commit() {
     let mut sm = SpaceMap::new(10);
     let a = sm.alloc().unwrap();

@@ -63,6 +63,17 @@ impl Metadata {
                 dev.size()
             )));
         }
+        // Each bitmap of the data space map takes a metadata block, besides the index and
+        // the pool's trees. Refused here, before the in-memory map is allocated: every
+        // caller (create, restore, repair) passes a data size that may come from a user or
+        // a damaged disk.
+        let bitmaps = crate::pdata::space_map::nr_bitmaps(nr_data_blocks) as u64;
+        if nr_data_blocks > crate::units::MAX_DATA_BLOCKS || bitmaps.saturating_add(8) > nr_meta {
+            return Err(Error::InvalidArgument(format!(
+                "{nr_data_blocks} data blocks need {bitmaps} space map blocks; the metadata \
+                 device holds {nr_meta} blocks"
+            )));
+        }
         // An interrupted format must not leave an old superblock pointing into blocks we
         // are about to overwrite.
         let zero = block::zeroed();
@@ -471,7 +482,10 @@ impl Metadata {
         match old {
             None => {
                 self.remember(id);
-                self.details.get_mut(&id).expect("exists").mapped_blocks += 1
+                // Saturating, as `remove` is: the count is a statistic read from disk, and a
+                // damaged one must not stop writes.
+                let details = self.details.get_mut(&id).expect("exists");
+                details.mapped_blocks = details.mapped_blocks.saturating_add(1);
             }
             Some(old) => {
                 let old = BlockTime::decode(old.as_u64());
