@@ -667,6 +667,25 @@ struct Repairer<'a> {
 /// counts it as used (`None`: cannot say).
 type Fit = (u64, (u64, u64), Option<bool>);
 
+/// Which of `fits` share a key with another (their ranges are inclusive). By the start of
+/// their ranges: a range overlaps an earlier one when it starts at or before the furthest end
+/// so far, and a later one when the next start is at or before its end. A scan may find
+/// millions of orphans; comparing each with every other took minutes.
+fn overlapping(fits: &[Fit]) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..fits.len()).collect();
+    order.sort_unstable_by_key(|&j| fits[j].1);
+    let mut out = vec![false; fits.len()];
+    let mut furthest: Option<u64> = None;
+    for (n, &j) in order.iter().enumerate() {
+        let (lo, hi) = fits[j].1;
+        let with_earlier = furthest.is_some_and(|end| lo <= end);
+        let with_later = order.get(n + 1).is_some_and(|&k| fits[k].1 .0 <= hi);
+        out[j] = with_earlier || with_later;
+        furthest = Some(furthest.map_or(hi, |end| end.max(hi)));
+    }
+    out
+}
+
 /// What the walks collected for one device.
 #[derive(Default)]
 struct Found {
@@ -1217,17 +1236,25 @@ impl<'a> Repairer<'a> {
     /// one gap (see the module docs for when an orphan is trusted).
     fn adopt_subtrees(&mut self, found: &mut BTreeMap<u64, Found>, progress: &mut Progress<'_>) {
         self.ensure_scan(progress);
-        // (device, gap index) of every gap.
-        let gaps: Vec<(u64, usize, Gap)> = found
+        // Each device's gaps by their low key, with their index. A device's gaps never
+        // overlap (each is a child's key range in a node whose keys increase), so the one
+        // that can hold a key range is the last to start at or before it.
+        let gaps: BTreeMap<u64, BTreeMap<u64, (usize, Gap)>> = found
             .iter()
-            .flat_map(|(&id, f)| f.gaps.iter().enumerate().map(move |(i, &g)| (id, i, g)))
+            .map(|(&id, f)| {
+                let by_low = f.gaps.iter().enumerate().map(|(i, &g)| (g.low, (i, g)));
+                (id, by_low.collect())
+            })
             .collect();
         let mut fits: BTreeMap<(u64, usize), Vec<Fit>> = BTreeMap::new();
         for (loc, sub) in self.orphans(8, false) {
             let Some((lo, hi)) = sub.keys else { continue };
-            let homes: Vec<&(u64, usize, Gap)> = gaps
+            let homes: Vec<(u64, usize, Gap)> = gaps
                 .iter()
-                .filter(|(_, _, g)| lo >= g.low && g.high.is_none_or(|h| hi < h))
+                .filter_map(|(&id, by_low)| {
+                    let (_, &(i, g)) = by_low.range(..=lo).next_back()?;
+                    g.high.is_none_or(|h| hi < h).then_some((id, i, g))
+                })
                 .collect();
             // An orphan fits one gap, or several left by one node that devices shared.
             let Some(first) = homes.first() else { continue };
@@ -1237,7 +1264,7 @@ impl<'a> Repairer<'a> {
             if !one_node {
                 continue;
             }
-            for &&(id, i, _) in &homes {
+            for &(id, i, _) in &homes {
                 fits.entry((id, i))
                     .or_default()
                     .push((loc, (lo, hi), self.liveness.live(loc)));
@@ -1247,13 +1274,10 @@ impl<'a> Repairer<'a> {
         // What each gap becomes once its adopted subtrees are taken out of it.
         let mut remaining: BTreeMap<(u64, usize), Vec<Gap>> = BTreeMap::new();
         for ((id, i), candidates) in fits {
+            let overlapping = overlapping(&candidates);
             let mut adopted: Vec<u64> = Vec::new();
-            for (j, &(loc, (lo, hi), live)) in candidates.iter().enumerate() {
-                let overlaps = candidates
-                    .iter()
-                    .enumerate()
-                    .any(|(k, &(_, (l2, h2), _))| k != j && lo <= h2 && l2 <= hi);
-                if overlaps {
+            for (j, &(loc, _, live)) in candidates.iter().enumerate() {
+                if overlapping[j] {
                     continue;
                 }
                 // A top-level mapping tree (a metadata snapshot's, an old copy) has 8-byte
@@ -1333,6 +1357,35 @@ impl<'a> Repairer<'a> {
             }
             gaps.sort_by_key(|g| g.low);
             f.gaps = gaps;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::{overlapping, Fit};
+
+    proptest! {
+        /// The sweep agrees with comparing every pair.
+        #[test]
+        fn overlapping_matches_every_pair(ranges in prop::collection::vec((0u64..60, 0u64..8), 0..40)) {
+            let fits: Vec<Fit> = ranges
+                .iter()
+                .enumerate()
+                .map(|(j, &(lo, len))| (j as u64, (lo, lo + len), None))
+                .collect();
+            let by_pairs: Vec<bool> = fits
+                .iter()
+                .enumerate()
+                .map(|(j, &(_, (lo, hi), _))| {
+                    fits.iter()
+                        .enumerate()
+                        .any(|(k, &(_, (l2, h2), _))| k != j && lo <= h2 && l2 <= hi)
+                })
+                .collect();
+            prop_assert_eq!(overlapping(&fits), by_pairs);
         }
     }
 }
