@@ -12,10 +12,16 @@
 //! mutating command reconciles it (deletes its thin and its record).
 //!
 //! Mutating commands hold `ROOT/lock` (flock) from start to end.
+//!
+//! Layers keep what their image has: set-uid binaries, device nodes, world-writable
+//! directories. Only root may reach them, so the state directory is 0711 and every
+//! directory in it holding content (layers, mounts, the pool, blobs, containers) 0700;
+//! [`secure_root`] makes them so, on roots older versions made 0755 too.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -41,6 +47,68 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("failed to sync {}", dir.display()))?;
+    Ok(())
+}
+
+/// The state directory's mode: others may pass through it to files they know the names
+/// of, but not list it (Docker's `/var/lib/docker` is 0710; the read-only verbs' records
+/// stay readable here).
+const ROOT_MODE: u32 = 0o711;
+
+/// The mode of the directories holding layer content, mounts and container files.
+const PRIVATE_MODE: u32 = 0o700;
+
+/// Directories of the state directory that hold layer content, mounts or container files,
+/// made by the command that first needs them.
+const PRIVATE_DIRS: [&str; 4] = ["blobs", "containers", "mnt", "tmp"];
+
+/// Directories of the state directory that only one storage driver makes, when it is
+/// created (with [`private_dir`]).
+const DRIVER_DIRS: [&str; 2] = ["overlay2", "devicemapper"];
+
+/// Creates `path` (its parents as usual) with no more access than `mode`, or takes away
+/// what an existing `path` allows beyond `mode` (what it allows less stays: an
+/// administrator's tighter mode is kept).
+fn restrict_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create {}", parent.display()))?;
+    }
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("failed to create {}", path.display())),
+    }
+    let current = fs::metadata(path)
+        .with_context(|| format!("failed to read {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if current & !mode != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(current & mode))
+            .with_context(|| format!("failed to restrict {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Creates (or restricts) a directory for layer content or mounts: 0700.
+pub fn private_dir(path: &Path) -> anyhow::Result<()> {
+    restrict_dir(path, PRIVATE_MODE)
+}
+
+/// Creates the state directory `root` if needed and restricts it and its content
+/// directories (see the module doc). Every command that may write there calls it first.
+pub fn secure_root(root: &Path) -> anyhow::Result<()> {
+    restrict_dir(root, ROOT_MODE)?;
+    for name in PRIVATE_DIRS {
+        private_dir(&root.join(name))?;
+    }
+    for name in DRIVER_DIRS {
+        let dir = root.join(name);
+        if dir.exists() {
+            private_dir(&dir)?;
+        }
+    }
     Ok(())
 }
 
@@ -174,7 +242,7 @@ impl Store {
 
     /// Takes `ROOT/lock` (waiting for another mutating command to finish), then loads.
     pub fn lock(root: &Path) -> anyhow::Result<Store> {
-        fs::create_dir_all(root).with_context(|| format!("failed to create {}", root.display()))?;
+        secure_root(root)?;
         let path = root.join("lock");
         let file = File::options()
             .create(true)

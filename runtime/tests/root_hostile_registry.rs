@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
-use common::{sha256_hex, Env};
+use common::{file, image_config, layer_tar, sha256_hex, Env, LoneRoot};
 use fixtures::registry::RegistryAuth;
 
 /// What the lying server answers for one path.
@@ -382,4 +382,66 @@ fn lying_routes(
     layer.truncate = truncate;
     r.insert(format!("/v2/lie/image/blobs/sha256:{l}"), layer);
     r
+}
+
+/// An image manifest of `config` and uncompressed `layers`.
+fn manifest_of(config: &[u8], layers: &[Vec<u8>]) -> Vec<u8> {
+    let descriptor = |media_type: &str, bytes: &[u8]| {
+        serde_json::json!({
+            "mediaType": media_type,
+            "digest": format!("sha256:{}", sha256_hex(bytes)),
+            "size": bytes.len(),
+        })
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+        "layers": layers
+            .iter()
+            .map(|l| descriptor("application/vnd.oci.image.layer.v1.tar", l))
+            .collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+#[test]
+fn root_a_pull_that_fails_leaves_the_store_as_it_was() {
+    let root = LoneRoot::new(false);
+    // `test/ok` has one layer; `test/partial` that layer, a new one, and a last one whose
+    // entry climbs out (all digests right: only applying it refuses it).
+    let shared = layer_tar(&[file("one.txt", b"1\n")]);
+    let new = layer_tar(&[file("two.txt", b"2\n")]);
+    let bad = layer_tar(&[file("three.txt", b"3\n"), file("../../escape", b"x\n")]);
+    let mut routes = HashMap::new();
+    routes.insert("/v2/".to_string(), ok(b"{}".to_vec(), "application/json"));
+    for (repo, layers) in [
+        ("ok", vec![shared.clone()]),
+        ("partial", vec![shared, new, bad]),
+    ] {
+        let (config, _) = image_config(&layers);
+        routes.insert(
+            format!("/v2/test/{repo}/manifests/v1"),
+            ok(manifest_of(&config, &layers), MANIFEST_TYPE),
+        );
+        for blob in layers.into_iter().chain([config]) {
+            routes.insert(
+                format!("/v2/test/{repo}/blobs/sha256:{}", sha256_hex(&blob)),
+                ok(blob, "application/octet-stream"),
+            );
+        }
+    }
+    let port = serve(routes, Seen::default(), false);
+    let host = format!("127.0.0.1:{port}");
+    root.ok(&["pull", "-q", &format!("{host}/test/ok:v1")]);
+    let before = root.state();
+
+    // Twice: what the first attempt left must not change the second.
+    for _ in 0..2 {
+        let err = root.fails(&["pull", "-q", &format!("{host}/test/partial:v1")]);
+        assert!(err.contains("escape"), "{err}");
+        assert_eq!(root.state(), before);
+    }
+    let images = root.ok(&["images", "--format", "{{.Repository}}"]);
+    assert_eq!(images, format!("{host}/test/ok\n"));
 }

@@ -14,8 +14,9 @@ use std::fs;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{sha256_hex, skopeo, Env};
+use common::{docker_archive, file, layer_tar, sha256_hex, skopeo, Env};
 use fixtures::registry::{run, RegistryAuth};
+use tar::EntryType;
 
 fn diff_ids(config: &serde_json::Value) -> Vec<String> {
     config["rootfs"]["diff_ids"]
@@ -645,4 +646,131 @@ fn root_load_of_a_layer_that_fails_to_apply_keeps_nothing() {
         !layers.contains("sha256"),
         "the first layer went too: {layers}"
     );
+}
+
+#[test]
+fn root_a_load_that_fails_on_any_image_keeps_none() {
+    let root = common::LoneRoot::new(false);
+    let shared = layer_tar(&[file("shared.txt", b"shared\n")]);
+    let archive = root.path("kept.tar");
+    fs::write(
+        &archive,
+        docker_archive(&[(&["kept/img:v1"], vec![shared.clone()])]),
+    )
+    .unwrap();
+    root.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let before = root.state();
+
+    // The first image is complete (a layer the store has, one it has not); the second's
+    // last layer climbs out, which only applying it finds (every digest is right).
+    let first = layer_tar(&[file("first.txt", b"first\n")]);
+    let second = layer_tar(&[file("second.txt", b"second\n")]);
+    let bad = layer_tar(&[file("ok.txt", b"x\n"), file("../../escape.txt", b"evil\n")]);
+    fs::write(
+        &archive,
+        docker_archive(&[
+            (&["first/img:v1"], vec![shared.clone(), first]),
+            (&["second/img:v1"], vec![second, bad]),
+        ]),
+    )
+    .unwrap();
+    let err = root.fails(&["load", "-i", archive.to_str().unwrap()]);
+    assert!(err.contains("escape.txt"), "{err}");
+    assert_eq!(root.state(), before);
+    assert_eq!(
+        root.ok(&["images", "--format", "{{.Repository}}"]),
+        "kept/img\n"
+    );
+
+    // An archive posing as a pinned image (a digest as its name) is refused whole.
+    let pinned = format!("127.0.0.1:5000/test/busybox@sha256:{}", "d".repeat(64));
+    let tagged = format!("x/y:v1@sha256:{}", "d".repeat(64));
+    for name in [&pinned, &tagged] {
+        let layer = layer_tar(&[file("pwned", b"attacker content\n")]);
+        fs::write(&archive, docker_archive(&[(&[name.as_str()], vec![layer])])).unwrap();
+        let err = root.fails(&["load", "-i", archive.to_str().unwrap()]);
+        assert!(
+            err.contains("refusing to create a tag with a digest reference"),
+            "{err}"
+        );
+        assert_eq!(root.state(), before);
+    }
+}
+
+/// Whether `nobody` (uid and gid 65534, no supplementary groups) can run `args`.
+fn as_nobody(args: &[&str]) -> bool {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn root_layer_files_are_out_of_reach_of_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+
+    for overlay in [true, false] {
+        let root = common::LoneRoot::new(overlay);
+        // The temporary directory is 0700: opened, only the state directory's own modes
+        // stand between another user and the layers.
+        fs::set_permissions(root.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let layer = layer_tar(&[
+            ("suidcat", EntryType::Regular, 0o4755, b"#!/bin/sh\n"),
+            ("devnode", EntryType::Char, 0o666, b""),
+        ]);
+        let archive = root.path("suid.tar");
+        fs::write(&archive, docker_archive(&[(&["suid/img:v1"], vec![layer])])).unwrap();
+        let archive = archive.to_str().unwrap();
+        root.ok(&["load", "-i", archive]);
+
+        let state = |name: &str| root.root.join(name).to_str().unwrap().to_string();
+        let mode = |path: &str| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        // With overlay the layer's files themselves; with devicemapper the pool's data, which
+        // holds them (layers are mounted only while applied, in `mnt`, as container roots are).
+        let (driver_dir, secrets) = if overlay {
+            let diff = fs::read_dir(root.root.join("overlay2"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path().join("diff"))
+                .find(|d| d.join("suidcat").exists())
+                .expect("the layer's directory");
+            let file = |name: &str| diff.join(name).to_str().unwrap().to_string();
+            assert_eq!(mode(&file("suidcat")), 0o4755, "the image's mode is kept");
+            ("overlay2", vec![file("suidcat"), file("devnode")])
+        } else {
+            ("devicemapper", vec![state("devicemapper/data")])
+        };
+        let dirs = [driver_dir, "mnt", "blobs", "containers", "tmp"];
+        let out_of_reach = || {
+            // The control: nobody reaches a file beside the state directory, and passes
+            // through the state directory itself, without listing it.
+            assert!(as_nobody(&["stat", archive]));
+            assert!(as_nobody(&["stat", &state("lock")]));
+            assert!(!as_nobody(&["ls", &state("")]));
+            for file in &secrets {
+                assert!(!as_nobody(&["stat", file]), "nobody reaches {file}");
+            }
+            for dir in dirs {
+                assert!(!as_nobody(&["ls", &state(dir)]), "nobody lists {dir}");
+                assert_eq!(mode(&state(dir)), 0o700, "{dir}");
+            }
+            assert_eq!(mode(&state("")), 0o711);
+        };
+        out_of_reach();
+
+        // A root an older thinbox made 0755 throughout is restricted by the next command.
+        for dir in [""].into_iter().chain(dirs) {
+            fs::set_permissions(state(dir), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        assert!(
+            as_nobody(&["stat", &secrets[0]]),
+            "the control: 0755 lets nobody in"
+        );
+        root.ok(&["tag", "suid/img:v1", "suid/img:v2"]);
+        out_of_reach();
+    }
 }

@@ -281,18 +281,36 @@ impl IndexEntry {
     }
 
     /// The image name the entry carries: containerd's full name, else a reference name
-    /// that is a full name (a bare tag, as skopeo writes, names no repository).
-    fn name(&self) -> Option<Reference> {
-        if let Some(n) = self.annotations.get(ANNOTATION_IMAGE_NAME) {
-            return Reference::parse(n).ok();
-        }
-        let n = self.annotations.get(ANNOTATION_REF_NAME)?;
-        if n.contains('/') || n.contains(':') {
-            Reference::parse(n).ok()
-        } else {
-            None
+    /// that is a full name (a bare tag, as skopeo writes, names no repository). A name that
+    /// does not parse is no name; one with a digest is refused (see [`tag_of`]).
+    fn name(&self) -> anyhow::Result<Option<Reference>> {
+        let name = match self.annotations.get(ANNOTATION_IMAGE_NAME) {
+            Some(n) => n,
+            None => match self.annotations.get(ANNOTATION_REF_NAME) {
+                Some(n) if n.contains('/') || n.contains(':') => n,
+                _ => return Ok(None),
+            },
+        };
+        match Reference::parse(name) {
+            Ok(_) => tag_of(name).map(Some),
+            Err(_) => Ok(None),
         }
     }
+}
+
+/// The tag an archive gives an image. A digest reference (`repo@sha256:…`, and
+/// `repo:tag@sha256:…`, whose digest a tag would drop) is refused, as `docker load` and
+/// `thinbox tag` refuse it: a repo digest says what a registry serves under that digest,
+/// which only a pull can vouch for, and an archive naming its image so would pose as the
+/// image a user pinned.
+fn tag_of(name: &str) -> anyhow::Result<Reference> {
+    let reference = Reference::parse(name)?;
+    if reference.digest.is_some() {
+        bail!(
+            "the archive names an image {name:?}: refusing to create a tag with a digest reference"
+        );
+    }
+    Ok(reference)
 }
 
 /// The image manifest an index entry leads to (through nested indexes, for linux/amd64):
@@ -409,7 +427,7 @@ pub fn read_images(layout: &Layout) -> anyhow::Result<Vec<LoadImage>> {
                 .repo_tags
                 .unwrap_or_default()
                 .iter()
-                .map(|t| Reference::parse(t))
+                .map(|t| tag_of(t))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             images.push(verify(
                 config,
@@ -429,7 +447,7 @@ pub fn read_images(layout: &Layout) -> anyhow::Result<Vec<LoadImage>> {
                 .iter()
                 .map(|d| Ok((layout.resolve(&Layout::blob_name(&d.digest))?, d.clone())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let tags = entry.name().into_iter().collect();
+            let tags = entry.name()?.into_iter().collect();
             images.push(verify(
                 config,
                 config_d.digest,
@@ -612,6 +630,99 @@ mod tests {
             .ends_with("a/layer.tar"));
         assert!(layout.resolve("c/layer.tar").is_err());
         assert!(layout.resolve("/etc/passwd").is_err());
+    }
+
+    /// Reads a layout directory in `dir` of one one-layer image (its files under
+    /// `blobs/sha256`): with a Docker `manifest.json` whose `RepoTags` are `tags`, or, given
+    /// `index`, with an OCI `index.json` whose one entry has those annotations.
+    fn layout_with_names(
+        dir: &Path,
+        tags: &[&str],
+        index: Option<serde_json::Value>,
+    ) -> anyhow::Result<Vec<LoadImage>> {
+        let layer = tar_with(&[("hello", b"hello")]);
+        let diff_id = Digest::of(&layer);
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": Digest::of(&config).to_string(),
+                "size": config.len(),
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": diff_id.to_string(),
+                "size": layer.len(),
+            }],
+        }))
+        .unwrap();
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        for bytes in [&layer, &config, &manifest] {
+            fs::write(blobs.join(Digest::of(bytes).hex()), bytes).unwrap();
+        }
+        match index {
+            Some(annotations) => {
+                let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": Digest::of(&manifest).to_string(),
+                    "size": manifest.len(),
+                    "annotations": annotations,
+                }]});
+                fs::write(dir.join("index.json"), index.to_string()).unwrap();
+            }
+            None => {
+                let entry = serde_json::json!([{
+                    "Config": format!("blobs/sha256/{}", Digest::of(&config).hex()),
+                    "RepoTags": tags,
+                    "Layers": [format!("blobs/sha256/{}", diff_id.hex())],
+                }]);
+                fs::write(dir.join("manifest.json"), entry.to_string()).unwrap();
+            }
+        }
+        read_images(&Layout::directory(dir)?)
+    }
+
+    #[test]
+    fn digest_references_are_refused_as_image_names() {
+        let pinned = format!("127.0.0.1:5000/test/busybox@sha256:{}", "d".repeat(64));
+        let tagged_and_pinned = format!("x/y:v1@sha256:{}", "d".repeat(64));
+        for name in [&pinned, &tagged_and_pinned] {
+            let dir = tempfile::tempdir().unwrap();
+            let err = layout_with_names(dir.path(), &["ok/image:v1", name], None)
+                .err()
+                .unwrap_or_else(|| panic!("{name} was taken as a tag"));
+            let err = format!("{err:#}");
+            assert!(
+                err.contains(name) && err.contains("refusing to create a tag with a digest"),
+                "{err}"
+            );
+            for key in [ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME] {
+                let dir = tempfile::tempdir().unwrap();
+                let annotations = serde_json::json!({ key: name });
+                let err = layout_with_names(dir.path(), &[], Some(annotations))
+                    .err()
+                    .unwrap_or_else(|| panic!("{name} was taken as a tag ({key})"));
+                assert!(format!("{err:#}").contains("digest reference"), "{err:#}");
+            }
+        }
+
+        // The same archive with plain tags loads, with those tags.
+        let dir = tempfile::tempdir().unwrap();
+        let images = layout_with_names(dir.path(), &["ok/image:v1"], None).unwrap();
+        let tags: Vec<String> = images[0].tags.iter().map(|t| t.to_string()).collect();
+        assert_eq!(tags, ["ok/image:v1"]);
+        let dir = tempfile::tempdir().unwrap();
+        let annotations = serde_json::json!({ ANNOTATION_IMAGE_NAME: "ok/image:v2" });
+        let images = layout_with_names(dir.path(), &[], Some(annotations)).unwrap();
+        assert_eq!(images[0].tags[0].to_string(), "ok/image:v2");
     }
 
     #[test]

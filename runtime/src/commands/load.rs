@@ -2,7 +2,7 @@
 //! plain or compressed), an OCI archive, or an OCI layout directory; stdin without `-i`.
 //! Everything is verified before anything is stored (see `archive::load`); each new layer
 //! then becomes a thin snapshot of its parent's with the layer applied, exactly as a pull
-//! does.
+//! does. A load stores all of the archive's images or, when one fails, none of them.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use super::pull::{apply_layer, reconcile, write_blob};
+use super::pull::{apply_layer, reconcile, write_blob, Additions};
 use crate::archive::load::{read_images, Layout, LoadImage, LoadLayer};
 use crate::cli::Global;
 use crate::image::{Digest, HashingReader};
@@ -59,19 +59,12 @@ fn store_blob(store: &Store, layer: &LoadLayer) -> anyhow::Result<bool> {
     result.map(|()| true)
 }
 
-/// What loading one image added, so that a failure can take it back.
-#[derive(Default)]
-struct Added {
-    layers: Vec<Digest>,
-    blobs: Vec<Digest>,
-}
-
 /// Applies the layers of `image` that the store does not have; their chain ids.
 fn apply_image(
     storage: &Storage,
     store: &mut Store,
     image: &LoadImage,
-    added: &mut Added,
+    added: &mut Additions,
 ) -> anyhow::Result<Vec<Digest>> {
     let mut parent: Option<Digest> = None;
     let mut chain_ids = Vec::new();
@@ -83,7 +76,7 @@ fn apply_image(
             .is_some_and(|l| l.state == LayerState::Ready);
         if !ready {
             if store_blob(store, layer)? {
-                added.blobs.push(layer.blob.digest.clone());
+                added.blob(&layer.blob.digest);
             }
             let record = apply_layer(
                 storage,
@@ -93,7 +86,7 @@ fn apply_image(
                 &layer.diff_id,
                 &layer.blob,
             )?;
-            added.layers.push(chain_id.clone());
+            added.layer(&chain_id);
             tracing::info!(layer = %layer.diff_id, thin_id = record.thin_id, "layer loaded");
         }
         chain_ids.push(chain_id.clone());
@@ -102,22 +95,39 @@ fn apply_image(
     Ok(chain_ids)
 }
 
-/// Deletes what a failed image load added: its layers' filesystems and records (top first)
-/// and the blobs it stored. Returns the first failure, if any.
-fn roll_back(storage: &Storage, store: &mut Store, added: Added) -> anyhow::Result<()> {
-    let mut result = Ok(());
-    for chain_id in added.layers.iter().rev() {
-        if let Some(layer) = store.layers.remove(chain_id) {
-            if let Err(e) = storage.remove_layers(&[&layer]) {
-                result = result.and(Err(e.context(format!("failed to delete layer {chain_id}"))));
+/// Stores every image of the archive: layers, blobs, image records and tags, the records
+/// saved once all are in.
+fn add_images(
+    storage: &Storage,
+    store: &mut Store,
+    images: &[LoadImage],
+    added: &mut Additions,
+) -> anyhow::Result<()> {
+    for image in images {
+        let chain_ids = apply_image(storage, store, image, added)?;
+        if write_blob(store, &image.id, &image.config)? {
+            added.blob(&image.id);
+        }
+        if let Some((bytes, digest)) = &image.manifest {
+            if write_blob(store, digest, bytes)? {
+                added.blob(digest);
             }
         }
+        store.images.insert(
+            image.id.clone(),
+            ImageRecord {
+                id: image.id.clone(),
+                manifest_digest: image.manifest.as_ref().map(|(_, d)| d.clone()),
+                layers: chain_ids,
+                created: image.summary.created.clone(),
+            },
+        );
+        for tag in &image.tags {
+            let repo = tag.repository();
+            store.repositories.set(&repo, tag.to_string(), &image.id);
+        }
     }
-    result = result.and(store.save_layers());
-    for digest in &added.blobs {
-        let _ = fs::remove_file(store.blob_path(digest));
-    }
-    result
+    store.save_images()
 }
 
 fn open_layout(input: Option<&Path>, root: &Path) -> anyhow::Result<Layout> {
@@ -150,37 +160,14 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
 
     let storage = Storage::open(global)?;
     reconcile(&mut store, &storage)?;
+    // All or nothing: the user sees one failed command, so an image that fails takes the
+    // images stored before it back too.
+    let mut added = Additions::new(&store);
+    if let Err(e) = add_images(&storage, &mut store, &images, &mut added) {
+        return Err(added.roll_back_on(e, &storage, &mut store));
+    }
     let mut out = io::stdout().lock();
-    for image in images {
-        let mut added = Added::default();
-        let chain_ids = match apply_image(&storage, &mut store, &image, &mut added) {
-            Ok(c) => c,
-            Err(e) => {
-                // Nothing of a failed image stays (layers other images use are not touched).
-                return Err(match roll_back(&storage, &mut store, added) {
-                    Ok(()) => e,
-                    Err(r) => e.context(format!("and the roll-back failed: {r:#}")),
-                });
-            }
-        };
-        write_blob(&store, &image.id, &image.config)?;
-        if let Some((bytes, digest)) = &image.manifest {
-            write_blob(&store, digest, bytes)?;
-        }
-        store.images.insert(
-            image.id.clone(),
-            ImageRecord {
-                id: image.id.clone(),
-                manifest_digest: image.manifest.as_ref().map(|(_, d)| d.clone()),
-                layers: chain_ids,
-                created: image.summary.created.clone(),
-            },
-        );
-        for tag in &image.tags {
-            let repo = tag.repository();
-            store.repositories.set(&repo, tag.to_string(), &image.id);
-        }
-        store.save_images()?;
+    for image in &images {
         if image.tags.is_empty() {
             writeln!(out, "Loaded image ID: {}", image.id)?;
         }

@@ -2,6 +2,7 @@
 //! layer, each verified against its digest and size before it is used; each new layer
 //! becomes a thin snapshot of its parent's with the layer applied.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -19,7 +20,7 @@ use crate::image::{
 use crate::registry::sources::Sources;
 use crate::registry::{auth, Registry};
 use crate::storage::{unpack, Storage};
-use crate::store::{BlobRef, ImageRecord, LayerRecord, LayerState, Store};
+use crate::store::{BlobRef, ImageRecord, LayerRecord, LayerState, Repositories, Store};
 
 /// Configs larger than this are refused.
 const MAX_CONFIG_BYTES: u64 = 8 << 20;
@@ -81,89 +82,107 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     if args.quiet {
         progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let mut parent: Option<Digest> = None;
-    let mut chain_ids = Vec::new();
-    for (layer, diff_id) in layers.iter().zip(&summary.rootfs.diff_ids) {
-        let chain_id = Digest::chain(parent.as_ref(), diff_id);
-        let short = &layer.digest.hex()[..12];
-        let ready = store
-            .layers
-            .get(&chain_id)
-            .is_some_and(|l| l.state == LayerState::Ready);
-        if ready {
-            if !args.quiet {
-                println!("{short}: Already exists");
-            }
-        } else {
-            let bar = progress.add(ProgressBar::new(layer.size));
-            bar.set_style(
-                ProgressStyle::with_template("{prefix}: {msg:12} [{bar:30}] {bytes}/{total_bytes}")
+    // From here on the store changes; a failure takes back what this pull added.
+    let mut added = Additions::new(&store);
+    let stored = (|| -> anyhow::Result<bool> {
+        let mut parent: Option<Digest> = None;
+        let mut chain_ids = Vec::new();
+        for (layer, diff_id) in layers.iter().zip(&summary.rootfs.diff_ids) {
+            let chain_id = Digest::chain(parent.as_ref(), diff_id);
+            let short = &layer.digest.hex()[..12];
+            let ready = store
+                .layers
+                .get(&chain_id)
+                .is_some_and(|l| l.state == LayerState::Ready);
+            if ready {
+                if !args.quiet {
+                    println!("{short}: Already exists");
+                }
+            } else {
+                let bar = progress.add(ProgressBar::new(layer.size));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix}: {msg:12} [{bar:30}] {bytes}/{total_bytes}",
+                    )
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> "),
-            );
-            bar.set_prefix(short.to_string());
-            bar.set_message("Downloading");
-            let t0 = Instant::now();
-            download_layer(&mut registry, &store, layer, &bar)?;
-            let downloaded = t0.elapsed();
-            bar.set_message("Extracting");
-            let t1 = Instant::now();
-            let record = apply_layer(
-                &storage,
-                &mut store,
-                parent.as_ref(),
-                &chain_id,
-                diff_id,
-                layer,
-            )?;
-            bar.finish_and_clear();
-            tracing::info!(
-                layer = %layer.digest,
-                thin_id = record.thin_id,
-                bytes = layer.size,
-                download_ms = downloaded.as_millis() as u64,
-                apply_ms = t1.elapsed().as_millis() as u64,
-                "layer pulled"
-            );
-            if !args.quiet {
-                println!("{short}: Pull complete");
+                );
+                bar.set_prefix(short.to_string());
+                bar.set_message("Downloading");
+                let t0 = Instant::now();
+                if download_layer(&mut registry, &store, layer, &bar)? {
+                    added.blob(&layer.digest);
+                }
+                let downloaded = t0.elapsed();
+                bar.set_message("Extracting");
+                let t1 = Instant::now();
+                let record = apply_layer(
+                    &storage,
+                    &mut store,
+                    parent.as_ref(),
+                    &chain_id,
+                    diff_id,
+                    layer,
+                )?;
+                added.layer(&chain_id);
+                bar.finish_and_clear();
+                tracing::info!(
+                    layer = %layer.digest,
+                    thin_id = record.thin_id,
+                    bytes = layer.size,
+                    download_ms = downloaded.as_millis() as u64,
+                    apply_ms = t1.elapsed().as_millis() as u64,
+                    "layer pulled"
+                );
+                if !args.quiet {
+                    println!("{short}: Pull complete");
+                }
             }
+            chain_ids.push(chain_id.clone());
+            parent = Some(chain_id);
         }
-        chain_ids.push(chain_id.clone());
-        parent = Some(chain_id);
-    }
 
-    write_blob(&store, &manifest_digest, &manifest_bytes)?;
-    write_blob(&store, &image_id, &config_bytes)?;
-    store.images.insert(
-        image_id.clone(),
-        ImageRecord {
-            id: image_id.clone(),
-            manifest_digest: Some(manifest_digest.clone()),
-            layers: chain_ids,
-            created: summary.created.clone(),
-        },
-    );
-    let repo = reference.repository();
-    let was_tagged = reference
-        .tag_or_default()
-        .and_then(|tag| store.repositories.get(&format!("{repo}:{tag}")))
-        == Some(&image_id);
-    if let Some(tag) = reference.tag_or_default() {
+        if write_blob(&store, &manifest_digest, &manifest_bytes)? {
+            added.blob(&manifest_digest);
+        }
+        if write_blob(&store, &image_id, &config_bytes)? {
+            added.blob(&image_id);
+        }
+        store.images.insert(
+            image_id.clone(),
+            ImageRecord {
+                id: image_id.clone(),
+                manifest_digest: Some(manifest_digest.clone()),
+                layers: chain_ids,
+                created: summary.created.clone(),
+            },
+        );
+        let repo = reference.repository();
+        let was_tagged = reference
+            .tag_or_default()
+            .and_then(|tag| store.repositories.get(&format!("{repo}:{tag}")))
+            == Some(&image_id);
+        if let Some(tag) = reference.tag_or_default() {
+            store
+                .repositories
+                .set(&repo, format!("{repo}:{tag}"), &image_id);
+        }
         store
             .repositories
-            .set(&repo, format!("{repo}:{tag}"), &image_id);
-    }
-    store
-        .repositories
-        .set(&repo, format!("{repo}@{repo_digest}"), &image_id);
-    store.save_images()?;
-    // Where these blobs are, for cross-repository mounts on a later push.
-    let mut sources = Sources::load(&global.root)?;
-    for d in layers.iter().map(|l| &l.digest).chain([&image_id]) {
-        sources.add(d, &reference.registry, &reference.path);
-    }
-    sources.save(&global.root)?;
+            .set(&repo, format!("{repo}@{repo_digest}"), &image_id);
+        store.save_images()?;
+        // Where these blobs are, for cross-repository mounts on a later push.
+        let mut sources = Sources::load(&global.root)?;
+        for d in layers.iter().map(|l| &l.digest).chain([&image_id]) {
+            sources.add(d, &reference.registry, &reference.path);
+        }
+        sources.save(&global.root)?;
+        Ok(was_tagged)
+    })();
+    let was_tagged = match stored {
+        Ok(was_tagged) => was_tagged,
+        Err(e) => return Err(added.roll_back_on(e, &storage, &mut store)),
+    };
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "pull finished"
@@ -262,23 +281,26 @@ fn fetch_small_blob(
     Ok(bytes)
 }
 
-pub(crate) fn write_blob(store: &Store, digest: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
+/// Stores a small blob (manifest, config) unless the store has it; `true` when it did not.
+pub(crate) fn write_blob(store: &Store, digest: &Digest, bytes: &[u8]) -> anyhow::Result<bool> {
     let path = store.blob_path(digest);
-    if !path.exists() {
-        crate::store::write_atomic(&path, bytes)?;
+    if path.exists() {
+        return Ok(false);
     }
-    Ok(())
+    crate::store::write_atomic(&path, bytes)?;
+    Ok(true)
 }
 
 /// Downloads a layer blob into the content store, verified: it goes to a temporary file and
 /// is renamed into place only when its size and digest match the descriptor; on a mismatch
-/// nothing is kept. A blob already in the store is checked again before it is trusted.
+/// nothing is kept. A blob already in the store is checked again before it is trusted (and
+/// fetched again when damaged). `true` when the store did not have the blob at all.
 fn download_layer(
     registry: &mut Registry,
     store: &Store,
     layer: &Descriptor,
     bar: &ProgressBar,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     if layer.urls.as_ref().is_some_and(|u| !u.is_empty()) {
         bail!(
             "layer {} is a foreign layer (fetched from other URLs): not supported",
@@ -286,7 +308,8 @@ fn download_layer(
         );
     }
     let path = store.blob_path(&layer.digest);
-    if path.exists() {
+    let existed = path.exists();
+    if existed {
         let file =
             File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
         let mut hashing = HashingReader::new(BufReader::new(file));
@@ -294,7 +317,7 @@ fn download_layer(
         let (digest, size) = hashing.finish();
         if digest == layer.digest && size == layer.size {
             bar.set_position(size);
-            return Ok(());
+            return Ok(false);
         }
         tracing::warn!(blob = %layer.digest, "a stored blob was damaged; fetching it again");
         fs::remove_file(&path)?;
@@ -340,7 +363,86 @@ fn download_layer(
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    result.map(|()| !existed)
+}
+
+/// What one pull or load added to the store, so that a failure can take all of it back: the
+/// layers it applied and the blobs it stored (never those the store had before: other
+/// images use them), and the image and tag records as they were before it. The command
+/// holds the store's lock from before it takes this until after any roll-back, so nothing
+/// else can have come to use what it added.
+pub(crate) struct Additions {
+    layers: Vec<Digest>,
+    blobs: Vec<Digest>,
+    images: BTreeMap<Digest, ImageRecord>,
+    repositories: Repositories,
+}
+
+impl Additions {
+    /// Starts recording, with `store`'s image and tag records as they are now.
+    pub(crate) fn new(store: &Store) -> Additions {
+        Additions {
+            layers: Vec::new(),
+            blobs: Vec::new(),
+            images: store.images.clone(),
+            repositories: store.repositories.clone(),
+        }
+    }
+
+    /// A layer this command applied (in the order applied: parents first).
+    pub(crate) fn layer(&mut self, chain_id: &Digest) {
+        self.layers.push(chain_id.clone());
+    }
+
+    /// A blob this command put in the content store.
+    pub(crate) fn blob(&mut self, digest: &Digest) {
+        self.blobs.push(digest.clone());
+    }
+
+    /// Puts the store back as it was and returns `failure`, with what the roll-back could
+    /// not undo added to it. The image and tag records go back first, so that no saved
+    /// record names a deleted layer; then the layers, children first; then the blobs. A
+    /// layer whose filesystem cannot be deleted now keeps its record as `Preparing`, for
+    /// the next mutating command's reconcile.
+    pub(crate) fn roll_back_on(
+        self,
+        failure: anyhow::Error,
+        storage: &Storage,
+        store: &mut Store,
+    ) -> anyhow::Error {
+        let mut failure = failure;
+        store.images = self.images;
+        store.repositories = self.repositories;
+        if let Err(e) = store.save_images() {
+            failure = failure.context(format!("and restoring the image records failed: {e:#}"));
+        }
+        for chain_id in self.layers.iter().rev() {
+            let Some(layer) = store.layers.get_mut(chain_id) else {
+                continue;
+            };
+            match storage.remove_layers(&[&*layer]) {
+                Ok(()) => {
+                    store.layers.remove(chain_id);
+                }
+                Err(e) => {
+                    layer.state = LayerState::Preparing;
+                    failure = failure.context(format!(
+                        "and deleting layer {chain_id} failed (the next command retries): {e:#}"
+                    ));
+                }
+            }
+        }
+        if let Err(e) = store.save_layers() {
+            failure = failure.context(format!("and saving the layer records failed: {e:#}"));
+        }
+        for digest in &self.blobs {
+            let path = store.blob_path(digest);
+            if let Err(e) = fs::remove_file(&path) {
+                failure = failure.context(format!("and removing {} failed: {e}", path.display()));
+            }
+        }
+        failure
+    }
 }
 
 /// Makes the layer's filesystem (with devicemapper, a snapshot of the parent layer's thin or

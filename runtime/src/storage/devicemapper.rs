@@ -104,8 +104,7 @@ impl DeviceMapper {
 
     fn create(root: &Path, options: StorageOptions) -> anyhow::Result<DeviceMapper> {
         let dm_dir = root.join("devicemapper");
-        fs::create_dir_all(&dm_dir)
-            .with_context(|| format!("failed to create {}", dm_dir.display()))?;
+        crate::store::private_dir(&dm_dir)?;
         let (paths, store_path) = pool_location(root, &options);
         match &options.thin_pool_dev {
             Some(dir) => {

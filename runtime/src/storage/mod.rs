@@ -77,6 +77,7 @@ pub enum Storage {
 impl Storage {
     /// Opens the storage in `--root`, creating it on first use with `--storage-driver`.
     pub fn open(global: &Global) -> anyhow::Result<Storage> {
+        crate::store::secure_root(&global.root)?;
         let asked = global
             .storage_driver
             .as_deref()

@@ -58,6 +58,7 @@ impl Overlay {
         let dir = overlay_dir(root);
         let config = config_path(root);
         if !config.exists() {
+            crate::store::private_dir(&dir)?;
             for sub in [dir.join("l"), dir.join("empty")] {
                 fs::create_dir_all(&sub)
                     .with_context(|| format!("failed to create {}", sub.display()))?;

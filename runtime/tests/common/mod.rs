@@ -442,6 +442,170 @@ impl Drop for Env {
     }
 }
 
+/// One root with no registry, in a temporary directory of its own; its cleanup runs even
+/// when the test fails.
+pub struct LoneRoot {
+    // Dropped after Drop::drop's body: the directory goes after the cleanup.
+    pub dir: tempfile::TempDir,
+    /// The root; its fields are the `LoneRoot`'s too (`Deref`).
+    pub thinbox: Root,
+}
+
+impl LoneRoot {
+    pub fn new(overlay: bool) -> LoneRoot {
+        let dir = tempfile::tempdir().unwrap();
+        let thinbox = Root {
+            root: dir.path().join("root"),
+            run_root: dir.path().join("run"),
+            overlay,
+            storage_opts: Vec::new(),
+        };
+        LoneRoot { dir, thinbox }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl std::ops::Deref for LoneRoot {
+    type Target = Root;
+    fn deref(&self) -> &Root {
+        &self.thinbox
+    }
+}
+
+impl Drop for LoneRoot {
+    fn drop(&mut self) {
+        self.thinbox.cleanup();
+    }
+}
+
+/// An entry of a test layer: path, type, mode and content.
+pub type LayerEntry<'a> = (&'a str, tar::EntryType, u32, &'a [u8]);
+
+/// A plain 0644 file for [`layer_tar`].
+pub fn file<'a>(path: &'a str, content: &'a [u8]) -> LayerEntry<'a> {
+    (path, tar::EntryType::Regular, 0o644, content)
+}
+
+/// A layer tar of `entries`, each path written as given (`..` and all: the `tar` crate
+/// refuses to build those itself), owned by root; character devices are 1:3, `/dev/null`'s
+/// numbers.
+pub fn layer_tar(entries: &[LayerEntry<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for &(path, kind, mode, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1);
+        if kind == tar::EntryType::Char {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// The config of an image of `layers`, and its id.
+pub fn image_config(layers: &[Vec<u8>]) -> (Vec<u8>, String) {
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", sha256_hex(l)))
+        .collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap();
+    let id = format!("sha256:{}", sha256_hex(&config));
+    (config, id)
+}
+
+/// A `docker save` archive in the layout before Docker 25 (`manifest.json`, `<hex>.json`
+/// configs, `<hex>/layer.tar`) of `images`: each its `RepoTags` and its layers.
+pub fn docker_archive(images: &[(&[&str], Vec<Vec<u8>>)]) -> Vec<u8> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut manifest = Vec::new();
+    for (tags, layers) in images {
+        let (config, _) = image_config(layers);
+        let config_name = format!("{}.json", sha256_hex(&config));
+        files.insert(config_name.clone(), config);
+        let mut names = Vec::new();
+        for layer in layers {
+            let name = format!("{}/layer.tar", sha256_hex(layer));
+            files.insert(name.clone(), layer.clone());
+            names.push(name);
+        }
+        manifest.push(serde_json::json!({
+            "Config": config_name,
+            "RepoTags": tags,
+            "Layers": names,
+        }));
+    }
+    files.insert(
+        "manifest.json".to_string(),
+        serde_json::to_vec(&manifest).unwrap(),
+    );
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in &files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, bytes.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// What a store holds: its record files, its blobs and, with devicemapper, the pool's thins.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StoreState {
+    pub records: Vec<(String, String)>,
+    pub blobs: Vec<String>,
+    pub thins: Vec<String>,
+    pub overlay_dirs: Vec<String>,
+}
+
+impl Root {
+    /// The store as it is now, to compare with what it was.
+    pub fn state(&self) -> StoreState {
+        let records = ["layers.json", "images.json", "repositories.json"]
+            .iter()
+            .map(|f| {
+                let text = fs::read_to_string(self.root.join(f)).unwrap_or_default();
+                (f.to_string(), text)
+            })
+            .collect();
+        let mut blobs = self.blobs();
+        blobs.sort();
+        let thins = if self.overlay {
+            Vec::new()
+        } else {
+            self.thin_names()
+        };
+        let mut overlay_dirs: Vec<String> = fs::read_dir(self.root.join("overlay2"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        overlay_dirs.sort();
+        StoreState {
+            records,
+            blobs,
+            thins,
+            overlay_dirs,
+        }
+    }
+}
+
 pub fn skopeo(args: &[&str]) -> String {
     run(Command::new("skopeo").args(args))
 }
