@@ -9,6 +9,7 @@
 //! test can run again right away.
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -376,8 +377,10 @@ fn root_detached_containers_run_log_exec_stop_and_kill() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(137));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "up\n");
-    // A signal thinbox gets goes to the container (exec'd sleep has no handler: it dies).
-    let child = env
+    // A signal thinbox gets goes to the container. The shell says when its trap is set: a
+    // TERM before that reaches a pid 1 without a handler, which ignores it, and the
+    // container would loop on (seen once, on a loaded machine).
+    let mut child = env
         .command(&[
             "run",
             "--name",
@@ -385,18 +388,33 @@ fn root_detached_containers_run_log_exec_stop_and_kill() {
             image,
             "sh",
             "-c",
-            "trap 'exit 42' TERM; while true; do sleep 1; done",
+            "trap 'exit 42' TERM; echo trapped; while true; do sleep 1; done",
         ])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    env.wait_status("fg2", "Up");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "trapped\n");
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
-    let out = child.wait_with_output().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = env.code(&["kill", "fg2"]);
+            let _ = child.wait();
+            panic!("thinbox run did not exit within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
-        out.status.code(),
+        status.code(),
         Some(42),
         "SIGTERM forwarded to the container"
     );
