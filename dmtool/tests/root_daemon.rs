@@ -414,6 +414,9 @@ fn root_daemon_serves_nbd_while_serve_runs() {
     wait_until("the daemon listens for NBD", || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
+    // Its client would be cut off: a stop without --force is refused.
+    let err = env.fails(&["pool", "stop"]);
+    assert!(err.contains("NBD server"), "{err}");
     let uri = format!("nbd+unix:///one?socket={}", socket.display());
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x5a 1M 3M", "-c", "flush"])
@@ -435,6 +438,171 @@ fn root_daemon_serves_nbd_while_serve_runs() {
     assert!(
         back.iter().all(|&b| b == 0x5a),
         "the daemon's pool has the NBD client's writes"
+    );
+    env.ok(&["pool", "stop"]);
+    assert_pool_clean(&env);
+}
+
+/// A unix-socket connect as `nobody`: `Ok(reply)` with whatever the server answered to a
+/// status request (empty when it hung up), `Err(why)` when the connect itself failed.
+fn connect_as_nobody(socket: &Path) -> Result<String, String> {
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("refused:", e.strerror); sys.exit(0)
+try:
+    s.sendall(b'{"op":"status"}\n')
+    s.settimeout(10)
+    print("reply:" + s.recv(4096).decode(errors="replace"))
+except ConnectionError:
+    print("reply:")
+"#;
+    let out = sh(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        script,
+        socket.to_str().unwrap(),
+    ]);
+    match out.trim().strip_prefix("reply:") {
+        Some(reply) => Ok(reply.to_string()),
+        None => Err(out.trim().to_string()),
+    }
+}
+
+/// Whoever reaches the daemon's socket can read and write every thin: the run directory is
+/// 0700 and the log private even when the daemon starts under umask 000, and a peer of
+/// another user that gets to the socket anyway is hung up on without an answer.
+#[test]
+fn root_daemon_is_out_of_reach_of_other_users_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let env = Env::new();
+    new_pool(&env);
+    let pool = env.pool();
+    let started = Command::new("sh")
+        .args([
+            "-c",
+            "umask 000 && exec \"$0\" pool start --pool \"$1\"",
+            DMTOOL,
+            &pool,
+        ])
+        .env("THINBOX_RUN_ROOT", &env.run_root)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let run_dir = fs::read_dir(&env.run_root)
+        .unwrap()
+        .flatten()
+        .map(|d| d.path())
+        .find(|p| p.join("daemon.sock").exists())
+        .expect("the daemon's run directory");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&run_dir), 0o700, "{}", run_dir.display());
+    assert_eq!(
+        mode(&env.run_root) & 0o022,
+        0,
+        "others cannot write the run root"
+    );
+    assert_eq!(mode(&run_dir.join("daemon.log")) & 0o077, 0);
+    assert_eq!(mode(&run_dir.join("daemon.sock")), 0o600);
+
+    let socket = run_dir.join("daemon.sock");
+    let denied = connect_as_nobody(&socket).expect_err("nobody cannot reach the socket");
+    assert!(denied.contains("Permission denied"), "{denied}");
+    // Opened up by hand: the daemon still knows who connected.
+    fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o711)).unwrap();
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
+    let reply = connect_as_nobody(&socket).expect("the connect itself works now");
+    assert_eq!(reply, "", "hung up on without an answer");
+    fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    // Root still gets answers.
+    assert!(env.status_json()["daemon_pid"].as_u64().is_some());
+    env.ok(&["pool", "stop"]);
+}
+
+/// Writes and discards through the daemon would go under an active thin's user (a mounted
+/// file system's cache; a read-only activation's promise): refused until it is deactivated.
+#[test]
+fn root_daemon_refuses_writes_beside_an_active_thin() {
+    let env = Env::new();
+    new_pool(&env);
+    env.ok(&["pool", "start"]);
+    let input = env.dir.path().join("block");
+    fs::write(&input, pattern(65536, 3)).unwrap();
+    let input = input.to_str().unwrap();
+    env.ok(&["thin", "activate", "1", "--read-only"]);
+    let err = env.fails(&["thin", "write", "1", "--input", input]);
+    assert!(err.contains("active"), "{err}");
+    let err = env.fails(&["thin", "trim-journal", "1"]);
+    assert!(err.contains("active"), "{err}");
+    // Reads are fine.
+    assert_eq!(
+        env.ok_bytes(&["thin", "read", "1", "--length", "64K"]),
+        vec![0; 65536]
+    );
+    env.ok(&["thin", "deactivate", "1"]);
+    env.ok(&["thin", "write", "1", "--input", input]);
+    assert_eq!(
+        env.ok_bytes(&["thin", "read", "1", "--length", "64K"]),
+        pattern(65536, 3)
+    );
+    env.ok(&["pool", "stop"]);
+    assert_pool_clean(&env);
+}
+
+/// With `--when-full queue` a write through the daemon waits for space; the resize that
+/// gives it space must get through meanwhile (it once waited for the write's 60 s queue
+/// timeout, and the write then failed).
+#[test]
+fn root_daemon_resize_reaches_a_write_queued_for_space() {
+    let env = Env::new();
+    env.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "16M",
+        "--metadata-size",
+        "16M",
+    ]);
+    env.ok(&["thin", "create", "1", "--size", "64M"]);
+    env.ok(&["pool", "set", "--when-full", "queue"]);
+    env.ok(&["pool", "start"]);
+    let input = env.dir.path().join("fill");
+    fs::write(&input, pattern(32 << 20, 5)).unwrap();
+    let pool = env.pool();
+    let writer = Command::new(DMTOOL)
+        .args(["thin", "write", "1", "--pool", &pool, "--input"])
+        .arg(&input)
+        .env("THINBOX_RUN_ROOT", &env.run_root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let total = env.status_json()["status"]["total_data_blocks"]
+        .as_u64()
+        .unwrap();
+    wait_until("the pool is full and the write waits", || {
+        env.used_data_blocks() == total
+    });
+    env.ok(&["pool", "resize", "--data-size", "64M"]);
+    let out = writer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the queued write went on: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.ok_bytes(&["thin", "read", "1", "--length", "32M"]),
+        pattern(32 << 20, 5)
     );
     env.ok(&["pool", "stop"]);
     assert_pool_clean(&env);

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -89,8 +90,9 @@ pub trait PoolControl {
 /// A pool this process owns, with its volume store.
 pub struct Local {
     volumes: Volumes,
-    /// Handles kept open across IO calls (a stream of `read`s must not reopen the thin).
-    thins: HashMap<ThinId, Thin>,
+    /// Handles kept open across IO calls (a stream of `read`s must not reopen the thin);
+    /// shared with IO in flight outside the daemon's lock (see [`Self::io_handle`]).
+    thins: HashMap<ThinId, Arc<Thin>>,
 }
 
 impl Local {
@@ -111,12 +113,20 @@ impl Local {
         self.volumes.pool().open_thin(id)
     }
 
-    fn thin(&mut self, id: ThinId) -> Result<&Thin> {
+    fn thin(&mut self, id: ThinId) -> Result<&Arc<Thin>> {
         if !self.thins.contains_key(&id) {
             let thin = self.open_thin(id)?;
-            self.thins.insert(id, thin);
+            self.thins.insert(id, Arc::new(thin));
         }
         Ok(&self.thins[&id])
+    }
+
+    /// A handle for `len` bytes of IO at `offset` in thin `id` (the range checked), for IO
+    /// done without holding whatever lock guards this `Local`. While it is held the thin
+    /// counts as open: deleting it is refused.
+    pub fn io_handle(&mut self, id: ThinId, offset: u64, len: u64) -> Result<Arc<Thin>> {
+        self.check_range(id, offset, len)?;
+        self.thin(id).cloned()
     }
 
     /// Checks that `len` bytes at `offset` lie inside thin `id`.

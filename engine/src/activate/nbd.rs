@@ -14,7 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -760,11 +760,19 @@ impl NbdListener {
                     std::fs::remove_file(path).map_err(|e| listen_error(listen, e))?;
                 }
                 let listener = UnixListener::bind(path).map_err(|e| listen_error(listen, e))?;
+                // An export reads and writes a thin: only its user (and root) may connect.
+                // The mode bars others from then on; a peer that connected before the chmod
+                // is refused by its credentials.
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| listen_error(listen, e))?;
                 let stop = stopping.clone();
                 spawn_acceptor(
-                    move || {
+                    move || loop {
                         let (stream, _) = listener.accept()?;
-                        Ok((!stop.load(Ordering::Acquire)).then_some(stream))
+                        if crate::activate::daemon::peer_is_trusted(&stream) {
+                            return Ok((!stop.load(Ordering::Acquire)).then_some(stream));
+                        }
+                        tracing::warn!("refused an NBD client of another user");
                     },
                     server,
                 )?;

@@ -10,6 +10,7 @@
 //! unmounted, the socket removed.
 
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -32,16 +33,13 @@ fn launch_err(what: impl std::fmt::Display) -> Error {
 /// stdin closed and stdout and stderr appended to `daemon.log`, and waits until the daemon
 /// answers on its socket. Returns its pid. If it exits first, the error quotes the log's tail.
 pub fn spawn_detached(run: &RunDir, mut command: Command) -> Result<u32> {
-    fs::create_dir_all(run.path()).map_err(|e| {
-        launch_err(format_args!(
-            "failed to create {}: {e}",
-            run.path().display()
-        ))
-    })?;
+    run.prepare()?;
     let log_path = run.log_file();
     let log = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&log_path)
         .map_err(|e| launch_err(format_args!("failed to open {}: {e}", log_path.display())))?;
     let log_out = log

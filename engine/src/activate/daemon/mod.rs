@@ -10,6 +10,11 @@
 //! mount point `fuse/`, where `<key>` is derived from the pool's metadata path so that every
 //! client finds the same daemon.
 //!
+//! Whoever can connect to the socket can read and write every thin, so only the daemon's
+//! own user (and root) may: the run directory is 0700 and belongs to that user (checked,
+//! whatever the umask), the run root above it cannot be written by others (or is sticky,
+//! like `/tmp`), and the daemon also refuses peers of another user ([`peer_is_trusted`]).
+//!
 //! [`PoolControl`]: crate::activate::PoolControl
 
 mod client;
@@ -17,6 +22,10 @@ pub mod launch;
 pub mod protocol;
 mod server;
 
+use std::fs;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 pub use client::Client;
@@ -65,9 +74,71 @@ impl RunDir {
         self.0.join("fuse")
     }
 
+    /// Creates the run directory and the run root above it if needed, and makes sure only
+    /// this user can reach what is inside (module doc); returns the directory with symlinks
+    /// resolved, as `/proc` names its mounts. Refuses a directory another user owns, or a
+    /// run root others could swap it in.
+    pub fn prepare(&self) -> crate::Result<RunDir> {
+        let refuse = |path: &Path, why: String| {
+            crate::Error::Activation(format!("unsafe run directory {}: {why}", path.display()))
+        };
+        let failed = |path: &Path, e: io::Error| {
+            crate::Error::Activation(format!("failed to prepare {}: {e}", path.display()))
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        if let Some(root) = self.0.parent() {
+            fs::create_dir_all(root).map_err(|e| failed(root, e))?;
+            let meta = fs::metadata(root).map_err(|e| failed(root, e))?;
+            let others_write = meta.mode() & 0o022 != 0;
+            let sticky = meta.mode() & 0o1000 != 0;
+            if others_write && !sticky {
+                if meta.uid() != me {
+                    return Err(refuse(root, "others may write to it".into()));
+                }
+                // Ours (made under a permissive umask): take the others' write away.
+                fs::set_permissions(root, fs::Permissions::from_mode(meta.mode() & 0o755))
+                    .map_err(|e| failed(root, e))?;
+            }
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(refuse(root, format!("it belongs to uid {}", meta.uid())));
+            }
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(failed(&self.0, e)),
+        }
+        let meta = fs::symlink_metadata(&self.0).map_err(|e| failed(&self.0, e))?;
+        if !meta.is_dir() {
+            return Err(refuse(&self.0, "it is not a directory".into()));
+        }
+        if meta.uid() != me {
+            return Err(refuse(&self.0, format!("it belongs to uid {}", meta.uid())));
+        }
+        if meta.mode() & 0o777 != 0o700 {
+            fs::set_permissions(&self.0, fs::Permissions::from_mode(0o700))
+                .map_err(|e| failed(&self.0, e))?;
+        }
+        let resolved = fs::canonicalize(&self.0).map_err(|e| failed(&self.0, e))?;
+        Ok(RunDir(resolved))
+    }
+
     /// A client of the daemon running here, or `None` when none runs.
     pub fn connect(&self) -> crate::Result<Option<Client>> {
         Client::connect(&self.socket())
+    }
+}
+
+/// Whether the process at the other end of a unix socket may use the pool: root, or this
+/// process's own user. A socket's mode is checked by the kernel only at connect time, so
+/// this also closes the moment between `bind` and `chmod`.
+pub fn peer_is_trusted(stream: &impl AsFd) -> bool {
+    match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+        Err(e) => {
+            tracing::warn!("cannot tell who connected: {e}");
+            false
+        }
     }
 }
 

@@ -57,6 +57,9 @@ pub struct Daemon {
 struct State {
     local: Local,
     active: BTreeMap<ThinId, Active>,
+    /// Where each NBD server that a client connection keeps running listens (one entry
+    /// per server): a stop without force must not cut their clients off.
+    nbd_servers: Vec<String>,
     stopping: bool,
 }
 
@@ -79,6 +82,20 @@ impl Active {
     }
 }
 
+/// `Busy` when thin `id` is active: `what` (delete, write to...) must wait until it is not.
+fn refuse_if_active(state: &State, id: ThinId, what: &str) -> Result<()> {
+    match state.active.get(&id) {
+        Some(active) => Err(Error::Busy {
+            what: format!("thin {id}"),
+            holder: format!(
+                "it is active as {}; deactivate it first to {what} it",
+                active.device.path().display()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn activation_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
     Error::Activation(format!("{what}: {e}"))
 }
@@ -87,14 +104,9 @@ impl Daemon {
     /// Takes ownership of the pool, cleans up after a daemon that died, mounts the FUSE
     /// export and listens on the socket.
     pub fn start(config: DaemonConfig) -> Result<Arc<Daemon>> {
-        let run = &config.run_dir;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(run.path())
-            .map_err(|e| {
-                activation_error(format_args!("failed to create {}", run.path().display()), e)
-            })?;
+        // Resolved: stale FUSE mounts and loop devices are found by the paths the kernel
+        // reports, which never go through a symlink.
+        let run = &config.run_dir.prepare()?;
         // The lock first: a live daemon's state must never be mistaken for stale.
         let volumes = Volumes::open(&config.paths, &config.store_path, config.options)?;
         clean_stale(run)?;
@@ -117,6 +129,7 @@ impl Daemon {
             state: Mutex::new(State {
                 local: Local::new(volumes),
                 active: BTreeMap::new(),
+                nbd_servers: Vec::new(),
                 stopping: false,
             }),
             fuse: Mutex::new(Some(fuse)),
@@ -209,6 +222,10 @@ impl Daemon {
         for stream in listener.incoming() {
             match stream {
                 Ok(stream) => {
+                    if !super::peer_is_trusted(&stream) {
+                        tracing::warn!("refused a client of another user");
+                        continue;
+                    }
                     let daemon = self.clone();
                     let spawned = thread::Builder::new()
                         .name("daemon-client".into())
@@ -226,13 +243,26 @@ impl Daemon {
     }
 
     fn serve_client(&self, stream: UnixStream) {
+        // NBD servers started by this client live as long as its connection.
+        let mut nbd_listeners: Vec<NbdListener> = Vec::new();
+        self.serve_requests(stream, &mut nbd_listeners);
+        if !nbd_listeners.is_empty() {
+            let mut state = self.state.lock();
+            for listener in &nbd_listeners {
+                let listen = listener.listen().to_string();
+                if let Some(at) = state.nbd_servers.iter().position(|l| *l == listen) {
+                    state.nbd_servers.remove(at);
+                }
+            }
+        }
+    }
+
+    fn serve_requests(&self, stream: UnixStream, nbd_listeners: &mut Vec<NbdListener>) {
         let Ok(mut writer) = stream.try_clone() else {
             return;
         };
         let mut reader = BufReader::new(stream);
         let mut buf = Vec::new();
-        // NBD servers started by this client live as long as its connection.
-        let mut nbd_listeners = Vec::new();
         loop {
             let request: Request = match receive(&mut reader) {
                 Ok(Some(r)) => r,
@@ -296,6 +326,9 @@ impl Daemon {
     }
 
     fn handle(&self, request: &Request, buf: &mut [u8]) -> Result<Reply> {
+        if let Some(reply) = self.thin_io(request, buf)? {
+            return Ok(reply);
+        }
         let mut state = self.state.lock();
         if state.stopping {
             return Err(Error::Activation("the pool daemon is stopping".into()));
@@ -331,15 +364,7 @@ impl Daemon {
             }
             Request::Delete { id } => {
                 let id = thin_id(*id)?;
-                if let Some(active) = state.active.get(&id) {
-                    return Err(Error::Busy {
-                        what: format!("thin {id}"),
-                        holder: format!(
-                            "it is active as {}; deactivate it first",
-                            active.device.path().display()
-                        ),
-                    });
-                }
+                refuse_if_active(&state, id, "delete")?;
                 state.local.delete(id)?;
             }
             Request::Rename { id, name } => state.local.rename(thin_id(*id)?, name.as_deref())?,
@@ -351,13 +376,8 @@ impl Daemon {
                 metadata_bytes,
             } => state.local.resize_pool(*data_bytes, *metadata_bytes)?,
             Request::SizeOf { id } => reply.size_bytes = Some(state.local.size_of(thin_id(*id)?)?),
-            Request::Read { id, offset, .. } => {
-                state.local.read(thin_id(*id)?, *offset, buf)?;
-                reply.length = Some(buf.len() as u64);
-            }
-            Request::Write { id, offset, .. } => state.local.write(thin_id(*id)?, *offset, buf)?,
-            Request::Discard { id, offset, length } => {
-                state.local.discard(thin_id(*id)?, *offset, *length)?
+            Request::Read { .. } | Request::Write { .. } | Request::Discard { .. } => {
+                unreachable!("served by thin_io")
             }
             Request::Flush => state.local.flush()?,
             Request::Activate { id, read_only } => {
@@ -373,7 +393,7 @@ impl Daemon {
             }
             Request::Stop { force } => {
                 if !force {
-                    let busy: Vec<String> = state
+                    let mut busy: Vec<String> = state
                         .active
                         .iter()
                         .filter_map(|(id, a)| {
@@ -391,6 +411,9 @@ impl Daemon {
                             })
                         })
                         .collect();
+                    if !state.nbd_servers.is_empty() {
+                        busy.push(format!("NBD server on {}", state.nbd_servers.join(", ")));
+                    }
                     if !busy.is_empty() {
                         return Err(Error::Busy {
                             what: "the pool daemon".into(),
@@ -403,13 +426,48 @@ impl Daemon {
         Ok(reply)
     }
 
+    /// Serves a read, write or discard (`None` for any other request) without holding the
+    /// state lock during the IO: with `--when-full queue` a write waits for space, up to the
+    /// queue timeout, and the resize that would give it space needs that lock.
+    fn thin_io(&self, request: &Request, buf: &mut [u8]) -> Result<Option<Reply>> {
+        let (id, offset, length, writes) = match *request {
+            Request::Read { id, offset, .. } => (id, offset, buf.len() as u64, None),
+            Request::Write { id, offset, .. } => (id, offset, buf.len() as u64, Some("write to")),
+            Request::Discard { id, offset, length } => (id, offset, length, Some("discard in")),
+            _ => return Ok(None),
+        };
+        let id = ThinId::new(id).ok_or(Error::BadThinId(id))?;
+        let thin = {
+            let mut state = self.state.lock();
+            if state.stopping {
+                return Err(Error::Activation("the pool daemon is stopping".into()));
+            }
+            // Changes beside an active device would go under its user's feet (a mounted
+            // file system's cache, a read-only activation's promise).
+            if let Some(what) = writes {
+                refuse_if_active(&state, id, what)?;
+            }
+            state.local.io_handle(id, offset, length)?
+        };
+        let mut reply = Reply::ok();
+        match request {
+            Request::Read { .. } => {
+                thin.read(buf, offset)?;
+                reply.length = Some(length);
+            }
+            Request::Write { .. } => thin.write(buf, offset)?,
+            _ => thin.discard(offset, length)?,
+        }
+        Ok(Some(reply))
+    }
+
     fn serve_nbd(
         &self,
         listen: &Listen,
         ids: &[u64],
         read_only: bool,
     ) -> Result<(NbdListener, String)> {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
         if state.stopping {
             return Err(Error::Activation("the pool daemon is stopping".into()));
         }
@@ -422,6 +480,7 @@ impl Daemon {
         let names = nbd::describe(&exports);
         let server = Arc::new(nbd::Server::new(volumes.pool().clone(), exports));
         let listener = NbdListener::start(server, listen)?;
+        state.nbd_servers.push(listen.to_string());
         tracing::info!(%listen, exports = %names, "serving over NBD");
         Ok((listener, names))
     }
