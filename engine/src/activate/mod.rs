@@ -23,3 +23,16 @@ pub mod loopdev;
 pub mod nbd;
 
 pub use control::{Activation, ControlStatus, Local, PoolControl, ThinInfo};
+
+/// Whether the process at the other end of a unix socket may use the pool: root, or this
+/// process's own user. A socket's mode is checked by the kernel only at connect time, so
+/// this also closes the moment between `bind` and `chmod`.
+pub fn peer_is_trusted(stream: &impl std::os::fd::AsFd) -> bool {
+    match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+        Err(e) => {
+            tracing::warn!("cannot tell who connected: {e}");
+            false
+        }
+    }
+}

@@ -769,7 +769,7 @@ impl NbdListener {
                 spawn_acceptor(
                     move || loop {
                         let (stream, _) = listener.accept()?;
-                        if crate::activate::daemon::peer_is_trusted(&stream) {
+                        if super::peer_is_trusted(&stream) {
                             return Ok((!stop.load(Ordering::Acquire)).then_some(stream));
                         }
                         tracing::warn!("refused an NBD client of another user");

@@ -13,7 +13,8 @@
 //! Whoever can connect to the socket can read and write every thin, so only the daemon's
 //! own user (and root) may: the run directory is 0700 and belongs to that user (checked,
 //! whatever the umask), the run root above it cannot be written by others (or is sticky,
-//! like `/tmp`), and the daemon also refuses peers of another user ([`peer_is_trusted`]).
+//! like `/tmp`), and the daemon also refuses peers of another user
+//! ([`peer_is_trusted`](crate::activate::peer_is_trusted)).
 //!
 //! [`PoolControl`]: crate::activate::PoolControl
 
@@ -24,7 +25,6 @@ mod server;
 
 use std::fs;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -126,19 +126,6 @@ impl RunDir {
     /// A client of the daemon running here, or `None` when none runs.
     pub fn connect(&self) -> crate::Result<Option<Client>> {
         Client::connect(&self.socket())
-    }
-}
-
-/// Whether the process at the other end of a unix socket may use the pool: root, or this
-/// process's own user. A socket's mode is checked by the kernel only at connect time, so
-/// this also closes the moment between `bind` and `chmod`.
-pub fn peer_is_trusted(stream: &impl AsFd) -> bool {
-    match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
-        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
-        Err(e) => {
-            tracing::warn!("cannot tell who connected: {e}");
-            false
-        }
     }
 }
 

@@ -222,7 +222,7 @@ impl Daemon {
         for stream in listener.incoming() {
             match stream {
                 Ok(stream) => {
-                    if !super::peer_is_trusted(&stream) {
+                    if !crate::activate::peer_is_trusted(&stream) {
                         tracing::warn!("refused a client of another user");
                         continue;
                     }
@@ -377,7 +377,9 @@ impl Daemon {
             } => state.local.resize_pool(*data_bytes, *metadata_bytes)?,
             Request::SizeOf { id } => reply.size_bytes = Some(state.local.size_of(thin_id(*id)?)?),
             Request::Read { .. } | Request::Write { .. } | Request::Discard { .. } => {
-                unreachable!("served by thin_io")
+                return Err(Error::InvalidArgument(
+                    "thin IO is served without the state lock".into(),
+                ))
             }
             Request::Flush => state.local.flush()?,
             Request::Activate { id, read_only } => {
