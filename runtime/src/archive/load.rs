@@ -282,7 +282,7 @@ impl IndexEntry {
 
     /// The image name the entry carries: containerd's full name, else a reference name
     /// that is a full name (a bare tag, as skopeo writes, names no repository). A name that
-    /// does not parse is no name; one with a digest is refused (see [`tag_of`]).
+    /// does not parse is no name; one with a digest is refused ([`Reference::parse_tag`]).
     fn name(&self) -> anyhow::Result<Option<Reference>> {
         let name = match self.annotations.get(ANNOTATION_IMAGE_NAME) {
             Some(n) => n,
@@ -291,26 +291,13 @@ impl IndexEntry {
                 _ => return Ok(None),
             },
         };
-        match Reference::parse(name) {
-            Ok(_) => tag_of(name).map(Some),
-            Err(_) => Ok(None),
+        if Reference::parse(name).is_err() {
+            return Ok(None);
         }
+        Reference::parse_tag(name)
+            .with_context(|| format!("the archive names an image {name:?}"))
+            .map(Some)
     }
-}
-
-/// The tag an archive gives an image. A digest reference (`repo@sha256:…`, and
-/// `repo:tag@sha256:…`, whose digest a tag would drop) is refused, as `docker load` and
-/// `thinbox tag` refuse it: a repo digest says what a registry serves under that digest,
-/// which only a pull can vouch for, and an archive naming its image so would pose as the
-/// image a user pinned.
-fn tag_of(name: &str) -> anyhow::Result<Reference> {
-    let reference = Reference::parse(name)?;
-    if reference.digest.is_some() {
-        bail!(
-            "the archive names an image {name:?}: refusing to create a tag with a digest reference"
-        );
-    }
-    Ok(reference)
 }
 
 /// The image manifest an index entry leads to (through nested indexes, for linux/amd64):
@@ -427,7 +414,10 @@ pub fn read_images(layout: &Layout) -> anyhow::Result<Vec<LoadImage>> {
                 .repo_tags
                 .unwrap_or_default()
                 .iter()
-                .map(|t| tag_of(t))
+                .map(|t| {
+                    Reference::parse_tag(t)
+                        .with_context(|| format!("the archive names an image {t:?}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             images.push(verify(
                 config,

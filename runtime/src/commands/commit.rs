@@ -78,11 +78,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let target = args
         .repository
         .as_deref()
-        .map(Reference::parse)
+        .map(Reference::parse_tag)
         .transpose()?;
-    if target.as_ref().is_some_and(|t| t.digest.is_some()) {
-        bail!("refusing to create a tag with a digest reference");
-    }
     let mut store = Store::lock(root)?;
     let c = find(root, &args.container)?;
     let image = store

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::cli::Global;
 use crate::image::Reference;
@@ -18,13 +18,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let target = Reference::parse(&args.target)?;
-    if target.digest.is_some() {
-        bail!(
-            "refusing to create a tag with a digest reference: {}",
-            args.target
-        );
-    }
+    let target = Reference::parse_tag(&args.target)?;
     let mut store = Store::lock(&global.root)?;
     let id = store
         .find_image(&args.source)

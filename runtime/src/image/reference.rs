@@ -31,6 +31,18 @@ fn valid_path_component(c: &str) -> bool {
 }
 
 impl Reference {
+    /// A reference a tag can be made from (`tag`, `commit`, the names in a `load`ed
+    /// archive): a digest reference (`repo@sha256:…`, `repo:tag@sha256:…`) is refused, as
+    /// Docker refuses it. A repo digest says what a registry serves under it, which only a
+    /// pull can vouch for; a tag made from one would pose as the image a user pinned.
+    pub fn parse_tag(text: &str) -> anyhow::Result<Reference> {
+        let reference = Reference::parse(text)?;
+        if reference.digest.is_some() {
+            bail!("refusing to create a tag with a digest reference: {text}");
+        }
+        Ok(reference)
+    }
+
     pub fn parse(text: &str) -> anyhow::Result<Reference> {
         let (rest, digest) = match text.split_once('@') {
             Some((rest, d)) => (rest, Some(Digest::parse(d)?)),
