@@ -351,8 +351,9 @@ fn digest_in_name(name: &str) -> Option<Digest> {
     }
 }
 
-/// Reads every image the layout holds, and verifies each completely (see the module doc).
-pub fn read_images(layout: &Layout) -> anyhow::Result<Vec<LoadImage>> {
+/// Reads every image the layout holds, and verifies each completely (see the module doc);
+/// a layer is decompressed within `limits`, as unpacking it would be.
+pub fn read_images(layout: &Layout, limits: &Limits) -> anyhow::Result<Vec<LoadImage>> {
     let index: Option<Index> = if layout.exists("index.json") {
         Some(
             serde_json::from_slice(&layout.read_small("index.json")?)
@@ -426,6 +427,7 @@ pub fn read_images(layout: &Layout) -> anyhow::Result<Vec<LoadImage>> {
                 oci.map(|(bytes, digest, _)| (bytes, digest)),
                 layers,
                 tags,
+                limits,
             )?);
         }
     } else if let Some(index) = index {
@@ -445,6 +447,7 @@ pub fn read_images(layout: &Layout) -> anyhow::Result<Vec<LoadImage>> {
                 Some((bytes, digest)),
                 layers,
                 tags,
+                limits,
             )?);
         }
     } else {
@@ -458,7 +461,8 @@ pub fn read_images(layout: &Layout) -> anyhow::Result<Vec<LoadImage>> {
 
 /// Checks every layer of an image: the blob's digest and size (against the manifest's
 /// descriptor when the archive has a manifest, else computed), and the uncompressed tar's
-/// digest against the config's diff id.
+/// digest against the config's diff id. Decompression stops where `limits` would stop
+/// unpacking: a bomb is refused here, before it costs more than its unpacking would.
 fn verify(
     config: Vec<u8>,
     id: Digest,
@@ -466,6 +470,7 @@ fn verify(
     manifest: Option<(Vec<u8>, Digest)>,
     layers: Vec<(PathBuf, Descriptor)>,
     tags: Vec<Reference>,
+    limits: &Limits,
 ) -> anyhow::Result<LoadImage> {
     let known = manifest.is_some();
     if summary.rootfs.diff_ids.len() != layers.len() {
@@ -482,7 +487,8 @@ fn verify(
         let mut raw = HashingReader::new(BufReader::with_capacity(256 << 10, file));
         let mut head = Vec::new();
         {
-            let mut buffered = BufReader::new(&mut raw);
+            let (counted, compressed) = Counted::new(&mut raw);
+            let mut buffered = BufReader::new(counted);
             head.extend_from_slice(buffered.fill_buf()?);
             let decoded: Box<dyn Read + '_> = match Compression::of_layer(&blob.media_type, &head)?
             {
@@ -490,7 +496,7 @@ fn verify(
                 Compression::Gzip => Box::new(flate2::bufread::GzDecoder::new(buffered)),
                 Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
             };
-            let mut tar = HashingReader::new(decoded);
+            let mut tar = HashingReader::new(RatioGuard::new(decoded, compressed, limits));
             io::copy(&mut tar, &mut io::sink())
                 .with_context(|| format!("layer {diff_id} of the archive is unreadable"))?;
             let (actual, _) = tar.finish();
@@ -677,7 +683,7 @@ mod tests {
                 fs::write(dir.join("manifest.json"), entry.to_string()).unwrap();
             }
         }
-        read_images(&Layout::directory(dir)?)
+        read_images(&Layout::directory(dir)?, &Limits::default())
     }
 
     #[test]
@@ -713,6 +719,91 @@ mod tests {
         let annotations = serde_json::json!({ ANNOTATION_IMAGE_NAME: "ok/image:v2" });
         let images = layout_with_names(dir.path(), &[], Some(annotations)).unwrap();
         assert_eq!(images[0].tags[0].to_string(), "ok/image:v2");
+    }
+
+    /// An OCI layout in `dir` of one image whose one layer is `blob` (of `media_type`),
+    /// with `diff_id` in its config.
+    fn layout_with_layer(dir: &Path, blob: &[u8], media_type: &str, diff_id: &Digest) -> Layout {
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": Digest::of(&config).to_string(),
+                "size": config.len(),
+            },
+            "layers": [{
+                "mediaType": media_type,
+                "digest": Digest::of(blob).to_string(),
+                "size": blob.len(),
+            }],
+        }))
+        .unwrap();
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        for bytes in [blob, &config, &manifest] {
+            fs::write(blobs.join(Digest::of(bytes).hex()), bytes).unwrap();
+        }
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": Digest::of(&manifest).to_string(),
+            "size": manifest.len(),
+        }]});
+        fs::write(dir.join("index.json"), index.to_string()).unwrap();
+        Layout::directory(dir).unwrap()
+    }
+
+    #[test]
+    fn layer_bombs_are_refused_while_verifying() {
+        // 64 MiB of zeros after the tar's end: gzip makes that about 64 KiB. Hashing it
+        // was unbounded before (a 1 GiB blob could keep a core busy for an hour).
+        let mut tar = tar_with(&[("hello", b"hello")]);
+        tar.resize(tar.len() + (64 << 20), 0);
+        let diff_id = Digest::of(&tar);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+        let dir = tempfile::tempdir().unwrap();
+        let layout = layout_with_layer(dir.path(), &gz, gzip, &diff_id);
+        let ratio = Limits {
+            ratio_floor: 1 << 20,
+            ..Limits::default()
+        };
+        let err = read_images(&layout, &ratio)
+            .err()
+            .expect("a bomb was verified");
+        assert!(
+            format!("{err:#}").contains("THINBOX_MAX_LAYER_RATIO"),
+            "{err:#}"
+        );
+
+        // A ratio that allows it still meets the bound on the stream's length.
+        let length = Limits {
+            max_bytes: 1 << 20,
+            max_entries: 16,
+            max_ratio: u64::MAX,
+            ..Limits::default()
+        };
+        assert!(length.max_stream_bytes() < 64 << 20);
+        let err = read_images(&layout, &length)
+            .err()
+            .expect("a bomb was verified");
+        assert!(
+            format!("{err:#}").contains("THINBOX_MAX_LAYER_BYTES"),
+            "{err:#}"
+        );
+
+        // Within the limits, the same layer verifies.
+        let images = read_images(&layout, &Limits::default()).unwrap();
+        assert_eq!(images[0].layers[0].diff_id, diff_id);
     }
 
     #[test]

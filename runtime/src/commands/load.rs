@@ -16,6 +16,7 @@ use super::pull::{apply_layer, reconcile, write_blob, Additions};
 use crate::archive::load::{read_images, Layout, LoadImage, LoadLayer};
 use crate::cli::Global;
 use crate::image::{Digest, HashingReader};
+use crate::storage::unpack::Limits;
 use crate::storage::Storage;
 use crate::store::{ImageRecord, LayerState, Store};
 
@@ -155,7 +156,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut store = Store::lock(&global.root)?;
     let layout = open_layout(args.input.as_deref(), &global.root)?;
-    let images = read_images(&layout).context("the archive was refused")?;
+    let images = read_images(&layout, &Limits::from_env()?).context("the archive was refused")?;
     let verified = started.elapsed();
 
     let storage = Storage::open(global)?;

@@ -121,6 +121,19 @@ impl Limits {
         }
     }
 
+    /// The most bytes a layer's tar stream may hold in all: the file content allowed, a
+    /// header, padding and a modest PAX record for every entry allowed, and slack for
+    /// end-of-archive padding. Content is counted as it is written, but bytes the tar
+    /// reader skips (the data of entries it does not unpack, extension records, whatever
+    /// follows the end of the archive) are only read and hashed: this bounds that work.
+    pub fn max_stream_bytes(&self) -> u64 {
+        const PER_ENTRY: u64 = 4 << 10;
+        const SLACK: u64 = 16 << 20;
+        self.max_bytes
+            .saturating_add(self.max_entries.saturating_mul(PER_ENTRY))
+            .saturating_add(SLACK)
+    }
+
     /// The defaults, with what the environment sets instead.
     pub fn from_env() -> anyhow::Result<Limits> {
         fn var(name: &str, default: u64) -> anyhow::Result<u64> {
@@ -176,14 +189,15 @@ impl<R: Read> Read for Counted<R> {
 }
 
 /// A reader of decompressed bytes that fails once they outgrow the compressed bytes read
-/// (a [`Counted`] counter) by more than the limits allow: a decompression bomb stops
-/// before it fills anything.
+/// (a [`Counted`] counter) by more than the limits allow, or [`Limits::max_stream_bytes`]
+/// in all: a decompression bomb stops before it fills anything or keeps a core busy.
 pub struct RatioGuard<R> {
     inner: R,
     compressed: Rc<Cell<u64>>,
     out: u64,
     max_ratio: u64,
     floor: u64,
+    max_out: u64,
 }
 
 impl<R> RatioGuard<R> {
@@ -194,6 +208,7 @@ impl<R> RatioGuard<R> {
             out: 0,
             max_ratio: limits.max_ratio,
             floor: limits.ratio_floor,
+            max_out: limits.max_stream_bytes(),
         }
     }
 }
@@ -208,6 +223,13 @@ impl<R: Read> Read for RatioGuard<R> {
                 "the layer decompresses to more than {} times its size ({} bytes from {} \
                  read): refused as a decompression bomb (THINBOX_MAX_LAYER_RATIO)",
                 self.max_ratio, self.out, compressed
+            )));
+        }
+        if self.out > self.max_out {
+            return Err(io::Error::other(format!(
+                "the layer decompresses to more than {} bytes: refused (THINBOX_MAX_LAYER_BYTES \
+                 and THINBOX_MAX_LAYER_ENTRIES bound it)",
+                self.max_out
             )));
         }
         Ok(n)
