@@ -128,7 +128,13 @@ pub enum Command {
     /// Load images from an archive or OCI layout, stdin by default
     #[command(after_help = "Example: thinbox load -i busybox.tar")]
     Load(crate::commands::load::Args),
-    /// Manage thinbox (`system df`: disk usage)
+    /// Manage thinbox (`system df`: disk usage; `system prune`: remove what nothing uses)
     #[command(subcommand)]
     System(crate::commands::system_df::Command),
+    /// Manage images (`image ls`, `image rm`, `image prune`)
+    #[command(subcommand)]
+    Image(crate::commands::prune::ImageCommand),
+    /// Manage containers (`container ls`, `container rm`, `container prune`)
+    #[command(subcommand)]
+    Container(crate::commands::prune::ContainerCommand),
 }

@@ -774,3 +774,176 @@ fn root_layer_files_are_out_of_reach_of_other_users() {
         out_of_reach();
     }
 }
+
+/// Layer records by state: `(ready, preparing)` chain ids.
+fn layer_states(root: &common::Root) -> (Vec<String>, Vec<String>) {
+    let text = fs::read_to_string(root.root.join("layers.json")).unwrap_or_default();
+    let layers: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).unwrap_or_default();
+    let (mut ready, mut preparing) = (Vec::new(), Vec::new());
+    for (chain_id, record) in layers {
+        match record["state"].as_str() {
+            Some("Ready") => ready.push(chain_id),
+            _ => preparing.push(chain_id),
+        }
+    }
+    (ready, preparing)
+}
+
+#[test]
+fn root_prune_removes_stopped_containers_unused_images_and_what_a_killed_load_left() {
+    let root = common::LoneRoot::new(false);
+    let archive = root.path("images.tar");
+    let load = |images: &[(&[&str], Vec<Vec<u8>>)]| {
+        fs::write(&archive, docker_archive(images)).unwrap();
+        root.ok(&["load", "-i", archive.to_str().unwrap()]);
+    };
+    let base = layer_tar(&[file("base.txt", b"base\n")]);
+    load(&[(&["keep/img:v1"], vec![base.clone()])]);
+    // Loading another image under the same name leaves the first one dangling.
+    load(&[(
+        &["old/img:v1"],
+        vec![base.clone(), layer_tar(&[file("old.txt", b"1\n")])],
+    )]);
+    load(&[(
+        &["old/img:v1"],
+        vec![base.clone(), layer_tar(&[file("old.txt", b"2\n")])],
+    )]);
+    let container = root.ok(&["create", "keep/img:v1", "/bin/sh"]);
+    let container = container.trim();
+
+    // A load killed part way: its first layer applied, its second (192 MiB) on the way.
+    let (ready_before, _) = layer_states(&root);
+    let mut big = vec![0u8; 192 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in big.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let killed = docker_archive(&[(
+        &["killed/img:v1"],
+        vec![
+            layer_tar(&[file("first.txt", b"first\n")]),
+            layer_tar(&[file("big.bin", &big)]),
+        ],
+    )]);
+    drop(big);
+    fs::write(&archive, killed).unwrap();
+    let mut child = root
+        .command(&["load", "-i", archive.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while layer_states(&root).0.len() <= ready_before.len() {
+        assert!(child.try_wait().unwrap().is_none(), "load ended early");
+        assert!(std::time::Instant::now() < deadline, "no layer was applied");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let images = root.ok(&["image", "ls", "--format", "{{.Repository}}"]);
+    assert!(
+        !images.contains("killed"),
+        "the load finished before it was killed: {images}"
+    );
+    let (ready, _) = layer_states(&root);
+    assert_eq!(ready.len(), ready_before.len() + 1, "{ready:?}");
+    // Its extracted archive stays behind too.
+    assert!(fs::read_dir(root.root.join("tmp"))
+        .unwrap()
+        .next()
+        .is_some());
+    let df = root.ok(&["system", "df", "--format", "{{.Type}} {{.Reclaimable}}"]);
+    assert!(
+        df.lines()
+            .any(|l| l.starts_with("Images ") && !l.contains(" 0B")),
+        "{df}"
+    );
+
+    // Without -f nothing happens unless the answer is yes.
+    let before = root.state();
+    let out = root.with_input(&["system", "prune"], b"n\n");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("WARNING! This will remove:"), "{text}");
+    assert!(
+        text.contains("Are you sure you want to continue? [y/N]"),
+        "{text}"
+    );
+    assert_eq!(root.state(), before);
+
+    let out = root.ok(&["container", "prune", "-f"]);
+    assert!(
+        out.contains(&format!("Deleted Containers:\n{container}\n")),
+        "{out}"
+    );
+    assert!(root.ok(&["ps", "-aq"]).is_empty());
+
+    let used = root.used_data_blocks();
+    let out = root.ok(&["system", "prune", "-f"]);
+    assert!(out.contains("Deleted Images:"), "{out}");
+    assert!(!out.contains("untagged"), "a named image went: {out}");
+    assert!(!out.contains("Total reclaimed space: 0B"), "{out}");
+    let mut names: Vec<String> = root
+        .ok(&["images", "--format", "{{.Repository}}"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["keep/img", "old/img"]);
+    assert!(root.used_data_blocks() < used);
+    let (ready, preparing) = layer_states(&root);
+    assert!(preparing.is_empty(), "{preparing:?}");
+    // keep's one layer, and old's two.
+    assert_eq!(ready.len(), 2, "{ready:?}");
+    assert!(!root.thin_names().iter().any(|n| n.contains("killed")));
+    assert!(fs::read_dir(root.root.join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(
+        !root.blobs().iter().any(|b| b.ends_with(".partial")),
+        "{:?}",
+        root.blobs()
+    );
+
+    // -a takes every image without a container, names and all.
+    let out = root.ok(&["image", "prune", "-af"]);
+    assert!(out.contains("untagged: keep/img:v1"), "{out}");
+    assert!(out.contains("untagged: old/img:v1"), "{out}");
+    assert_eq!(root.ok(&["images", "-q"]), "");
+    assert_eq!(layer_states(&root), (Vec::new(), Vec::new()));
+    assert!(root.blobs().is_empty(), "{:?}", root.blobs());
+    let out = root.ok(&["system", "prune", "-af"]);
+    assert_eq!(out, "Total reclaimed space: 0B\n");
+}
+
+#[test]
+fn root_prune_on_overlay_measures_what_it_frees() {
+    let root = common::LoneRoot::new(true);
+    let archive = root.path("images.tar");
+    for content in [&b"1\n"[..], &[b'x'; 1 << 20]] {
+        let layer = layer_tar(&[file("data", content)]);
+        fs::write(&archive, docker_archive(&[(&["a/img:v1"], vec![layer])])).unwrap();
+        root.ok(&["load", "-i", archive.to_str().unwrap()]);
+    }
+    let out = root.ok(&["image", "prune", "-f"]);
+    assert!(out.starts_with("Deleted Images:\ndeleted: sha256:"), "{out}");
+    assert!(!out.contains("Total reclaimed space: 0B"), "{out}");
+    let out = root.ok(&["image", "prune", "-af"]);
+    assert!(out.contains("untagged: a/img:v1"), "{out}");
+    // The 1 MiB file, its blob and the layer's directories.
+    let reclaimed = out.lines().last().unwrap();
+    assert!(reclaimed.ends_with("MB"), "{out}");
+    // The driver's own files stay; no layer directory does.
+    let mut left: Vec<String> = fs::read_dir(root.root.join("overlay2"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["config.json", "empty", "l"]);
+}

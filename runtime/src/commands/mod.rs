@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod kill;
 pub mod login;
 pub mod logs;
+pub mod prune;
 pub mod ps;
 pub mod pull;
 pub mod rm;
@@ -43,6 +44,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Save(args) => save::run(args, &global),
         Command::Load(args) => load::run(args, &global),
         Command::System(command) => system_df::run(command, &global),
+        Command::Image(command) => prune::image_command(command, &global),
+        Command::Container(command) => prune::container_command(command, &global),
         Command::Pull(args) => pull::run(args, &global),
         Command::Images(args) => images::run(args, &global),
         Command::Rmi(args) => rmi::run(args, &global),

@@ -39,7 +39,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         }
     }
     store.save_images()?;
-    collect_garbage(&mut store, global)?;
+    collect_garbage(&mut store, global, |layer| println!("Deleted: {layer}"))?;
     Ok(if failed {
         ExitCode::FAILURE
     } else {
@@ -145,8 +145,14 @@ fn remove_one(
     Ok(())
 }
 
-/// Deletes layers (thins, records) and blobs that no image uses.
-fn collect_garbage(store: &mut Store, global: &Global) -> anyhow::Result<()> {
+/// Deletes layers (thins, records) and blobs that no image uses, `deleted` told of each
+/// layer once it is gone. Besides what `rmi` and `image prune` leave, that is every layer
+/// an interrupted `pull` or `load` (killed before it could take its work back) applied.
+pub(crate) fn collect_garbage(
+    store: &mut Store,
+    global: &Global,
+    mut deleted: impl FnMut(&Digest),
+) -> anyhow::Result<()> {
     let used: HashSet<&Digest> = store
         .images
         .values()
@@ -179,7 +185,7 @@ fn collect_garbage(store: &mut Store, global: &Global) -> anyhow::Result<()> {
         storage.remove_layers(&[&layer])?;
         store.layers.remove(&chain_id);
         store.save_layers()?;
-        println!("Deleted: {chain_id}");
+        deleted(&chain_id);
     }
     remove_unused_blobs(store)
 }
@@ -205,9 +211,12 @@ fn remove_unused_blobs(store: &Store) -> anyhow::Result<()> {
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(());
     };
+    // `.partial` files are blobs being written: by a command holding the store's lock, so
+    // never by one running beside this one. What is here was left by a killed command.
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !keep.contains(&name) && !name.starts_with('.') {
+        let partial = name.starts_with('.') && name.ends_with(".partial");
+        if partial || !keep.contains(&name) && !name.starts_with('.') {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("failed to remove blob {}", entry.path().display()))?;
         }

@@ -1,7 +1,8 @@
 //! `system df`: TYPE TOTAL ACTIVE SIZE RECLAIMABLE for images, containers, local volumes
 //! and build cache, from the records the store keeps. Image sizes count each layer once
 //! however many images share it; an image is active when a container uses it; what no
-//! active image uses is reclaimable. Containers are read from `ROOT/containers/*/
+//! active image uses is reclaimable, and so are layers no image uses (left by an interrupted
+//! pull or load; `system prune` deletes them). Containers are read from `ROOT/containers/*/
 //! config.v2.json` when there are any (their writable thins' usage is not measured yet:
 //! 0B). There are no volumes and no build cache.
 
@@ -21,6 +22,9 @@ pub enum Command {
     /// Show disk usage
     #[command(after_help = "Example: thinbox system df")]
     Df(Args),
+    /// Remove stopped containers, dangling images (-a: unused ones) and unused layers
+    #[command(after_help = "Example: thinbox system prune -af")]
+    Prune(super::prune::ImageArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,7 +63,13 @@ fn reclaimable(bytes: u64, total: u64) -> String {
 }
 
 pub fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode> {
-    let Command::Df(args) = command;
+    match command {
+        Command::Df(args) => df(args, global),
+        Command::Prune(args) => super::prune::system(args, global),
+    }
+}
+
+fn df(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let store = Store::load(&global.root)?;
     let containers = containers(&global.root);
     let active: HashSet<&Digest> = containers
@@ -75,11 +85,20 @@ pub fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode> {
         .filter(|i| active.contains(&i.id))
         .flat_map(|i| &i.layers)
         .collect();
-    let images_size: u64 = all_layers.iter().map(|l| layer_size(l)).sum();
+    // Layers no image uses (an interrupted pull or load applied them) count as images'
+    // space, all of it reclaimable (`system prune`).
+    let unused_size: u64 = store
+        .layers
+        .values()
+        .filter(|l| !all_layers.contains(&l.chain_id))
+        .map(|l| l.size)
+        .sum();
+    let images_size: u64 = all_layers.iter().map(|l| layer_size(l)).sum::<u64>() + unused_size;
     let images_reclaimable: u64 = all_layers
         .difference(&active_layers)
         .map(|l| layer_size(l))
-        .sum();
+        .sum::<u64>()
+        + unused_size;
     let running = containers.iter().filter(|c| c.running).count();
 
     let rows = [

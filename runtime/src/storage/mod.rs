@@ -68,6 +68,40 @@ impl DriverKind {
     }
 }
 
+/// Bytes of the blocks allocated to everything under `dir` (as `du` counts them: symbolic
+/// links not followed, a file with several links once). Entries that vanish meanwhile count
+/// nothing; a missing `dir` holds 0 bytes.
+pub fn allocated_bytes(dir: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("failed to stat {}", path.display())),
+        };
+        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            let entries = match std::fs::read_dir(&path) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("failed to list {}", path.display()))
+                }
+            };
+            for entry in entries {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// An opened storage.
 pub enum Storage {
     DeviceMapper(DeviceMapper),
@@ -240,6 +274,18 @@ impl Storage {
                 rootfs::unmount_path(&c.mountpoint(root))?;
                 Ok(true)
             }
+        }
+    }
+
+    /// Bytes the driver's filesystems take on the host now: the pool's used data blocks
+    /// (devicemapper), or the blocks allocated under the overlay directory (overlay).
+    pub fn bytes_in_use(&self) -> anyhow::Result<u64> {
+        match self {
+            Storage::DeviceMapper(dm) => {
+                let status = dm.control()?.status()?.status;
+                Ok(status.used_data_blocks * u64::from(status.data_block_sectors) * 512)
+            }
+            Storage::Overlay(o) => o.bytes_in_use(),
         }
     }
 

@@ -113,6 +113,11 @@ impl Overlay {
     }
 
     /// Removes layer or container `name` (nothing there is fine).
+    /// Blocks allocated under the driver's directory, in bytes.
+    pub fn bytes_in_use(&self) -> anyhow::Result<u64> {
+        super::allocated_bytes(&self.dir)
+    }
+
     pub fn remove(&self, name: &str) -> anyhow::Result<()> {
         check_name(name)?;
         let _ = fs::remove_file(self.dir.join(Self::short(name)));
