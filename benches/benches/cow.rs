@@ -1001,6 +1001,10 @@ impl CowSystem for ThinSys {
         self.used0 = self.used()?;
         let start = Instant::now();
         self.client.create_snap(id(SNAP), id(ORIGIN), None)?;
+        if self.fs == ThinFs::Ext4 {
+            // As the runtime does with every container.
+            engine::journal::own_ext4_journal_superblock(&mut self.client, id(SNAP))?;
+        }
         let device = self.activate(id(SNAP))?;
         self.mount_on(&device)?;
         Ok(start.elapsed())

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::Command;
 
 use engine::activate::{Local, PoolControl};
-use engine::journal::{ext4_journal_log, trim_ext4_journal, JournalError, JournalTrim, SkipReason};
+use engine::journal::{
+    ext4_journal_log, own_ext4_journal_superblock, trim_ext4_journal, JournalError, JournalTrim,
+    SkipReason,
+};
 use engine::{DataBlockSize, NewPool, PoolOptions, PoolPaths, ThinId, Volumes};
 
 const MIB: u64 = 1 << 20;
@@ -273,6 +276,81 @@ fn a_trimmed_journal_frees_its_blocks_and_the_file_system_stays_clean() {
             assert!(got == was, "block {i} changed, outside the log");
         }
     }
+}
+
+#[test]
+fn a_snapshot_owns_its_journal_superblock_block_and_reads_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool_dir = dir.path().join("pool");
+    fs::create_dir_all(&pool_dir).unwrap();
+    let volumes = Volumes::create(
+        &PoolPaths::in_dir(&pool_dir),
+        &engine::VolumeStore::path_in(&pool_dir),
+        NewPool::new(512 * MIB, 64 * MIB, DataBlockSize::DEFAULT),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    let mut pool = Local::new(volumes);
+    let used = |pool: &mut Local| pool.status().unwrap().status.used_data_blocks;
+    let export = |pool: &mut Local, id: ThinId, name: &str| {
+        let path = dir.path().join(name);
+        let file = File::create(&path).unwrap();
+        engine::image::export(pool, id, &file, &mut |_, _| {}).unwrap();
+        fs::read(&path).unwrap()
+    };
+    let (image_id, snap_id) = (ThinId::new(1).unwrap(), ThinId::new(2).unwrap());
+
+    // No journal (ext2): nothing to own, nothing written.
+    let ext2 = dir.path().join("ext2");
+    mkfs("mkfs.ext2", &ext2, 64 * MIB, &[]);
+    pool.create_thin(image_id, 64 * MIB, None).unwrap();
+    engine::image::import(
+        &mut pool,
+        image_id,
+        &File::open(&ext2).unwrap(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    pool.create_snap(snap_id, image_id, None).unwrap();
+    let before = used(&mut pool);
+    assert_eq!(
+        own_ext4_journal_superblock(&mut pool, snap_id).unwrap(),
+        None
+    );
+    assert_eq!(used(&mut pool), before);
+    pool.delete(snap_id).unwrap();
+    pool.delete(image_id).unwrap();
+
+    let ext4 = dir.path().join("ext4");
+    mkfs("mkfs.ext4", &ext4, 256 * MIB, &["-b", "4096"]);
+    let log = log_of(&ext4).unwrap();
+    pool.create_thin(image_id, 256 * MIB, None).unwrap();
+    engine::image::import(
+        &mut pool,
+        image_id,
+        &File::open(&ext4).unwrap(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    pool.create_snap(snap_id, image_id, None).unwrap();
+    let before = used(&mut pool);
+    let owned = own_ext4_journal_superblock(&mut pool, snap_id)
+        .unwrap()
+        .expect("a clean ext4 journal");
+    // One whole pool block, the one holding the journal superblock, copied once.
+    let block = DataBlockSize::DEFAULT.bytes();
+    assert_eq!(owned.end - owned.start, block);
+    assert!(owned.start <= log.superblock.start && log.superblock.end <= owned.end);
+    assert_eq!(used(&mut pool), before + 1);
+    assert_eq!(
+        own_ext4_journal_superblock(&mut pool, snap_id).unwrap(),
+        Some(owned)
+    );
+    assert_eq!(used(&mut pool), before + 1, "the block was copied again");
+    // Same bytes as the image; the image is untouched.
+    let image = export(&mut pool, image_id, "image.out");
+    assert_eq!(image, fs::read(&ext4).unwrap());
+    assert!(export(&mut pool, snap_id, "snap.out") == image);
 }
 
 /// Real file systems with random bytes changed where the journal is found from: the

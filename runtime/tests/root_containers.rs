@@ -227,8 +227,12 @@ fn root_containers_write_to_their_own_snapshots() {
     );
 
     // a's files are still there when it starts again (attached: its exit code comes back).
+    // A new container owns one block from the start: its journal superblock's, which its
+    // first commit would otherwise copy while a write waits.
+    let used = env.used_data_blocks();
     let id = env.ok(&["create", "--name", "cc", image, "cat", "/data/keep.txt"]);
     assert_eq!(id.trim().len(), 64);
+    assert_eq!(env.used_data_blocks(), used + 1);
     assert!(env.ok(&["ps", "-a"]).contains("Created"));
     assert_eq!(env.ok(&["start", "-a", "cc"]), "original\n");
     let out = env.ok(&["start", "-a", "ca"]);

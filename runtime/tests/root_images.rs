@@ -932,7 +932,10 @@ fn root_prune_on_overlay_measures_what_it_frees() {
         root.ok(&["load", "-i", archive.to_str().unwrap()]);
     }
     let out = root.ok(&["image", "prune", "-f"]);
-    assert!(out.starts_with("Deleted Images:\ndeleted: sha256:"), "{out}");
+    assert!(
+        out.starts_with("Deleted Images:\ndeleted: sha256:"),
+        "{out}"
+    );
     assert!(!out.contains("Total reclaimed space: 0B"), "{out}");
     let out = root.ok(&["image", "prune", "-af"]);
     assert!(out.contains("untagged: a/img:v1"), "{out}");

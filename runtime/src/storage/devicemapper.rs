@@ -299,6 +299,20 @@ impl DeviceMapper {
 }
 
 impl DeviceMapper {
+    /// Gives a new container's thin `id` its own copy of the block holding its ext4's
+    /// journal superblock (see `engine::journal::own_ext4_journal_superblock`), so that the
+    /// container's first journal commit, its first `fsync` typically, does not wait for
+    /// that copy. Best effort: without it the commit makes the copy itself.
+    pub fn own_journal_superblock(&self, client: &mut Client, id: ThinId) {
+        if self.options.fs != Filesystem::Ext4 {
+            return;
+        }
+        match engine::journal::own_ext4_journal_superblock(client, id) {
+            Ok(owned) => tracing::debug!(thin_id = %id, ?owned, "journal superblock owned"),
+            Err(e) => tracing::warn!(thin_id = %id, error = %e, "journal superblock left shared"),
+        }
+    }
+
     /// Mounts the active thin `device` on `target` with the storage's filesystem and
     /// `dm.mountopt` (containers keep their rootfs mounted while they run).
     pub fn mount_device(&self, device: &Path, target: &Path) -> anyhow::Result<()> {

@@ -231,6 +231,7 @@ impl Storage {
                 };
                 let mut client = dm.control()?;
                 let thin = dm.create_snapshot(&mut client, origin, name)?;
+                dm.own_journal_superblock(&mut client, thin);
                 Ok((thin.get(), origin.get()))
             }
             Storage::Overlay(o) => {
