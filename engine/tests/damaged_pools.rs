@@ -235,3 +235,87 @@ fn a_mapping_tree_that_lists_one_child_many_times_is_an_error_not_a_hang() {
     // A hang guard, not a speed goal: the budget is the device's 1,024 blocks.
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// Found by review: a mapping tree whose root lists one leaf twice (each node valid on its
+/// own, the leaf's reference count 2 as a snapshot leaves it). A discard's removal merged
+/// the leaf with itself (two shadow copies of it), wrote a leaf holding every key twice,
+/// freed the leaf thins 2 and 3 still map through, and committed all that. The removal now
+/// refuses to merge a node with itself and changes nothing.
+#[test]
+fn a_removal_under_a_node_that_lists_one_child_twice_is_an_error_not_a_broken_tree() {
+    discard_under_a_crafted_root(|thin2_leaf, _| [thin2_leaf, thin2_leaf]);
+}
+
+/// As above, with two different leaves whose keys overlap (both map blocks 0..4): merging
+/// them wrote a leaf with its keys out of order.
+#[test]
+fn a_removal_merging_children_whose_keys_overlap_is_an_error_not_a_broken_tree() {
+    discard_under_a_crafted_root(|thin2_leaf, thin4_leaf| [thin2_leaf, thin4_leaf]);
+}
+
+/// Builds a pool of thins 1, 2, 3 (a snapshot of 2) and 4, each mapping blocks 0..4 in a
+/// single leaf; turns thin 1's leaf into an internal node whose two children `children`
+/// picks from thin 2's and thin 4's leaves (keys 0 and 100); then discards block 1 of thin
+/// 1, which makes the removal top up the first child by merging it with the second.
+fn discard_under_a_crafted_root(children: impl Fn(u64, u64) -> [u64; 2]) {
+    use engine::pdata::btree::node::{Node, NodeMut, INTERNAL_NODE};
+    use fixtures::pools::{id, mem_pool};
+
+    let mp = mem_pool(
+        4 << 20,
+        64,
+        engine::DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
+    let bs = engine::DataBlockSize::DEFAULT.bytes();
+    for thin in [1, 2, 4] {
+        mp.pool.create_thin(id(thin)).unwrap();
+        let t = mp.pool.open_thin(id(thin)).unwrap();
+        t.write(&vec![thin as u8; 4 * bs as usize], 0).unwrap();
+    }
+    mp.pool.commit().unwrap();
+    // Thin 2's mapping leaf is now shared: reference count 2.
+    mp.pool.create_snap(id(3), id(2)).unwrap();
+    mp.pool.commit().unwrap();
+    drop(mp.pool);
+
+    let meta = &mp.meta;
+    let read = |at: u64| {
+        let mut b = block::zeroed();
+        meta.read_at(&mut b[..], at * 4096).unwrap();
+        b
+    };
+    let top_at = u64::from_le_bytes(read(0)[320..328].try_into().unwrap());
+    let top = read(top_at);
+    let root_of = |thin: u64| {
+        let n = Node::new(&top);
+        let leaf = n.value_u64(n.search(thin).expect("thin is in the top-level tree"));
+        assert!(Node::new(&read(leaf)).is_leaf());
+        leaf
+    };
+    let thin1_leaf = root_of(1);
+    let [first, second] = children(root_of(2), root_of(4));
+    let mut b = block::zeroed();
+    let mut n = NodeMut::new(&mut b);
+    n.init(INTERNAL_NODE, 8);
+    n.insert_at(0, 0, &first.to_le_bytes());
+    n.insert_at(1, 100, &second.to_le_bytes());
+    block::seal(&mut b, thin1_leaf, BlockKind::Node);
+    meta.write_at(&b[..], thin1_leaf * 4096).unwrap();
+    let before = meta.to_bytes();
+
+    let m: Arc<dyn BlockDevice> = mp.meta.clone();
+    let d: Arc<dyn BlockDevice> = mp.data.clone();
+    let pool = Pool::open(m, d, PoolOptions::default()).unwrap();
+    let thin = pool.open_thin(id(1)).unwrap();
+    let err = thin.discard(bs, bs).expect_err("refused");
+    assert!(matches!(err, engine::Error::Corrupt { .. }), "{err}");
+    drop(thin);
+    // The transaction was thrown away: only the superblock changes (needs_check is set).
+    let _ = pool.commit();
+    drop(pool);
+    assert!(
+        meta.to_bytes()[4096..] == before[4096..],
+        "blocks past the superblock changed"
+    );
+}

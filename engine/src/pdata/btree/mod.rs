@@ -84,6 +84,14 @@ fn check_leaf_value_size(location: u64, n: &Node<'_>, tt: TreeType) -> Result<()
     Ok(())
 }
 
+/// A descent that found `key` below `location` finds it there no more.
+fn lost_path(location: u64, key: u64) -> Error {
+    Error::corrupt(
+        location,
+        Damage::Other(format!("key {key} lies below the first key of this node")),
+    )
+}
+
 /// Looks up `key`; returns its value.
 pub fn lookup(
     tm: &mut TransactionManager,
@@ -239,9 +247,11 @@ pub fn remove(
         rebalance_child(tm, location, i, tt)?;
         let b = tm.read_node(location)?;
         let n = Node::new(&b);
-        let i = n
-            .lower_bound(key)
-            .expect("key is still within this node's range");
+        // Rebalancing never changes a node's first key, so the key still has a child here,
+        // unless damaged space maps handed out a block of this path again.
+        let Some(i) = n.lower_bound(key) else {
+            return Err(lost_path(location, key));
+        };
         let child = n.value_u64(i);
         let child_new = tm.shadow(child, tt.refs)?;
         if child_new != child {
@@ -279,15 +289,12 @@ fn rebalance_child(tm: &mut TransactionManager, parent: u64, i: usize, tt: TreeT
     } else {
         (i - 1, i)
     };
+    check_siblings(tm, parent, &p, left_i, tt)?;
     let left = shadow_child(tm, parent, left_i, tt)?;
     let right = shadow_child(tm, parent, right_i, tt)?;
     let lb: Block = *tm.read_node(left)?;
     let rb: Block = *tm.read_node(right)?;
     let (l, r) = (Node::new(&lb), Node::new(&rb));
-    if l.flags() != r.flags() || l.value_size() != r.value_size() {
-        return Err(Error::corrupt(right, Damage::UnevenDepth));
-    }
-    check_leaf_value_size(left, &l, tt)?;
     let total = l.nr_entries() + r.nr_entries();
     if total <= l.max_entries() {
         NodeMut::new(tm.write(left)?).append_from(&r, 0..r.nr_entries());
@@ -307,6 +314,56 @@ fn rebalance_child(tm: &mut TransactionManager, parent: u64, i: usize, tt: TreeT
             }
         }
         NodeMut::new(tm.write(parent)?).set_key(right_i, all[keep].0);
+    }
+    Ok(())
+}
+
+/// Checks that children `left_i` and `left_i + 1` of `parent` may be merged or share out
+/// their entries: two distinct nodes of one kind, every key of the left one below the
+/// separator and every key of the right one at or above it. Merging trusts this. On damaged
+/// metadata that breaks it (a parent listing one child twice, whose shadow copies would be
+/// merged into a node holding every key twice; children whose keys overlap) the merged node
+/// would have keys out of order, and a commit would write it.
+fn check_siblings(
+    tm: &mut TransactionManager,
+    parent: u64,
+    p: &Node<'_>,
+    left_i: usize,
+    tt: TreeType,
+) -> Result<()> {
+    let (left, right) = (p.value_u64(left_i), p.value_u64(left_i + 1));
+    if left == right {
+        return Err(Error::corrupt(parent, Damage::UnexpectedSharing));
+    }
+    let lb = tm.read_node(left)?;
+    let rb = tm.read_node(right)?;
+    let (l, r) = (Node::new(&lb), Node::new(&rb));
+    if l.flags() != r.flags() || l.value_size() != r.value_size() {
+        return Err(Error::corrupt(right, Damage::UnevenDepth));
+    }
+    check_leaf_value_size(left, &l, tt)?;
+    let (low, separator) = (p.key(left_i), p.key(left_i + 1));
+    let high = match left_i + 2 {
+        next if next < p.nr_entries() => p.key(next),
+        _ => u64::MAX,
+    };
+    if let Some(last) = l.nr_entries().checked_sub(1).map(|j| l.key(j)) {
+        if last >= separator {
+            let damage = Damage::KeyOutsideParentRange {
+                key: last,
+                low,
+                high: separator,
+            };
+            return Err(Error::corrupt(left, damage));
+        }
+    }
+    if r.nr_entries() > 0 && r.key(0) < separator {
+        let damage = Damage::KeyOutsideParentRange {
+            key: r.key(0),
+            low: separator,
+            high,
+        };
+        return Err(Error::corrupt(right, damage));
     }
     Ok(())
 }
@@ -340,7 +397,11 @@ pub fn shadow_path(
             check_leaf_value_size(location, &n, tt)?;
             return Ok((root, n.search(key).ok().map(|i| (location, i))));
         }
-        let i = n.lower_bound(key).expect("key is present");
+        // The lookup above went this way; only damaged space maps (a block of this path
+        // handed out again) can change the node under it.
+        let Some(i) = n.lower_bound(key) else {
+            return Err(lost_path(location, key));
+        };
         location = shadow_child(tm, location, i, tt)?;
     }
     Err(Error::corrupt(root, Damage::TooDeep))
