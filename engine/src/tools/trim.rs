@@ -37,6 +37,16 @@ pub enum TrimError {
     /// The data device is smaller than the pool's data space.
     #[error("the data device ({size} bytes) is smaller than the pool ({needed} bytes)")]
     DataTooSmall { size: u64, needed: u64 },
+    /// The superblock's data space (blocks × block size) does not fit in 64 bits, so no
+    /// data device can hold it.
+    #[error(
+        "the pool's data space ({nr_data_blocks} blocks of {block_size} bytes) is larger \
+         than any device"
+    )]
+    DataTooLarge {
+        nr_data_blocks: u64,
+        block_size: u64,
+    },
     /// Reading the metadata or discarding failed.
     #[error(transparent)]
     Pool(#[from] Error),
@@ -65,7 +75,9 @@ pub fn trim(
     let md = Metadata::open(meta)?;
     let bs = md.data_block_size().bytes();
     let nr = md.nr_data_blocks();
-    let needed = nr * bs;
+    // Once this fits, so does every discard's `start * bs` and `(end - start) * bs` below
+    // (`end <= nr`).
+    let needed = data_space_bytes(nr, bs)?;
     if data.size() < needed {
         return Err(TrimError::DataTooSmall {
             size: data.size(),
@@ -115,4 +127,34 @@ pub fn trim(
     })?;
     progress(nr, nr);
     Ok(out)
+}
+
+/// Bytes of `nr` data blocks of `bs` bytes. Both come from the superblock, and check bounds
+/// them only separately (40-bit block numbers, 1 GiB blocks): nothing there refuses a pool
+/// of 2^34 or more 1 GiB blocks whose metadata device (4.1 GiB or more) holds the million
+/// bitmaps that takes, and its size overflows 64 bits.
+fn data_space_bytes(nr: u64, bs: u64) -> Result<u64, TrimError> {
+    nr.checked_mul(bs).ok_or(TrimError::DataTooLarge {
+        nr_data_blocks: nr,
+        block_size: bs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::{MAX_DATA_BLOCKS, MAX_DATA_BLOCK_SECTORS, SECTOR_SIZE};
+
+    #[test]
+    fn a_data_space_past_64_bits_is_refused_not_wrapped() {
+        let gib = u64::from(MAX_DATA_BLOCK_SECTORS) * SECTOR_SIZE;
+        assert_eq!(
+            data_space_bytes((1 << 34) - 1, gib).unwrap(),
+            u64::MAX - gib + 1
+        );
+        for nr in [1 << 34, MAX_DATA_BLOCKS] {
+            let err = data_space_bytes(nr, gib).unwrap_err();
+            assert!(matches!(err, TrimError::DataTooLarge { .. }), "{err}");
+        }
+    }
 }
