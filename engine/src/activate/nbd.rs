@@ -10,14 +10,15 @@
 //! ([`MAX_IN_FLIGHT_BYTES`]): a client cannot make the server hold more. Every export is one
 //! thin, opened for the connection's lifetime. A flush (or a FUA request) commits the pool:
 //! commits are pool-wide, so a flush covers every write any connection completed before it,
-//! which is what the protocol asks, and exports advertise CAN_MULTI_CONN.
+//! which is what the protocol asks, and exports advertise CAN_MULTI_CONN. A listener serves
+//! at most [`MAX_CONNECTIONS`] connections at once and closes more as they come.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -91,6 +92,12 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 pub const WORKERS: usize = 8;
 /// Bytes of payload (written or to be read back) one connection may have in flight.
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+/// Connections one listener serves at once; more are closed before the handshake. Each
+/// takes up to [`WORKERS`] threads and [`MAX_IN_FLIGHT_BYTES`], so this bounds a listener
+/// at 256 threads and 2 GiB of payload, where unlimited idle connections could exhaust
+/// either. Clients that open several connections for throughput use a few each (nbdcopy
+/// opens 4 by default).
+pub const MAX_CONNECTIONS: usize = 32;
 /// The largest option payload accepted in the handshake; longer ones end the connection.
 const MAX_OPTION: u32 = 64 << 10;
 /// Zeros are written this much at a time for WRITE_ZEROES.
@@ -642,6 +649,63 @@ mod tests {
         assert_eq!(parse_info_request(&d[..d.len() - 1]), None);
         assert_eq!(parse_info_request(&[0, 0, 0, 9]), None);
     }
+
+    /// Found by review: every connection got its threads, however many were open. Those past
+    /// the cap are closed before the greeting, and a place freed is taken again.
+    #[test]
+    fn connections_past_the_cap_are_closed_and_the_listener_still_serves() {
+        use std::time::{Duration, Instant};
+
+        use crate::io::{BlockDevice, MemDevice};
+        use crate::thin::pool::PoolOptions;
+        use crate::units::DataBlockSize;
+
+        let meta: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(4 << 20));
+        let data: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
+        let pool =
+            Pool::format(meta, data, DataBlockSize::DEFAULT, PoolOptions::default()).unwrap();
+        let export = Export {
+            id: ThinId::new(1).unwrap(),
+            alias: None,
+            size: 1 << 20,
+            read_only: false,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let listener = NbdListener::start(
+            Arc::new(Server::new(pool, vec![export])),
+            &Listen::Unix(path.clone()),
+        )
+        .unwrap();
+        // The server's greeting, or None when the connection was closed without one.
+        let greeted = || {
+            let mut s = UnixStream::connect(&path).unwrap();
+            let mut hello = [0u8; 18];
+            match s.read_exact(&mut hello) {
+                Ok(()) => {
+                    assert_eq!(hello[..8], NBDMAGIC.to_be_bytes());
+                    Some(s)
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        // Each one greeted is counted in before the next connects.
+        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| greeted().expect("served"))
+            .collect();
+        assert!(greeted().is_none(), "a connection past the cap was served");
+
+        // The place of a closed connection is free once its thread has seen the end.
+        drop(held.pop());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while greeted().is_none() {
+            assert!(Instant::now() < deadline, "no place was freed");
+            thread::sleep(Duration::from_millis(10));
+        }
+        drop(held);
+        listener.stop();
+    }
 }
 
 /// The exports for thins `ids` of `volumes` (every thin with a record when `ids` is empty),
@@ -821,22 +885,43 @@ impl Drop for NbdListener {
     }
 }
 
+/// One connection counted in [`MAX_CONNECTIONS`], until it is dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Runs `accept` in a thread until it returns `Ok(None)` (stopping), serving each stream in
-/// a thread of its own.
+/// a thread of its own, at most [`MAX_CONNECTIONS`] at once.
 fn spawn_acceptor<S, F>(mut accept: F, server: Arc<Server>) -> Result<()>
 where
     S: NbdStream + 'static,
     F: FnMut() -> io::Result<Option<S>> + Send + 'static,
 {
+    let served = Arc::new(AtomicUsize::new(0));
     thread::Builder::new()
         .name("nbd-accept".into())
         .spawn(move || loop {
             match accept() {
                 Ok(Some(mut stream)) => {
+                    // Only this thread adds, so the count cannot pass the cap.
+                    if served.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+                        tracing::warn!(
+                            "refused an nbd client: {MAX_CONNECTIONS} connections are served \
+                             already"
+                        );
+                        continue;
+                    }
+                    served.fetch_add(1, Ordering::AcqRel);
+                    let slot = Slot(served.clone());
                     let server = server.clone();
                     let spawned = thread::Builder::new()
                         .name("nbd-conn".into())
                         .spawn(move || {
+                            let _slot = slot;
                             if let Err(e) = server.serve(&mut stream) {
                                 tracing::info!("nbd connection ended: {e}");
                             }

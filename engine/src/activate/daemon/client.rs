@@ -48,9 +48,15 @@ impl Client {
     }
 
     fn call(&mut self, request: &Request, payload: &[u8]) -> Result<Reply> {
-        send(&mut self.writer, request).map_err(lost)?;
-        if !payload.is_empty() {
-            io::Write::write_all(&mut self.writer, payload).map_err(lost)?;
+        let sent = send(&mut self.writer, request).and_then(|()| {
+            if payload.is_empty() {
+                Ok(())
+            } else {
+                io::Write::write_all(&mut self.writer, payload)
+            }
+        });
+        if let Err(e) = sent {
+            return Err(self.refusal().unwrap_or_else(|| lost(e)));
         }
         let reply: Reply = receive(&mut self.reader)
             .map_err(lost)?
@@ -62,6 +68,14 @@ impl Client {
             Some(e) => Error::from(e),
             None => Error::Activation("the pool daemon failed without saying why".into()),
         })
+    }
+
+    /// The error a daemon sent before it closed this connection, if any: one serving as
+    /// many clients as it may refuses more that way, and the request then finds the
+    /// connection closed.
+    fn refusal(&mut self) -> Option<Error> {
+        let reply: Reply = receive(&mut self.reader).ok()??;
+        reply.error.map(Error::from)
     }
 
     fn expect<T>(field: Option<T>, what: &str) -> Result<T> {

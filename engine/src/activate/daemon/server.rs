@@ -4,18 +4,24 @@
 //! (each takes the state lock, so requests from all clients are serialised: the pool
 //! messages are quick, and bulk IO belongs on the block devices), the FUSE workers serve the
 //! active thins' IO without that lock, and a reaper finishes deferred deactivations once the
-//! kernel has let go of their loop devices.
+//! kernel has let go of their loop devices. At most [`MAX_CLIENTS`] connections are served
+//! at once; a shutdown closes those still open.
+//!
+//! A stop is decided under the state lock, and the same critical section marks the daemon
+//! stopping: nothing is accepted between the check that nothing is in use and the shutdown.
 //!
 //! Stale state from a daemon that was killed (a dead FUSE mount, loop devices still pointing
 //! into it, a socket file) is cleaned up by the next start, after it has taken the pool's
 //! ownership lock, so it never disturbs a live daemon.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{BufReader, Read, Write};
+use std::net::Shutdown;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -45,6 +51,13 @@ pub struct DaemonConfig {
     pub fuse_workers: usize,
 }
 
+/// Client connections served at once; more are refused. Each has a thread and, while a
+/// request comes in, buffers of up to a message line and a payload (16 MiB each), so
+/// without a cap idle connections could use up the daemon's threads or memory. A command
+/// holds one connection while it runs (and `serve --nbd` one while it serves): 128 is far
+/// above what dmtool and the runtime use at once.
+const MAX_CLIENTS: usize = 128;
+
 /// A running daemon.
 pub struct Daemon {
     run_dir: RunDir,
@@ -52,6 +65,18 @@ pub struct Daemon {
     fuse: Mutex<Option<FuseExport>>,
     stop: Mutex<bool>,
     stop_changed: Condvar,
+    clients: Mutex<Clients>,
+    /// Set by [`Daemon::shutdown`] (under the `clients` lock): no connection is admitted
+    /// from then on, and the accept thread ends at its next wake-up.
+    closed: AtomicBool,
+}
+
+/// The connections being served, each under a number of its own, so that the accept thread
+/// can count them and a shutdown can end them (an idle client's thread waits in a read).
+#[derive(Default)]
+struct Clients {
+    next: u64,
+    streams: HashMap<u64, UnixStream>,
 }
 
 struct State {
@@ -124,33 +149,9 @@ impl Daemon {
                 workers: config.fuse_workers,
             },
         )?;
-        let daemon = Arc::new(Daemon {
-            run_dir: run.clone(),
-            state: Mutex::new(State {
-                local: Local::new(volumes),
-                active: BTreeMap::new(),
-                nbd_servers: Vec::new(),
-                stopping: false,
-            }),
-            fuse: Mutex::new(Some(fuse)),
-            stop: Mutex::new(false),
-            stop_changed: Condvar::new(),
-        });
-        let socket = run.socket();
-        let listener = UnixListener::bind(&socket).map_err(|e| {
-            activation_error(format_args!("failed to listen on {}", socket.display()), e)
-        })?;
-        fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).map_err(|e| {
-            activation_error(format_args!("failed to protect {}", socket.display()), e)
-        })?;
+        let daemon = Arc::new(Daemon::new(run.clone(), volumes, Some(fuse)));
+        daemon.listen()?;
         let _ = fs::write(run.pid_file(), format!("{}\n", std::process::id()));
-        {
-            let daemon = daemon.clone();
-            thread::Builder::new()
-                .name("daemon-accept".into())
-                .spawn(move || daemon.accept(listener))
-                .map_err(|e| activation_error("failed to start the accept thread", e))?;
-        }
         {
             let daemon = Arc::downgrade(&daemon);
             thread::Builder::new()
@@ -164,8 +165,42 @@ impl Daemon {
                 })
                 .map_err(|e| activation_error("failed to start the reaper thread", e))?;
         }
-        tracing::info!(socket = %socket.display(), "pool daemon listening");
+        tracing::info!(socket = %run.socket().display(), "pool daemon listening");
         Ok(daemon)
+    }
+
+    fn new(run_dir: RunDir, volumes: Volumes, fuse: Option<FuseExport>) -> Daemon {
+        Daemon {
+            run_dir,
+            state: Mutex::new(State {
+                local: Local::new(volumes),
+                active: BTreeMap::new(),
+                nbd_servers: Vec::new(),
+                stopping: false,
+            }),
+            fuse: Mutex::new(fuse),
+            stop: Mutex::new(false),
+            stop_changed: Condvar::new(),
+            clients: Mutex::new(Clients::default()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Listens on the run directory's socket, from an accept thread of its own.
+    fn listen(self: &Arc<Self>) -> Result<()> {
+        let socket = self.run_dir.socket();
+        let listener = UnixListener::bind(&socket).map_err(|e| {
+            activation_error(format_args!("failed to listen on {}", socket.display()), e)
+        })?;
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).map_err(|e| {
+            activation_error(format_args!("failed to protect {}", socket.display()), e)
+        })?;
+        let daemon = self.clone();
+        thread::Builder::new()
+            .name("daemon-accept".into())
+            .spawn(move || daemon.accept(listener))
+            .map_err(|e| activation_error("failed to start the accept thread", e))?;
+        Ok(())
     }
 
     /// Blocks until a client asks the daemon to stop or [`Daemon::request_stop`] is called.
@@ -182,9 +217,10 @@ impl Daemon {
         self.stop_changed.notify_all();
     }
 
-    /// Deactivates every thin, commits, unmounts the export and removes the socket. Thins
-    /// still in use are detached when their users close them; their filesystems see IO
-    /// errors from now on, which is logged.
+    /// Deactivates every thin, commits, unmounts the export, closes the connections still
+    /// open (NBD servers they keep end with them) and removes the socket. Thins still in use
+    /// are detached when their users close them; their filesystems see IO errors from now
+    /// on, which is logged.
     pub fn shutdown(&self) -> Result<()> {
         let mut state = self.state.lock();
         state.stopping = true;
@@ -213,6 +249,21 @@ impl Daemon {
                 tracing::warn!("unmounting the FUSE export: {e}");
             }
         }
+        drop(state);
+        // A shutdown waits for no client: every connection still open ends here, idle ones
+        // included, so their threads finish and their clients see the end of the stream
+        // instead of waiting on a daemon that is gone (an NBD server a connection keeps
+        // ends with it). Their requests have been refused since `stopping` was set.
+        {
+            // Under the lock `admit` takes, so no connection is let in after this.
+            let clients = self.clients.lock();
+            self.closed.store(true, Ordering::Release);
+            for stream in clients.streams.values() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        // Wakes the accept thread so that it sees `closed`.
+        let _ = UnixStream::connect(self.run_dir.socket());
         let _ = fs::remove_file(self.run_dir.socket());
         let _ = fs::remove_file(self.run_dir.pid_file());
         committed
@@ -220,16 +271,29 @@ impl Daemon {
 
     fn accept(self: Arc<Self>, listener: UnixListener) {
         for stream in listener.incoming() {
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
             match stream {
                 Ok(stream) => {
                     if !crate::activate::peer_is_trusted(&stream) {
                         tracing::warn!("refused a client of another user");
                         continue;
                     }
-                    let daemon = self.clone();
-                    let spawned = thread::Builder::new()
-                        .name("daemon-client".into())
-                        .spawn(move || daemon.serve_client(stream));
+                    let Some(admitted) = self.admit(&stream) else {
+                        if self.closed.load(Ordering::Acquire) {
+                            return;
+                        }
+                        refuse_client(stream);
+                        continue;
+                    };
+                    let spawned =
+                        thread::Builder::new()
+                            .name("daemon-client".into())
+                            .spawn(move || {
+                                admitted.daemon.serve_client(stream);
+                                drop(admitted);
+                            });
                     if let Err(e) = spawned {
                         tracing::warn!("failed to start a client thread: {e}");
                     }
@@ -240,6 +304,31 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Counts a new connection in; `None` when [`MAX_CLIENTS`] are served already, or the
+    /// daemon has shut down.
+    fn admit(self: &Arc<Self>, stream: &UnixStream) -> Option<Admitted> {
+        let mut clients = self.clients.lock();
+        if self.closed.load(Ordering::Acquire) || clients.streams.len() >= MAX_CLIENTS {
+            return None;
+        }
+        // Without a handle of its own on the socket a shutdown could not end this
+        // connection: refused like one too many.
+        let handle = match stream.try_clone() {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::warn!("failed to keep a client connection: {e}");
+                return None;
+            }
+        };
+        let number = clients.next;
+        clients.next += 1;
+        clients.streams.insert(number, handle);
+        Some(Admitted {
+            daemon: self.clone(),
+            number,
+        })
     }
 
     fn serve_client(&self, stream: UnixStream) {
@@ -315,11 +404,13 @@ impl Daemon {
                     Ok(())
                 }
             });
-            if sent.is_err() {
-                return;
-            }
+            // A granted stop left the daemon refusing everything (`stopping`): it stops
+            // whether or not the reply reached the client.
             if reply.ok && matches!(request, Request::Stop { .. }) {
                 self.request_stop();
+                return;
+            }
+            if sent.is_err() {
                 return;
             }
         }
@@ -423,6 +514,10 @@ impl Daemon {
                         });
                     }
                 }
+                // Decided: from here on every request is refused, as the lock is let go
+                // before the shutdown begins (an activation or NBD server let in between
+                // would be cut off by it).
+                state.stopping = true;
             }
         }
         Ok(reply)
@@ -603,6 +698,32 @@ impl Daemon {
     }
 }
 
+/// A connection counted in [`MAX_CLIENTS`], until its thread ends (or never starts).
+struct Admitted {
+    daemon: Arc<Daemon>,
+    number: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.daemon.clients.lock().streams.remove(&self.number);
+    }
+}
+
+/// Tells a connection past [`MAX_CLIENTS`] why (as the reply to its first request) and
+/// closes it.
+fn refuse_client(mut stream: UnixStream) {
+    tracing::warn!("refused a client: {MAX_CLIENTS} clients are connected already");
+    let e = Error::Busy {
+        what: "the pool daemon".into(),
+        holder: format!("{MAX_CLIENTS} clients are connected"),
+    };
+    // A fresh socket's buffer takes the line at once; never wait for this client.
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = send(&mut stream, &Reply::failed(&e));
+    }
+}
+
 /// Cleans up after a daemon that died: loop devices pointing into its FUSE mount are
 /// detached (at once when idle, else when their users close them), the dead mount is
 /// detached, and the socket file removed.
@@ -641,4 +762,146 @@ fn clean_stale(run: &RunDir) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::activate::daemon::Client;
+    use crate::activate::PoolControl;
+    use crate::store::VolumeStore;
+    use crate::thin::files::NewPool;
+    use crate::units::DataBlockSize;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A daemon of a new pool in `dir`, without the FUSE export (nothing here activates).
+    fn daemon(dir: &std::path::Path) -> Arc<Daemon> {
+        let pool = dir.join("pool");
+        let run = dir.join("run");
+        for d in [&pool, &run] {
+            fs::create_dir(d).unwrap();
+        }
+        let volumes = Volumes::create(
+            &PoolPaths::in_dir(&pool),
+            &VolumeStore::path_in(&pool),
+            NewPool::new(64 * MIB, 8 * MIB, DataBlockSize::DEFAULT),
+            PoolOptions::default(),
+        )
+        .unwrap();
+        Arc::new(Daemon::new(RunDir::new(run), volumes, None))
+    }
+
+    /// Shuts the daemon down when dropped, so that a failed test leaves no thread behind.
+    struct ShutdownOnDrop(Option<Arc<Daemon>>);
+
+    impl ShutdownOnDrop {
+        fn now(mut self) -> Result<()> {
+            self.0.take().expect("not shut down yet").shutdown()
+        }
+    }
+
+    impl Drop for ShutdownOnDrop {
+        fn drop(&mut self) {
+            if let Some(daemon) = self.0.take() {
+                let _ = daemon.shutdown();
+            }
+        }
+    }
+
+    /// Found by review: a stop was checked (nothing active, no NBD server) under the state
+    /// lock, which was then let go until the shutdown took it again. Anything let in between
+    /// was accepted and then cut off: an NBD server or an activation (ended by the
+    /// shutdown), a write (running while the shutdown commits). The requests come here
+    /// right after the granted stop, where that window was.
+    #[test]
+    fn a_granted_stop_refuses_every_request_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let create = |id| Request::CreateThin {
+            id,
+            size_bytes: MIB,
+            name: None,
+        };
+        daemon.handle(&create(1), &mut []).unwrap();
+        daemon
+            .handle(&Request::Stop { force: false }, &mut [])
+            .unwrap();
+        let write = Request::Write {
+            id: 1,
+            offset: 0,
+            length: 4096,
+        };
+        for (request, mut buf) in [(create(2), vec![]), (write, vec![7; 4096])] {
+            let err = daemon.handle(&request, &mut buf).unwrap_err();
+            assert!(err.to_string().contains("stopping"), "{request:?}: {err}");
+        }
+        let nbd = Listen::Unix(dir.path().join("nbd.sock"));
+        let err = daemon.serve_nbd(&nbd, &[1], false).err().expect("refused");
+        assert!(err.to_string().contains("stopping"), "{err}");
+    }
+
+    /// A granted stop leaves the daemon refusing everything, so it must stop even when the
+    /// client that asked is gone before the reply reaches it.
+    #[test]
+    fn a_granted_stop_stops_the_daemon_even_if_its_reply_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let (mut client, server) = UnixStream::pair().unwrap();
+        send(&mut client, &Request::Stop { force: false }).unwrap();
+        drop(client);
+        daemon.serve_client(server);
+        assert!(*daemon.stop.lock(), "the stop was not passed on");
+    }
+
+    /// Found by review: every connection got a thread of its own, however many were open.
+    /// The ones past the cap are told why and closed, the daemon goes on answering, a place
+    /// freed is taken again, and a shutdown ends the idle connections still open.
+    #[test]
+    fn clients_past_the_cap_are_refused_and_the_daemon_still_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        daemon.listen().unwrap();
+        let shutdown = ShutdownOnDrop(Some(daemon.clone()));
+        let socket = daemon.run_dir.socket();
+        let connect = || {
+            Client::connect(&socket)
+                .unwrap()
+                .expect("the daemon listens")
+        };
+        // Each one answered is counted in before the next connects.
+        let mut held: Vec<Client> = (0..MAX_CLIENTS)
+            .map(|_| {
+                let mut c = connect();
+                c.status().unwrap();
+                c
+            })
+            .collect();
+        let mut extra = connect();
+        let err = extra.status().unwrap_err();
+        assert!(matches!(err, Error::Busy { .. }), "{err}");
+        let err = extra.status().unwrap_err();
+        assert!(err.to_string().contains("lost the connection"), "{err}");
+
+        // The daemon lets go of a closed connection's place when its thread sees the end.
+        drop(held.pop());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match connect().status() {
+                Ok(_) => break,
+                Err(Error::Busy { .. }) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("a client after a place was freed: {e}"),
+            }
+        }
+
+        shutdown.now().unwrap();
+        for mut c in held {
+            let err = c.status().unwrap_err();
+            assert!(err.to_string().contains("lost the connection"), "{err}");
+        }
+    }
 }
