@@ -194,12 +194,14 @@ fn prune(scope: Scope, force: bool, global: &Global) -> anyhow::Result<ExitCode>
     let mut store = Store::lock(&global.root)?;
     let storage = Storage::open_existing(global)?;
     let before = bytes_in_use(storage.as_ref(), global)?;
-    if let Some(storage) = &storage {
-        // A layer an interrupted command was in the middle of goes first, as in the verbs
-        // that add layers.
-        reconcile(&mut store, storage)?;
+    if scope.images.is_some() {
+        // What an interrupted command was in the middle of goes first: a layer half
+        // applied (as the verbs that add layers do), and a killed load's scratch.
+        if let Some(storage) = &storage {
+            reconcile(&mut store, storage)?;
+        }
+        remove_scratch(global)?;
     }
-    remove_scratch(global)?;
     let mut failed = false;
 
     if scope.containers {
