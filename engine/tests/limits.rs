@@ -111,6 +111,54 @@ fn out_of_metadata_space_goes_read_only_with_needs_check_and_loses_nothing() {
 }
 
 #[test]
+fn pools_with_more_space_map_bitmaps_than_dirty_blocks_format_and_grow() {
+    // 64 TiB of 64 KiB blocks: 2^30 data blocks, 65 794 data space map bitmaps. The commit
+    // that creates them (format, or a resize from a small pool) writes each to a new
+    // metadata block: more than the 64Ki dirty blocks the transaction manager holds before
+    // it writes some out early, which used to take nodes of the bitmap index tree an insert
+    // was about to change ("block is reachable twice in a tree that may not share").
+    const META: u64 = 15 << 30;
+    let nr_data_blocks = 1u64 << 30;
+    let far = (nr_data_blocks - 1) * BS;
+    let write_far_and_near = |pool: &Arc<Pool>| {
+        pool.create_thin(id(1)).unwrap();
+        let thin = pool.open_thin(id(1)).unwrap();
+        thin.write(&[1u8; 4096], 0).unwrap();
+        thin.write(&[2u8; 4096], far).unwrap();
+        drop(thin);
+        pool.commit().unwrap();
+    };
+
+    let MemPool { meta, pool, .. } = mem_pool(
+        META,
+        nr_data_blocks,
+        DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
+    assert_eq!(pool.status().total_data_blocks, nr_data_blocks);
+    write_far_and_near(&pool);
+    drop(pool);
+    assert_checks_clean(&*meta);
+    drop(meta);
+
+    let MemPool { meta, data, pool } = mem_pool(
+        META,
+        1 << 24,
+        DataBlockSize::DEFAULT,
+        PoolOptions::default(),
+    );
+    pool.resize_data(Some(nr_data_blocks * BS)).unwrap();
+    assert_eq!(pool.status().total_data_blocks, nr_data_blocks);
+    write_far_and_near(&pool);
+    drop(pool);
+    assert_checks_clean(&*meta);
+    let pool = Pool::open(meta, data, PoolOptions::default()).unwrap();
+    let mut buf = [0u8; 4096];
+    pool.open_thin(id(1)).unwrap().read(&mut buf, far).unwrap();
+    assert_eq!(buf, [2u8; 4096]);
+}
+
+#[test]
 fn a_second_owner_is_refused_and_told_who_holds_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let paths = PoolPaths::in_dir(dir.path());

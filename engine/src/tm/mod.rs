@@ -4,8 +4,11 @@
 //! `shadow`s it: a block allocated in this transaction with a single reference is changed in
 //! place; anything else is copied to a fresh block, the old block loses a reference, and if it
 //! was shared the copy's children gain one each (the copy now points at them too). Blocks
-//! written in this transaction go to the device only at commit (or earlier, when too many are
-//! dirty: they are new blocks nobody committed points at, so writing them early is safe).
+//! written in this transaction go to the device only at commit, or earlier when too many are
+//! dirty (a spill): they are new blocks nobody committed points at, so writing them early is
+//! safe. A spill changes where a block's bytes are, never whether it is writable: that is
+//! `is_writable` (allocated in this transaction, one owner), and `shadow` and `write` bring a
+//! spilled block back into memory.
 //!
 //! Commit order (the kernel's, and what makes a crash safe):
 //! 1. write every dirty block except the superblock;
@@ -62,7 +65,7 @@ type BlockMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<BlockHasher>>;
 
 /// Clean blocks kept in memory by default: 128 MiB.
 pub const DEFAULT_CACHE_BLOCKS: usize = 32 * 1024;
-/// Dirty blocks kept before some are written out early.
+/// Dirty blocks kept in memory (256 MiB) before half of them are written out early.
 const MAX_DIRTY_BLOCKS: usize = 64 * 1024;
 
 struct Dirty {
@@ -75,6 +78,8 @@ pub struct TransactionManager {
     cache: BlockMap<Arc<Block>>,
     cache_capacity: usize,
     dirty: BlockMap<Dirty>,
+    /// `MAX_DIRTY_BLOCKS`; unit tests lower it to spill at a small scale.
+    dirty_limit: usize,
     /// Metadata block reference counts.
     pub meta_sm: SpaceMap,
     /// Data block reference counts.
@@ -90,6 +95,7 @@ impl TransactionManager {
             cache: BlockMap::default(),
             cache_capacity: DEFAULT_CACHE_BLOCKS,
             dirty: BlockMap::default(),
+            dirty_limit: MAX_DIRTY_BLOCKS,
             meta_sm,
             data_sm,
             freed_data: Vec::new(),
@@ -102,6 +108,14 @@ impl TransactionManager {
 
     pub fn nr_dirty(&self) -> usize {
         self.dirty.len()
+    }
+
+    /// Spill once `limit` blocks are dirty instead of `MAX_DIRTY_BLOCKS`, so tests reach the
+    /// spill with small trees and space maps.
+    #[cfg(test)]
+    pub(crate) fn set_dirty_limit(&mut self, limit: usize) {
+        assert!(limit >= 2, "a spill writes out half the dirty blocks");
+        self.dirty_limit = limit;
     }
 
     pub(crate) fn io_error(&self, offset: u64, source: std::io::Error) -> Error {
@@ -187,6 +201,9 @@ impl TransactionManager {
 
     /// Allocates a zeroed metadata block of `kind`, writable in this transaction.
     pub fn new_block(&mut self, kind: BlockKind) -> Result<u64> {
+        // Before the new block joins the dirty set: it has no contents yet, so writing it out
+        // would only cost a write and a read back.
+        self.spill_if_needed()?;
         let location = self.meta_sm.alloc().ok_or(Error::NoMetadataSpace)?;
         self.dirty.insert(
             location,
@@ -196,7 +213,6 @@ impl TransactionManager {
             },
         );
         self.cache.remove(&location);
-        self.spill_if_needed()?;
         Ok(location)
     }
 
@@ -208,17 +224,7 @@ impl TransactionManager {
     /// Makes a node writable (see the module doc); returns its (possibly new) location.
     pub fn shadow(&mut self, location: u64, refs: ValueRefs) -> Result<u64> {
         if self.is_writable(location) {
-            if !self.dirty.contains_key(&location) {
-                // Written out early by a spill: bring it back.
-                let data = self.read_node(location)?;
-                self.dirty.insert(
-                    location,
-                    Dirty {
-                        data,
-                        kind: BlockKind::Node,
-                    },
-                );
-            }
+            self.reclaim(location)?;
             return Ok(location);
         }
         let old = self.read_node(location)?;
@@ -256,11 +262,40 @@ impl TransactionManager {
         }
     }
 
-    /// The writable bytes of a block made writable by `new_block` or `shadow`. On damaged
-    /// metadata (a structure that reaches back into itself, or shares blocks between trees)
-    /// an operation may move or free a block it made writable a moment before: that is
-    /// reported as damage instead of trusted.
+    /// Puts a writable node that a spill wrote out back into the dirty set (a no-op for a
+    /// block already there). Any `new_block` may spill, so a block made writable a moment
+    /// before may be on the device by the time its caller writes to it.
+    fn reclaim(&mut self, location: u64) -> Result<()> {
+        if self.dirty.contains_key(&location) || !self.is_writable(location) {
+            return Ok(());
+        }
+        // The spill left the block in the cache; taking it from there (rather than sharing
+        // it) lets the write that follows change it without a copy.
+        let data = match self.cache.remove(&location) {
+            Some(b) => b,
+            None => {
+                let buf = self.read_raw(location, BlockKind::Node)?;
+                node::validate_header(&buf).map_err(|d| Error::corrupt(location, d))?;
+                Arc::from(buf)
+            }
+        };
+        self.dirty.insert(
+            location,
+            Dirty {
+                data,
+                kind: BlockKind::Node,
+            },
+        );
+        Ok(())
+    }
+
+    /// The writable bytes of a node made writable by `new_block` or `shadow` (and not shared
+    /// or freed since), in memory or written out early by a spill. On damaged metadata (a
+    /// structure that reaches back into itself, or shares blocks between trees) an operation
+    /// may move or free a block it made writable a moment before: that is reported as damage
+    /// instead of trusted.
     pub fn write(&mut self, location: u64) -> Result<&mut Block> {
+        self.reclaim(location)?;
         match self.dirty.get_mut(&location) {
             Some(d) => Ok(Arc::make_mut(&mut d.data)),
             None => Err(Error::corrupt(location, Damage::UnexpectedSharing)),
@@ -315,25 +350,34 @@ impl TransactionManager {
         );
     }
 
+    /// Writes out the lower half (by location) of the dirty blocks once `dirty_limit` are
+    /// dirty, so that memory stays bounded and each spill is paid for by `dirty_limit / 2`
+    /// allocations. The lowest locations make long runs of neighbours for `write_out`.
+    ///
+    /// Every kind of block goes: a pool growing its data space map by millions of blocks
+    /// dirties one bitmap per 16320 of them, far more than it dirties nodes. A node stays
+    /// writable (see `reclaim`); a bitmap, index or superblock copy is never changed in
+    /// place, only replaced whole by `put_block` (space map placeholders from `new_block`
+    /// are written as zeroes and replaced later, which costs a write and is still correct).
     fn spill_if_needed(&mut self) -> Result<()> {
-        if self.dirty.len() < MAX_DIRTY_BLOCKS {
+        if self.dirty.len() < self.dirty_limit {
             return Ok(());
         }
-        // Only nodes are spilled; space map blocks are built at commit.
-        let victims: Vec<u64> = self
-            .dirty
-            .iter()
-            .filter(|(_, d)| d.kind == BlockKind::Node)
-            .map(|(l, _)| *l)
-            .take(MAX_DIRTY_BLOCKS / 2)
-            .collect();
+        let mut victims: Vec<u64> = self.dirty.keys().copied().collect();
+        let half = self.dirty_limit / 2;
+        victims.select_nth_unstable(half);
+        victims.truncate(half);
         let mut blocks: Vec<(u64, Dirty)> = victims
             .into_iter()
             .map(|l| (l, self.dirty.remove(&l).expect("listed")))
             .collect();
+        tracing::trace!(nr_blocks = blocks.len(), "spill dirty metadata");
         self.write_out(&mut blocks)?;
         for (l, d) in blocks {
-            self.cache_insert(l, d.data);
+            // Only nodes are read through the cache.
+            if d.kind == BlockKind::Node {
+                self.cache_insert(l, d.data);
+            }
         }
         Ok(())
     }
@@ -448,3 +492,6 @@ fn data_sm_error(e: CountError) -> Error {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -720,3 +720,6 @@ impl Metadata {
         self.tm.write_superblock_only(&mut b)
     }
 }
+
+#[cfg(test)]
+mod tests;
