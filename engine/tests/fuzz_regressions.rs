@@ -19,7 +19,8 @@ fn replay(target: &str, run: fn(&[u8])) {
 /// Damaged trees whose shadowing freed a block the same insert still meant to write
 /// (`tm::write` panicked), and damaged space maps that called a live index node free so it
 /// was reused for a bitmap and then read as a node (a read past the block); both are now
-/// reported as damage.
+/// reported as damage. And a pool left with only its metadata reserve, where reserving a
+/// metadata snapshot deadlocked (it held the provisioning gate that running out takes).
 #[test]
 fn metadata_findings_stay_fixed() {
     replay("metadata", fixtures::fuzzing::metadata_records);

@@ -610,10 +610,16 @@ impl Pool {
 
     pub fn reserve_metadata_snap(&self) -> Result<()> {
         self.check_writable()?;
-        let _gate = self.provisioning.write();
+        let gate = self.provisioning.write();
         self.sync_data_for_commit()?;
-        self.with_metadata_space(|md| md.reserve_metadata_snap())?;
+        // Not `with_metadata_space`: running out takes the provisioning gate this holds.
+        if self.metadata_space_short(&self.md.lock()) {
+            drop(gate);
+            return Err(self.out_of_metadata_space());
+        }
+        self.with_metadata(|md| md.reserve_metadata_snap())?;
         self.pass_down_discards();
+        drop(gate);
         Ok(())
     }
 
