@@ -628,16 +628,14 @@ mod tests {
         assert!(layout.resolve("/etc/passwd").is_err());
     }
 
-    /// Reads a layout directory in `dir` of one one-layer image (its files under
-    /// `blobs/sha256`): with a Docker `manifest.json` whose `RepoTags` are `tags`, or, given
-    /// `index`, with an OCI `index.json` whose one entry has those annotations.
-    fn layout_with_names(
+    /// Writes the blobs of one image whose one layer is `blob` (of `media_type`, with
+    /// `diff_id` in the config) under `dir/blobs/sha256`; returns its config and manifest.
+    fn write_image_blobs(
         dir: &Path,
-        tags: &[&str],
-        index: Option<serde_json::Value>,
-    ) -> anyhow::Result<Vec<LoadImage>> {
-        let layer = tar_with(&[("hello", b"hello")]);
-        let diff_id = Digest::of(&layer);
+        blob: &[u8],
+        media_type: &str,
+        diff_id: &Digest,
+    ) -> (Vec<u8>, Vec<u8>) {
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
@@ -653,17 +651,36 @@ mod tests {
                 "size": config.len(),
             },
             "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": diff_id.to_string(),
-                "size": layer.len(),
+                "mediaType": media_type,
+                "digest": Digest::of(blob).to_string(),
+                "size": blob.len(),
             }],
         }))
         .unwrap();
         let blobs = dir.join("blobs/sha256");
         fs::create_dir_all(&blobs).unwrap();
-        for bytes in [&layer, &config, &manifest] {
+        for bytes in [blob, &config, &manifest] {
             fs::write(blobs.join(Digest::of(bytes).hex()), bytes).unwrap();
         }
+        (config, manifest)
+    }
+
+    /// Reads a layout directory in `dir` of one one-layer image (its files under
+    /// `blobs/sha256`): with a Docker `manifest.json` whose `RepoTags` are `tags`, or, given
+    /// `index`, with an OCI `index.json` whose one entry has those annotations.
+    fn layout_with_names(
+        dir: &Path,
+        tags: &[&str],
+        index: Option<serde_json::Value>,
+    ) -> anyhow::Result<Vec<LoadImage>> {
+        let layer = tar_with(&[("hello", b"hello")]);
+        let diff_id = Digest::of(&layer);
+        let (config, manifest) = write_image_blobs(
+            dir,
+            &layer,
+            "application/vnd.oci.image.layer.v1.tar",
+            &diff_id,
+        );
         match index {
             Some(annotations) => {
                 let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
@@ -724,32 +741,7 @@ mod tests {
     /// An OCI layout in `dir` of one image whose one layer is `blob` (of `media_type`),
     /// with `diff_id` in its config.
     fn layout_with_layer(dir: &Path, blob: &[u8], media_type: &str, diff_id: &Digest) -> Layout {
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
-        }))
-        .unwrap();
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": Digest::of(&config).to_string(),
-                "size": config.len(),
-            },
-            "layers": [{
-                "mediaType": media_type,
-                "digest": Digest::of(blob).to_string(),
-                "size": blob.len(),
-            }],
-        }))
-        .unwrap();
-        let blobs = dir.join("blobs/sha256");
-        fs::create_dir_all(&blobs).unwrap();
-        for bytes in [blob, &config, &manifest] {
-            fs::write(blobs.join(Digest::of(bytes).hex()), bytes).unwrap();
-        }
+        let (_, manifest) = write_image_blobs(dir, blob, media_type, diff_id);
         let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": Digest::of(&manifest).to_string(),
